@@ -1,0 +1,116 @@
+"""From problems to training examples (token ids + roles + labels), with `datasets`.
+
+Problems are tokenized piece by piece (prompt, then each step) and only ever concatenated as
+ids: nothing is decoded and re-encoded, so roles, labels and deletions always line up.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import asdict
+
+from datasets import ClassLabel, Dataset, Sequence, Value
+
+from halluc.errors import ErrorConfig, clean_example, random_token_errors, step_errors
+from halluc.example import ROLE_NAMES, Example, Role
+from halluc.tasks import Problem, get_task
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+def labels_from_roles(ids: list[int], roles: list[int], masked: bool = True) -> list[int]:
+    """Technique 1: prompt never trained; error tokens trained only when `masked` is False.
+
+    BT and correction tokens are trained: the model must learn to emit the BT after an error
+    and what to write instead. In masked mode the errors stay in the input (the model sees
+    them, which is what teaches it to notice them) but are never a target.
+    """
+    untrained = {Role.PROMPT, Role.ERROR} if masked else {Role.PROMPT}
+    return [IGNORE if r in untrained else t for t, r in zip(ids, roles)]
+
+
+def tokenize_problem(problem: Problem, tokenizer) -> tuple[list[int], list[list[int]]]:
+    prompt = tokenizer(problem.prompt, add_special_tokens=True)["input_ids"]
+    steps = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in problem.steps]
+    return prompt, steps
+
+
+def make_example(problem: Problem, tokenizer, errors: ErrorConfig, bt_id: int | None,
+                 rng: random.Random) -> Example:
+    """One example from one problem; checks the invariant apply_backtrack(response) == clean."""
+    prompt, steps = tokenize_problem(problem, tokenizer)
+    eos = tokenizer.eos_token_id
+    if errors.source == "none" or bt_id is None or rng.random() >= errors.example_rate:
+        return clean_example(prompt, steps, eos)
+    if errors.source == "random":
+        specials = set(tokenizer.all_special_ids)
+        vocab = [i for i in range(len(tokenizer)) if i not in specials]
+        ex = random_token_errors(prompt, steps, eos, bt_id, vocab, errors, rng)
+    elif errors.source == "step":
+        task = get_task(problem.meta.get("task", "arith"))
+
+        def wrong_step(i: int):
+            text = task.corrupt_step(problem, i, rng)
+            return None if text is None else tokenizer(text, add_special_tokens=False)["input_ids"]
+        ex = step_errors(prompt, steps, eos, bt_id, wrong_step, errors, rng)
+    else:
+        raise ValueError(f"errors.source must be none, random or step, not {errors.source!r}")
+    ex.check(clean_example(prompt, steps, eos).response, bt_id)
+    return ex
+
+
+def fit_length(ids: list[int], roles: list[int], max_len: int) -> int | None:
+    """Where to cut an over-long example on the right, or None to drop it.
+
+    Never cut between an error run and its BTs (that would train a dangling error): move the
+    cut left until it follows no error token and the first dropped token is not a BT.
+    """
+    if len(ids) <= max_len:
+        return len(ids)
+    cut = max_len
+    while cut > 0 and (roles[cut - 1] == Role.ERROR or roles[cut] == Role.BACKTRACK):
+        cut -= 1
+    return cut if cut > 0 and roles[cut - 1] != Role.PROMPT else None
+
+
+def problems_to_dataset(problems: list[Problem]) -> Dataset:
+    return Dataset.from_list([{"prompt": p.prompt, "steps": p.steps, "answer": p.answer,
+                               "meta": json.dumps(p.meta)} for p in problems])
+
+
+def row_to_problem(row: dict) -> Problem:
+    return Problem(prompt=row["prompt"], steps=list(row["steps"]), answer=row["answer"],
+                   meta=json.loads(row["meta"]))
+
+
+def build_sft_dataset(problems: list[Problem], tokenizer, errors: ErrorConfig, bt_id: int | None,
+                      masked: bool = True, max_len: int = 512, overlong: str = "drop",
+                      seed: int = 0, num_proc: int | None = None) -> Dataset:
+    """A `datasets.Dataset` with input_ids, labels, roles (ClassLabel names), built with map."""
+    if overlong not in ("drop", "truncate"):
+        raise ValueError(f"overlong must be drop or truncate, not {overlong!r}")
+
+    def build(row, idx):
+        rng = random.Random(seed * 1_000_003 + idx)  # per example: same data for any num_proc
+        ex = make_example(row_to_problem(row), tokenizer, errors, bt_id, rng)
+        cut = fit_length(ex.ids, ex.roles, max_len)
+        keep = cut is not None and (cut == len(ex.ids) or overlong == "truncate")
+        cut = cut or 0
+        return {"input_ids": ex.ids[:cut], "roles": ex.roles[:cut],
+                "labels": labels_from_roles(ex.ids[:cut], ex.roles[:cut], masked),
+                "keep": keep, "overlong": len(ex.ids) > max_len}
+
+    ds = problems_to_dataset(problems).map(build, with_indices=True, num_proc=num_proc,
+                                           desc="building examples")
+    n_over, n_drop = sum(ds["overlong"]), len(ds) - sum(ds["keep"])
+    if n_over:
+        log.info("%d of %d examples longer than %d tokens: %s (%d dropped)", n_over, len(ds),
+                 max_len, "dropped" if overlong == "drop" else "truncated on the right", n_drop)
+    ds = ds.filter(lambda k: k, input_columns="keep").remove_columns(["keep", "overlong"])
+    return ds.cast_column("roles", Sequence(ClassLabel(names=ROLE_NAMES)))
+
+
+def error_config_dict(cfg: ErrorConfig) -> dict:
+    return asdict(cfg)

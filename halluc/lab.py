@@ -1,0 +1,54 @@
+"""The embedded default lab: splits, the tiny model's shape, and the before/after table."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from halluc.tasks import Problem
+from halluc.tasks import arith
+
+
+@dataclass
+class LabConfig:
+    task: str = "arith"
+    train_size: int = 20000     # clean problems for the base model
+    sft_size: int = 10000       # problems for backtrack SFT (errors inserted)
+    test_size: int = 200        # per test split
+    prime: int = 7
+    train_ops_min: int = 2
+    train_ops_max: int = 4
+    ood_ops_min: int = 6
+    ood_ops_max: int = 8
+
+
+@dataclass
+class ModelConfig:
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    vocab_size: int = 384
+    init_range: float = 0.06
+
+
+def lab_splits(cfg: LabConfig, seed: int = 0) -> dict[str, list[Problem]]:
+    """train / sft / test_id / test_ood, with every test prompt removed from train and sft."""
+    if cfg.task != "arith":
+        raise ValueError("lab_splits builds the embedded arith lab; use --data for other tasks")
+    a = arith.ArithConfig(prime=cfg.prime, train_ops=(cfg.train_ops_min, cfg.train_ops_max),
+                          ood_ops=(cfg.ood_ops_min, cfg.ood_ops_max))
+    test_id = arith.make_split(cfg.test_size, a.train_ops, seed * 10 + 1, a)
+    test_ood = arith.make_split(cfg.test_size, a.ood_ops, seed * 10 + 2, a)
+    held_out = {p.prompt for p in test_id + test_ood}
+    train = [p for p in arith.make_split(cfg.train_size, a.train_ops, seed * 10 + 3, a) if p.prompt not in held_out]
+    sft = [p for p in arith.make_split(cfg.sft_size, a.train_ops, seed * 10 + 4, a) if p.prompt not in held_out]
+    return {"train": train, "sft": sft, "test_id": test_id, "test_ood": test_ood}
+
+
+def eval_table(results: dict[str, dict[str, dict]]) -> str:
+    """A markdown table: one row per (model, split)."""
+    rows = ["| model | split | answer acc | full solution | step validity | BT / problem | erased / problem |",
+            "|---|---|---|---|---|---|---|"]
+    for model, splits in results.items():
+        for split, m in splits.items():
+            rows.append(f"| {model} | {split} | {m['answer_acc']:.1%} | {m['full_solution_acc']:.1%} | "
+                        f"{m['step_validity']:.1%} | {m['bt_per_problem']:.2f} | {m['erased_per_problem']:.2f} |")
+    return "\n".join(rows)

@@ -1,0 +1,65 @@
+"""The backtrack token: adding it, finding its id, and the tiny default tokenizer.
+
+The origin project took the id from `tokenizer.encode(tok)[0]`, which is BOS on Llama-3, so
+deletions never happened. Here the id is looked up by name and checked to be one dedicated id.
+"""
+from __future__ import annotations
+
+import logging
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+BACKTRACK_TOKEN = "<|BACKTRACK|>"
+log = logging.getLogger(__name__)
+
+
+def backtrack_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The BT token's id, checked: present, a single dedicated id, not another special token."""
+    tid = tokenizer.convert_tokens_to_ids(BACKTRACK_TOKEN)
+    if tid is None or tid == tokenizer.unk_token_id or tid >= len(tokenizer):
+        raise KeyError(f"{BACKTRACK_TOKEN} is not in the tokenizer's vocabulary")
+    encoded = tokenizer.encode(BACKTRACK_TOKEN, add_special_tokens=False)
+    if encoded != [tid]:
+        raise ValueError(f"{BACKTRACK_TOKEN} encodes to {encoded}, not the single id {tid}")
+    others = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    if tid in others:
+        raise ValueError(f"{BACKTRACK_TOKEN} id {tid} collides with a bos/eos/pad id")
+    return tid
+
+
+def has_backtrack(tokenizer: PreTrainedTokenizerBase) -> bool:
+    return BACKTRACK_TOKEN in tokenizer.get_vocab()
+
+
+def add_backtrack_token(tokenizer: PreTrainedTokenizerBase, model=None) -> int:
+    """Add <|BACKTRACK|> as an additional special token if missing; resize the model to match."""
+    if not has_backtrack(tokenizer):
+        tokenizer.add_special_tokens({"additional_special_tokens": [BACKTRACK_TOKEN]},
+                                     replace_extra_special_tokens=False)
+        log.info("tokenizer had no %s: added it as id %d", BACKTRACK_TOKEN, backtrack_id(tokenizer))
+    if model is not None and model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        old = model.get_input_embeddings().weight.shape[0]
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        log.info("resized the model's embeddings from %d to %d rows", old, len(tokenizer))
+    return backtrack_id(tokenizer)
+
+
+def train_tokenizer(texts, vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `texts` with digits split one by one (" 12" -> " 1", "2").
+
+    All 256 bytes are in the alphabet, so any text encodes; merges above that learn the task.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r" ?\p{N}"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|pad|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   pad_token="<|pad|>", clean_up_tokenization_spaces=False)

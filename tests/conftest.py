@@ -1,0 +1,68 @@
+"""Shared fixtures: a lab tokenizer trained here and tiny models built from a config in code."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from halluc.tasks import arith
+
+GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def arith_problems():
+    return arith.make_split(300, (2, 4), seed=123)
+
+
+@pytest.fixture(scope="session")
+def lab_tokenizer(arith_problems):
+    """The lab tokenizer (no BT yet, like a pretrained one); tests copy it before adding BT."""
+    from halluc.tokens import train_tokenizer
+
+    return train_tokenizer([p.prompt + p.solution for p in arith_problems])
+
+
+@pytest.fixture(scope="session")
+def bt_tokenizer(lab_tokenizer):
+    import copy
+
+    from halluc.tokens import add_backtrack_token
+
+    tok = copy.deepcopy(lab_tokenizer)
+    add_backtrack_token(tok)
+    return tok
+
+
+@pytest.fixture
+def gsm8k_test_file():
+    path = GSM8K_DIR / "test.jsonl"
+    if not path.exists():
+        pytest.skip(f"GSM8K data not found at {GSM8K_DIR}")
+    return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str):
+    """Import a recipe or tool file as a module (they are scripts, not package modules)."""
+    import importlib.util
+    import sys
+
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,114 @@
+"""Generic prompt/response readers: jsonl files and local `datasets` loads (no downloads)."""
+import json
+import random
+
+import pytest
+
+from halluc.tasks import jsonl
+
+ROWS = [
+    {"q": "Add 2 and 3.", "response": "2 + 3\n= 5\nanswer: 5", "final": 5},
+    {"q": "Name a colour.", "response": ["think", "red"], "final": "red"},
+]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_round_trip_of_a_jsonl_file(tmp_path):
+    path = _write(tmp_path / "data.jsonl", ROWS)
+    problems = jsonl.read_jsonl(path, prompt_field="q", prompt_template="Q: {prompt}\nA:")
+    assert [p.prompt for p in problems] == ["Q: Add 2 and 3.\nA:", "Q: Name a colour.\nA:"]
+    assert problems[0].steps == ["2 + 3\n", "= 5\n", "answer: 5"]
+    assert problems[0].solution == ROWS[0]["response"]
+    assert problems[1].steps == ["think\n", "red"]  # a list response: separator between steps
+    assert [p.answer for p in problems] == ["answer: 5", "red"]  # last step when no answer field
+    assert problems[1].meta == {"source": str(path), "line": 2, "step_separator": "\n"}
+    for p in problems:
+        assert jsonl.verify_steps(p, p.steps).all_ok
+
+
+def test_answer_field_and_custom_separator(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [{"prompt": "p", "response": "a ; b ; 5", "final": 5}])
+    [p] = jsonl.read_jsonl(path, answer_field="final", step_separator=" ; ")
+    assert p.steps == ["a ; ", "b ; ", "5"] and p.answer == "5"
+    assert jsonl.verify_steps(p, p.steps).answer_correct
+    assert not jsonl.verify_steps(p, ["a ; ", "6"]).answer_correct
+    assert jsonl.verify_steps(p, ["a ; ", "b ; ", "6"]).kinds == ["ok"] * 3
+
+
+def test_template_may_use_other_fields(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [{"prompt": "p", "sys": "S", "response": "r"}])
+    assert jsonl.read_jsonl(path, prompt_template="{sys}|{prompt}")[0].prompt == "S|p"
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: missing field 'nope'"):
+        jsonl.read_jsonl(path, prompt_template="{nope}{prompt}")
+
+
+def test_limit_and_blank_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": str(i), "response": "r"}) for i in range(5)) + "\n\n")
+    assert [p.prompt for p in jsonl.read_jsonl(path, limit=3)] == ["0", "1", "2"]
+    assert len(jsonl.read_jsonl(path)) == 5
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n[1, 2\n")
+    with pytest.raises(ValueError, match=r"broken\.jsonl:2:.*malformed"):
+        jsonl.read_jsonl(path)
+
+
+def test_non_object_line_is_an_error(tmp_path):
+    path = tmp_path / "list.jsonl"
+    path.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=r"list\.jsonl:1:.*object"):
+        jsonl.read_jsonl(path)
+
+
+@pytest.mark.parametrize("missing", ["prompt", "response", "final"])
+def test_missing_field_names_field_file_and_line(tmp_path, missing):
+    row = {"prompt": "p", "response": "r", "final": "r"}
+    del row[missing]
+    path = _write(tmp_path / "rows.jsonl", [{"prompt": "p", "response": "r", "final": "r"}, row])
+    with pytest.raises(ValueError, match=rf"rows\.jsonl:2: missing field '{missing}'"):
+        jsonl.read_jsonl(path, answer_field="final")
+
+
+def test_split_steps_round_trips_and_keeps_separator_runs():
+    for text in ["", "a", "a\n", "a\nb", "\na\n\nb\n", "x;;y;", "abc;"]:
+        for sep in ["\n", ";", ";;"]:
+            assert "".join(jsonl.split_steps(text, sep)) == text
+    assert jsonl.split_steps("a\n\nb", "\n") == ["a\n\n", "b"]
+    assert jsonl.extract_answer("work\n  42 \n") == "42"
+    assert jsonl.extract_answer("") is None
+
+
+def test_corrupt_step_writes_a_later_step_early():
+    [p] = [jsonl.problem_from_row({"prompt": "p", "response": " one\ntwo\nthree"}, "mem", 1)]
+    wrong = jsonl.corrupt_step(p, 0, random.Random(0))
+    assert wrong in (" two\n", " three\n")
+    assert jsonl.corrupt_step(p, 2, random.Random(0)) is None
+
+
+def test_load_hf_dataset_from_local_json(tmp_path):
+    path = _write(tmp_path / "local.jsonl", [{"prompt": "p1", "response": "a\nb", "final": "b"},
+                                             {"prompt": "p2", "response": "c", "final": "c"}])
+    from_hf = jsonl.load_hf_dataset(path, answer_field="final")
+    direct = jsonl.read_jsonl(path, answer_field="final")
+    assert [(p.prompt, p.steps, p.answer) for p in from_hf] == [(p.prompt, p.steps, p.answer) for p in direct]
+    assert from_hf[1].meta["line"] == 2
+
+
+def test_load_hf_dataset_from_saved_dir_and_errors(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"prompt": "p", "response": ["s1", "s2"]}, {"prompt": "q", "response": None}])
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match=r"saved\[test\]:2: missing field 'response'"):
+        jsonl.load_hf_dataset(tmp_path / "saved", split="test")
+    [p] = jsonl.load_hf_dataset(tmp_path / "saved", split="test", limit=1)
+    assert p.steps == ["s1\n", "s2"] and p.answer == "s2"
+    with pytest.raises(ValueError, match="no split"):
+        jsonl.load_hf_dataset(tmp_path / "saved", split="train")

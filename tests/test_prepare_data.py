@@ -1,0 +1,44 @@
+"""tools/prepare_data.py writes a datasets folder with input_ids, labels and ClassLabel roles."""
+from pathlib import Path
+
+from conftest import load_script
+
+from datasets import load_from_disk
+from transformers import AutoTokenizer
+
+from halluc import apply_backtrack, backtrack_id
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool():
+    return load_script("tools/prepare_data.py")
+
+
+def test_arith_to_disk(tmp_path):
+    load_tool().main(["--size", "50", "--errors", "random", "--sites", "2", "--example-rate", "1",
+                      "--out", str(tmp_path / "d")])
+    ds = load_from_disk(str(tmp_path / "d"))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "d" / "tokenizer")
+    bt = backtrack_id(tok)
+    assert len(ds) == 50 and ds.features["roles"].feature.names[2] == "error"
+    row = ds[0]
+    assert row["input_ids"].count(bt) == 2
+    visible = apply_backtrack(row["input_ids"], bt)
+    assert tok.decode(visible).endswith(tok.eos_token)
+
+
+def test_gsm8k_to_disk(tmp_path, gsm8k_test_file):
+    from halluc.tokens import train_tokenizer
+    from halluc.tasks import gsm8k
+
+    problems = gsm8k.read_jsonl(gsm8k_test_file, limit=100)
+    tok = train_tokenizer([p.prompt + p.solution for p in problems], vocab_size=600)
+    tok.save_pretrained(tmp_path / "tok")
+    load_tool().main(["--task", "gsm8k", "--input", str(gsm8k_test_file), "--limit", "40",
+                      "--tokenizer", str(tmp_path / "tok"), "--errors", "step", "--example-rate", "1",
+                      "--out", str(tmp_path / "g")])
+    ds = load_from_disk(str(tmp_path / "g"))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "g" / "tokenizer")
+    bt = backtrack_id(tok)
+    assert len(ds) == 40 and sum(row.count(bt) > 0 for row in ds["input_ids"]) > 30

@@ -1,0 +1,90 @@
+"""Write a backtracking SFT dataset (input_ids, labels, roles) to disk with `datasets`.
+
+    python tools/prepare_data.py --out runs/data/arith                      # embedded arith lab
+    python tools/prepare_data.py --task gsm8k --input ../shared/data/gsm8k/train.jsonl \\
+        --tokenizer path/to/tokenizer --errors random --sites 2 --tokens-per-site 3 --out runs/data/gsm8k
+    python tools/prepare_data.py --task jsonl --input my.jsonl --prompt-field q --response-field a ...
+
+The tokenizer gets <|BACKTRACK|> if it lacks it (logged) and is saved next to the data, so the
+ids in the dataset always match the tokenizer that made them.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import AutoTokenizer  # noqa: E402
+
+from halluc.data import build_sft_dataset  # noqa: E402
+from halluc.errors import ErrorConfig  # noqa: E402
+from halluc.lab import LabConfig, lab_splits  # noqa: E402
+from halluc.tasks import get_task  # noqa: E402
+from halluc.tokens import add_backtrack_token, train_tokenizer  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="arith", choices=["arith", "gsm8k", "jsonl"])
+    p.add_argument("--input", help="jsonl file (gsm8k, jsonl) or a datasets name/folder (jsonl)")
+    p.add_argument("--split", default="train", help="split when --input is a datasets name/folder")
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--response-field", default="response")
+    p.add_argument("--answer-field", default=None)
+    p.add_argument("--size", type=int, default=10000, help="arith: number of problems")
+    p.add_argument("--limit", type=int, default=None, help="read at most this many problems")
+    p.add_argument("--tokenizer", help="tokenizer folder; arith default: train the lab tokenizer")
+    p.add_argument("--errors", default="step", choices=["none", "random", "step"])
+    p.add_argument("--example-rate", type=float, default=0.5)
+    p.add_argument("--sites", type=int, default=1)
+    p.add_argument("--tokens-per-site", type=int, default=1)
+    p.add_argument("--max-error-tokens", type=int, default=0)
+    p.add_argument("--unmasked", action="store_true", help="train on error tokens too (ablation)")
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--overlong", default="drop", choices=["drop", "truncate"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-proc", type=int, default=None)
+    p.add_argument("--out", required=True)
+    return p.parse_args(argv)
+
+
+def load_problems(a):
+    if a.task == "arith":
+        return lab_splits(LabConfig(sft_size=a.size, train_size=0), a.seed)["sft"]
+    if not a.input:
+        raise SystemExit(f"--task {a.task} needs --input")
+    if a.task == "gsm8k":
+        return get_task("gsm8k").read_jsonl(a.input, limit=a.limit)
+    jsonl = get_task("jsonl")
+    fields = dict(prompt_field=a.prompt_field, response_field=a.response_field, answer_field=a.answer_field)
+    if a.input.endswith(".jsonl"):
+        return jsonl.read_jsonl(a.input, limit=a.limit, **fields)
+    return jsonl.load_hf_dataset(a.input, split=a.split, limit=a.limit, **fields)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    problems = load_problems(a)
+    if a.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
+    elif a.task == "arith":
+        tokenizer = train_tokenizer([p.prompt + p.solution for p in problems[:5000]])
+    else:
+        raise SystemExit(f"--task {a.task} needs --tokenizer")
+    bt_id = add_backtrack_token(tokenizer)
+    errors = ErrorConfig(source=a.errors, example_rate=a.example_rate, sites=a.sites,
+                         tokens_per_site=a.tokens_per_site, max_error_tokens=a.max_error_tokens)
+    ds = build_sft_dataset(problems, tokenizer, errors, bt_id, masked=not a.unmasked, max_len=a.max_len,
+                           overlong=a.overlong, seed=a.seed, num_proc=a.num_proc)
+    ds.save_to_disk(a.out)
+    tokenizer.save_pretrained(Path(a.out) / "tokenizer")
+    print(f"wrote {len(ds)} examples to {a.out} (tokenizer in {Path(a.out) / 'tokenizer'}, BT id {bt_id})")
+    return ds
+
+
+if __name__ == "__main__":
+    main()

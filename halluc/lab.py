@@ -18,6 +18,8 @@ class LabConfig:
     train_ops_max: int = 4
     ood_ops_min: int = 6
     ood_ops_max: int = 8
+    train_file: str | None = None   # gsm8k / jsonl tasks: training problems (jsonl)
+    test_file: str | None = None    # gsm8k / jsonl tasks: test problems (jsonl)
 
 
 @dataclass
@@ -30,9 +32,13 @@ class ModelConfig:
 
 
 def lab_splits(cfg: LabConfig, seed: int = 0) -> dict[str, list[Problem]]:
-    """train / sft / test_id / test_ood, with every test prompt removed from train and sft."""
+    """train / sft / test_id / test_ood, with every test prompt removed from train and sft.
+
+    For gsm8k / jsonl the problems come from `train_file` (train and sft) and `test_file`
+    (test_id; there is no out-of-distribution split).
+    """
     if cfg.task != "arith":
-        raise ValueError("lab_splits builds the embedded arith lab; use --data for other tasks")
+        return file_splits(cfg)
     a = arith.ArithConfig(prime=cfg.prime, train_ops=(cfg.train_ops_min, cfg.train_ops_max),
                           ood_ops=(cfg.ood_ops_min, cfg.ood_ops_max))
     test_id = arith.make_split(cfg.test_size, a.train_ops, seed * 10 + 1, a)
@@ -41,6 +47,19 @@ def lab_splits(cfg: LabConfig, seed: int = 0) -> dict[str, list[Problem]]:
     train = [p for p in arith.make_split(cfg.train_size, a.train_ops, seed * 10 + 3, a) if p.prompt not in held_out]
     sft = [p for p in arith.make_split(cfg.sft_size, a.train_ops, seed * 10 + 4, a) if p.prompt not in held_out]
     return {"train": train, "sft": sft, "test_id": test_id, "test_ood": test_ood}
+
+
+def file_splits(cfg: LabConfig) -> dict[str, list[Problem]]:
+    from halluc.tasks import get_task
+
+    if not cfg.train_file or not cfg.test_file:
+        raise SystemExit(f"task {cfg.task} needs lab.train_file and lab.test_file (jsonl)")
+    task = get_task(cfg.task)
+    test = task.read_jsonl(cfg.test_file, limit=cfg.test_size)
+    held_out = {p.prompt for p in test}
+    train = [p for p in task.read_jsonl(cfg.train_file, limit=max(cfg.train_size, cfg.sft_size))
+             if p.prompt not in held_out]
+    return {"train": train[:cfg.train_size], "sft": train[:cfg.sft_size], "test_id": test}
 
 
 def eval_table(results: dict[str, dict[str, dict]]) -> str:

@@ -78,7 +78,7 @@ def training_args(out_dir: str, *, steps: int, batch_size: int, lr: float, warmu
     return TrainingArguments(
         output_dir=out_dir, max_steps=steps, per_device_train_batch_size=batch_size,
         learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=warmup, weight_decay=weight_decay,
-        logging_steps=log_every, save_strategy="steps" if save_steps else "no",
+        logging_steps=max(1, min(log_every, steps // 4)),  # short runs still log a curve save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500, seed=seed, data_seed=seed, report_to="none",
         bf16=on_gpu and torch.cuda.is_bf16_supported(), use_cpu=not on_gpu,
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,

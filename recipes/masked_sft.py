@@ -2,7 +2,8 @@
 
     python recipes/masked_sft.py                      # the embedded default lab, ~10 min on 2 CPU cores
     python recipes/masked_sft.py sft.steps=100 errors.source=random masked=false
-    python recipes/masked_sft.py --model path/to/hf_model --task gsm8k ...
+    python recipes/masked_sft.py model=path/to/hf_model lab.task=gsm8k \
+        lab.train_file=../shared/data/gsm8k/train.jsonl lab.test_file=../shared/data/gsm8k/test.jsonl
 
 Steps: (1) a base model that never saw a BT (trained here on clean `arith`, cached, or --model);
 (2) evaluate it in and out of distribution; (3) add the BT token, initialise its rows;
@@ -104,11 +105,13 @@ def main(argv=None):
     t0 = time.perf_counter()
     task = get_task(cfg.lab.task)
     splits = lab_splits(cfg.lab, cfg.seed)
+    test_splits = [name for name in ("test_id", "test_ood") if name in splits]
 
     model, tokenizer, _ = base_model(cfg, splits)
     t_base = time.perf_counter() - t0
     before = {name: evaluate_problems(model, tokenizer, splits[name], task, cfg.eval_max_new_tokens,
-                                      desc=f"eval base {name}") for name in ("test_id", "test_ood")}
+                                      desc=f"eval base {name}") for name in test_splits}
+    print("\n" + eval_table({"base": before}) + "\n", flush=True)
 
     bt_id = add_backtrack_token(tokenizer, model)
     used = init_backtrack_embedding(model, tokenizer, bt_id, cfg.bt_init)
@@ -122,7 +125,7 @@ def main(argv=None):
     model.save_pretrained(out / "checkpoint")
     tokenizer.save_pretrained(out / "checkpoint")
     after = {name: evaluate_problems(model, tokenizer, splits[name], task, cfg.eval_max_new_tokens,
-                                     desc=f"eval sft {name}") for name in ("test_id", "test_ood")}
+                                     desc=f"eval sft {name}") for name in test_splits}
 
     report = {"config": as_dict(cfg), "backtrack_id": bt_id, "bt_init_words": used,
               "before": before, "after": after,

@@ -74,3 +74,24 @@ def test_recipe_end_to_end_tiny(tmp_path):
                          "sft.steps=2", "lab.train_size=400", "lab.sft_size=200", "lab.test_size=16",
                          "tiny.hidden=32", "eval_max_new_tokens=40"])
     assert again["before"] == report["before"]
+
+
+def test_recipe_with_local_model_on_gsm8k(tmp_path, gsm8k_test_file):
+    """--model DIR (any local HF causal LM without the BT token) on real GSM8K files."""
+    from halluc.tasks import gsm8k
+    from halluc.tokens import train_tokenizer
+
+    problems = gsm8k.read_jsonl(gsm8k_test_file, limit=200)
+    tok = train_tokenizer([p.prompt + p.solution for p in problems], vocab_size=500)
+    model = tiny_llama(len(tok), hidden=32, layers=1, heads=2, pad_token_id=tok.pad_token_id,
+                       eos_token_id=tok.eos_token_id)
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    recipe = load_script("recipes/masked_sft.py")
+    train_file = gsm8k_test_file.parent / "train.jsonl"
+    report = recipe.main(["--model", str(tmp_path / "base"), "lab.task=gsm8k", f"lab.train_file={train_file}",
+                          f"lab.test_file={gsm8k_test_file}", "lab.sft_size=64", "lab.test_size=8",
+                          "sft.steps=3", "sft.batch_size=4", f"output_dir={tmp_path}/out", "eval_max_new_tokens=16"])
+    assert set(report["after"]) == {"test_id"} and report["after"]["test_id"]["n"] == 8
+    tok2 = AutoTokenizer.from_pretrained(tmp_path / "out" / "checkpoint")
+    assert backtrack_id(tok2) == len(tok)  # added after the 500-token vocabulary

@@ -43,7 +43,7 @@ def test_reads_every_test_problem_with_the_step_convention(test_set):
         assert all(s.endswith("\n") for s in p.steps[:-1])
         assert p.steps[-1].startswith("####") and not p.steps[-1].endswith("\n")
         assert p.answer == row["answer"].rsplit("####", 1)[1].strip().replace(",", "")
-        assert p.meta == {"source": str(DATA / "test.jsonl"), "line": n}
+        assert p.meta == {"task": "gsm8k", "source": str(DATA / "test.jsonl"), "line": n}
 
 
 @pytest.mark.parametrize("split", ["test", "train"])

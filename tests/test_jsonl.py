@@ -25,7 +25,7 @@ def test_round_trip_of_a_jsonl_file(tmp_path):
     assert problems[0].solution == ROWS[0]["response"]
     assert problems[1].steps == ["think\n", "red"]  # a list response: separator between steps
     assert [p.answer for p in problems] == ["answer: 5", "red"]  # last step when no answer field
-    assert problems[1].meta == {"source": str(path), "line": 2, "step_separator": "\n"}
+    assert problems[1].meta == {"task": "jsonl", "source": str(path), "line": 2, "step_separator": "\n"}
     for p in problems:
         assert jsonl.verify_steps(p, p.steps).all_ok
 

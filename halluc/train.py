@@ -10,7 +10,10 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
+from halluc.backends import forward_loss
 from halluc.data import IGNORE
+from halluc.example import Role
+from halluc.packing import collate, layout_example
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,51 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": attn}
 
 
+class TreeCollator:
+    """Batches for the edit-tree backends: each example laid out with its `attn_end` and
+    positions (technique 4), or rows already packed by `halluc.packing.pack_examples`."""
+
+    def __init__(self, mode: str = "block_errors", positions: str = "original",
+                 stats: LabelStats | None = None):
+        self.mode, self.positions, self.stats = mode, positions, stats
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if "attn_end" not in rows[0]:
+            rows = [vars(layout_example(r, self.mode, self.positions)) for r in rows]
+        if self.stats is not None:
+            for r in rows:
+                response = [lab for lab, role in zip(r["labels"], r["roles"]) if role != Role.PROMPT]
+                self.stats.tokens += len(r["input_ids"])
+                self.stats.response_tokens += len(response)
+                self.stats.masked_response += sum(lab == IGNORE for lab in response)
+        return collate(rows)
+
+
+class BacktrackTrainer(Trainer):
+    """The HF Trainer with one change: the loss comes from `halluc.backends.forward_loss`,
+    which realizes `attn_end` (a plain model(**batch) would silently ignore it)."""
+
+    def __init__(self, *args, attention_backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.attention_backend = attention_backend
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, _ = forward_loss(model, inputs, self.attention_backend)
+        return (loss, None) if return_outputs else loss
+
+
+class RestoreAttentionCallback(TrainerCallback):
+    """The edit-tree backends switch the model's attention function while training; put the
+    original back at the end so generation and save_pretrained see an ordinary model."""
+
+    def __init__(self, model):
+        self.original = model.config._attn_implementation
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and model.config._attn_implementation != self.original:
+            model.set_attn_implementation(self.original)
+
+
 class TokenStatsCallback(TrainerCallback):
     """Adds tokens/s and the fraction of response tokens whose label is masked to each log."""
 
@@ -85,10 +133,25 @@ def training_args(out_dir: str, *, steps: int, batch_size: int, lr: float, warmu
         deepspeed=deepspeed, **extra)
 
 
-def make_trainer(model, args: TrainingArguments, train_dataset, pad_id: int, tb_dir: str) -> Trainer:
-    """A plain Trainer with our collator; TensorBoard gets loss, lr, tokens/s, masked fraction."""
+def make_trainer(model, args: TrainingArguments, train_dataset, pad_id: int, tb_dir: str,
+                 attention: str = "causal", positions: str = "original", backend: str = "auto",
+                 packed: bool = False) -> Trainer:
+    """TensorBoard gets loss, lr, tokens/s and the masked-label fraction.
+
+    Plain causal attention on unpacked rows uses the stock Trainer and the model's own causal
+    kernel. `block_errors`, rewound positions or packed rows go through the edit-tree
+    backends (`backend`: auto, dense, dense_units, flex, varlen, varlen_kv).
+    """
     stats = LabelStats()
     # Our stats callback must come before TensorBoard's so its additions reach the event file.
     callbacks = [TokenStatsCallback(stats), TensorBoardCallback(SummaryWriter(tb_dir))]
-    return Trainer(model=model, args=args, train_dataset=train_dataset,
-                   data_collator=PadCollator(pad_id, stats), callbacks=callbacks)
+    if attention == "causal" and positions == "original" and not packed:
+        log.info("attention: causal, unpacked -> the model's own causal kernel")
+        return Trainer(model=model, args=args, train_dataset=train_dataset,
+                       data_collator=PadCollator(pad_id, stats), callbacks=callbacks)
+    log.info("attention: %s, positions %s, %s -> edit-tree backend %s", attention, positions,
+             "packed rows" if packed else "one example per row", backend)
+    return BacktrackTrainer(model=model, args=args, train_dataset=train_dataset,
+                            data_collator=TreeCollator(attention, positions, stats),
+                            callbacks=callbacks + [RestoreAttentionCallback(model)],
+                            attention_backend=backend)

@@ -30,6 +30,7 @@ from halluc.data import build_sft_dataset  # noqa: E402
 from halluc.errors import ErrorConfig  # noqa: E402
 from halluc.evaluate import evaluate_problems  # noqa: E402
 from halluc.lab import LabConfig, ModelConfig, eval_table, lab_splits  # noqa: E402
+from halluc.packing import pack_examples  # noqa: E402
 from halluc.model import init_backtrack_embedding, load_causal_lm, tiny_llama  # noqa: E402
 from halluc.tasks import get_task  # noqa: E402
 from halluc.tokens import add_backtrack_token, train_tokenizer  # noqa: E402
@@ -58,6 +59,13 @@ class Config:
     errors: ErrorConfig = field(default_factory=ErrorConfig)
     masked: bool = True                 # False: train on the error tokens too (ablation)
     bt_init: str = "semantic"           # semantic | mean | random
+    # Technique 4. Default causal: errors stay visible to what follows (Physics-of-LM "retry"
+    # data; their pretraining study found no loss from it) and plain generate() is its exact
+    # inference twin. block_errors + rewound is the twin of KV-rewinding generation.
+    attention: str = "causal"           # causal | block_errors
+    positions: str = "original"         # original | rewound
+    backend: str = "auto"               # auto | dense | dense_units | flex | varlen | varlen_kv
+    pack: int = 0                       # >0: pack examples into rows of this many tokens
     max_len: int = 256
     overlong: str = "drop"              # drop | truncate
     num_proc: int | None = None
@@ -89,10 +97,18 @@ def base_model(cfg: Config, splits: dict):
     return model, tokenizer, cached
 
 
-def run(model, data, tokenizer, stage: Stage, cfg: Config, out_dir: str):
+def run(model, data, tokenizer, stage: Stage, cfg: Config, out_dir: str, attention="causal",
+        positions="original"):
+    packed = cfg.pack > 0
+    if packed:
+        rows = pack_examples(list(data), cfg.pack, attention, positions)
+        log.info("packed %d examples into %d rows of %d tokens: %.1f%% real tokens", rows.n_units,
+                 len(rows.rows), cfg.pack, 100 * rows.real_fraction)
+        data = rows.rows
     args = training_args(out_dir, steps=stage.steps, batch_size=stage.batch_size, lr=stage.lr,
                          seed=cfg.seed, deepspeed=cfg.deepspeed)
-    trainer = make_trainer(model, args, data, tokenizer.pad_token_id, tb_dir=str(Path(out_dir) / "tb"))
+    trainer = make_trainer(model, args, data, tokenizer.pad_token_id, tb_dir=str(Path(out_dir) / "tb"),
+                           attention=attention, positions=positions, backend=cfg.backend, packed=packed)
     return trainer.train()
 
 
@@ -100,6 +116,11 @@ def main(argv=None):
     cfg = load_config(Config, argv, default_file=str(Path(__file__).parent / "configs/masked_sft.yaml"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     set_seed(cfg.seed)
+    for name, value, allowed in (("attention", cfg.attention, ("causal", "block_errors")),
+                                 ("positions", cfg.positions, ("original", "rewound")),
+                                 ("bt_init", cfg.bt_init, ("semantic", "mean", "random"))):
+        if value not in allowed:
+            raise SystemExit(f"{name}={value!r}: choose one of {', '.join(allowed)}")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -119,9 +140,10 @@ def main(argv=None):
                              max_len=cfg.max_len, overlong=cfg.overlong, seed=cfg.seed + 1,
                              num_proc=cfg.num_proc)
     t1 = time.perf_counter()
-    run(model, data, tokenizer, cfg.sft, cfg, str(out))
+    run(model, data, tokenizer, cfg.sft, cfg, str(out), cfg.attention, cfg.positions)
     t_sft = time.perf_counter() - t1
-    model.config.halluc = {"attention": "causal", "positions": "original", "backtrack_token_id": bt_id}
+    # generation reads this to pick its inference twin (keep for causal, rewind for block_errors)
+    model.config.halluc = {"attention": cfg.attention, "positions": cfg.positions, "backtrack_token_id": bt_id}
     model.save_pretrained(out / "checkpoint")
     tokenizer.save_pretrained(out / "checkpoint")
     after = {name: evaluate_problems(model, tokenizer, splits[name], task, cfg.eval_max_new_tokens,

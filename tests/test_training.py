@@ -51,10 +51,12 @@ def test_recipe_end_to_end_tiny(tmp_path):
     """The recipe with a tiny configuration: base, eval, SFT, eval, checkpoint, TensorBoard, JSON."""
     recipe = load_script("recipes/masked_sft.py")
     report = recipe.main([f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}/cache", "base.steps=30",
-                          "sft.steps=20", "lab.train_size=400", "lab.sft_size=200", "lab.test_size=16",
+                          "sft.steps=20", "attention=block_errors", "positions=rewound", "pack=256", "lab.train_size=400", "lab.sft_size=200", "lab.test_size=16",
                           "tiny.hidden=32", "eval_max_new_tokens=40"])
     out = tmp_path / "out"
     saved = json.loads((out / "eval.json").read_text())
+    config = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert config["halluc"]["attention"] == "block_errors" and config["halluc"]["positions"] == "rewound"
     assert set(saved["before"]) == set(saved["after"]) == {"test_id", "test_ood"}
     assert saved["backtrack_id"] == report["backtrack_id"]
     tok = AutoTokenizer.from_pretrained(out / "checkpoint")
@@ -95,3 +97,37 @@ def test_recipe_with_local_model_on_gsm8k(tmp_path, gsm8k_test_file):
     assert set(report["after"]) == {"test_id"} and report["after"]["test_id"]["n"] == 8
     tok2 = AutoTokenizer.from_pretrained(tmp_path / "out" / "checkpoint")
     assert backtrack_id(tok2) == len(tok)  # added after the 500-token vocabulary
+
+
+def test_tree_trainer_glue_matches_the_stock_loss_and_blocks_errors(bt_tokenizer, arith_problems):
+    """Causal through the edit-tree path == the model's own loss; block_errors differs (control)."""
+    from halluc.backends import forward_loss
+    from halluc.train import PadCollator, TreeCollator
+
+    torch.manual_seed(0)
+    bt = backtrack_id(bt_tokenizer)
+    model = tiny_llama(len(bt_tokenizer), hidden=64, layers=2, heads=4)
+    rows = list(build_sft_dataset(arith_problems[:8], bt_tokenizer, ErrorConfig(example_rate=1.0), bt))
+    with torch.no_grad():
+        stock = model(**PadCollator(bt_tokenizer.pad_token_id)(rows)).loss
+        tree, _ = forward_loss(model, TreeCollator("causal", "original")(rows), "dense")
+        blocked, _ = forward_loss(model, TreeCollator("block_errors", "rewound")(rows), "dense")
+    torch.testing.assert_close(tree, stock, rtol=1e-5, atol=1e-5)
+    assert abs(blocked.item() - stock.item()) > 1e-3
+
+
+def test_block_errors_packed_training_loss_falls(bt_tokenizer, arith_problems, tmp_path):
+    from halluc.packing import pack_examples
+
+    torch.manual_seed(0)
+    bt = backtrack_id(bt_tokenizer)
+    model = tiny_llama(len(bt_tokenizer), hidden=64, layers=2, heads=4)
+    data = build_sft_dataset(arith_problems, bt_tokenizer, ErrorConfig(example_rate=0.5), bt)
+    packed = pack_examples(list(data), 512, "block_errors", "rewound")
+    assert packed.real_fraction > 0.95
+    args = training_args(str(tmp_path / "run"), steps=40, batch_size=4, lr=3e-3, log_every=10)
+    trainer = make_trainer(model, args, packed.rows, bt_tokenizer.pad_token_id, str(tmp_path / "tb"),
+                           attention="block_errors", positions="rewound", backend="dense_units", packed=True)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < 0.7 * losses[0], losses

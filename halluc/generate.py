@@ -1,0 +1,327 @@
+"""Generation with backtracking: batched, greedy or sampled, with KV-cache rewinding.
+
+Two semantics, each the exact inference twin of a training mode (docs/generation.md):
+
+- "keep"   (twin of `causal` attention + original positions): every token, erased or BT, stays
+  in the KV cache; positions count every token. Only the visible output drops deleted tokens.
+- "rewind" (twin of `block_errors` attention + rewound positions): a BT run is fed token by
+  token (each BT sees the error), the next token is taken from the LAST BT's logits, then the
+  erased tokens and the BTs leave the cache and the next token is written at the rewound
+  position (the position of the first erased token = its depth in the edit tree).
+
+Rewinding a batch: every row has its own edit history, so slots are not removed per row;
+instead each cache slot has a per-row "alive" bit, which is the 2D attention mask the model
+gets (sdpa honours zeros in the middle of a 2D mask; tests/test_generate.py checks it against
+one training forward). Slots that are dead in every row at the END of the cache are cropped
+(`cache.crop(-n)`), so batch 1 always crops and never carries a hole: its mask stays all ones
+and attention takes the same fast path as HF `generate()`.
+
+The BT id is an argument (from `halluc.tokens.backtrack_id`, never `encode`); None means the
+model has no BT and this is plain decoding.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+log = logging.getLogger(__name__)
+
+SEMANTICS = ("keep", "rewind")
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class LoopGuards:
+    """Stop a model that backtracks forever. When a cap is hit, BT gets logit -inf (for the
+    rest of the sequence, or while the visible top is at that position)."""
+
+    max_backtracks: int = 32               # BT tokens per sequence (0: BT is never emitted)
+    max_backtracks_per_position: int = 4   # times one visible position may be erased
+    ban_erased_token: bool = False         # the first token after a rewind may not be the one just erased there
+
+
+@dataclass
+class Generation:
+    """One generated sequence. `trace` has the BTs (stop token excluded); `visible` is
+    apply_backtrack(trace). token_forwards counts tokens pushed through the model for this
+    sequence, prompt included (a cache generator feeds every emitted token but the last once)."""
+
+    trace: list[int]
+    visible: list[int]
+    prompt_len: int
+    n_backtracks: int = 0
+    n_erased: int = 0
+    token_forwards: int = 0
+    stop: str = ""                 # eos | length | forced_end
+    semantics: str = "keep"        # what it was generated with (rewind needs a BT id)
+    text: str | None = None        # decoded visible text (generate_text fills it)
+    logits: list[torch.Tensor] | None = None  # raw logits each emitted token was chosen from
+
+
+@dataclass
+class _Row:
+    """Per-row bookkeeping of the loop (cache slots are per row, the cache is shared)."""
+
+    prompt_len: int
+    next_pos: int
+    trace: list[int] = field(default_factory=list)
+    visible: list[int] = field(default_factory=list)
+    visible_slots: list[int] = field(default_factory=list)  # cache slot of each fed visible token
+    dead_after_run: list[int] = field(default_factory=list)  # slots of the open BT run and what it erased
+    erasures: Counter = field(default_factory=Counter)       # visible index -> times erased
+    n_backtracks: int = 0
+    n_erased: int = 0
+    forwards: int = 0
+    banned_token: int | None = None  # the token the last BT erased, banned for the next token
+    done: bool = False
+    stop: str = ""
+    logits: list[torch.Tensor] | None = None
+
+
+def semantics_for(model, override: str | None = None, has_backtrack: bool = True) -> str:
+    """The semantics matching how the checkpoint was trained (config.halluc), or `override`."""
+    halluc = getattr(model.config, "halluc", None) or {}
+    attention, positions = halluc.get("attention"), halluc.get("positions")
+    trained = "rewind" if (attention, positions) == ("block_errors", "rewound") else "keep"
+    if attention == "block_errors" and positions != "rewound" and override is None:
+        log.warning("block_errors training with %s positions has no exact inference twin here; using keep",
+                    positions)
+    if override is None:
+        return trained if has_backtrack else "keep"
+    if override not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {SEMANTICS}, got {override!r}")
+    if halluc and override != trained:
+        log.warning("generating with %r semantics, but the checkpoint was trained with attention=%s "
+                    "positions=%s (its twin is %r)", override, attention, positions, trained)
+    return override
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_id: int | None,
+             eos_token_id: int | list[int] | None, pad_token_id: int | None = None,
+             semantics: str = "keep", sampling: Sampling = Sampling(), guards: LoopGuards = LoopGuards(),
+             forced_tokens: list[list[int]] | None = None, force_backtrack_rate: float = 0.0,
+             force_seed: int = 0, record_logits: bool = False) -> list[Generation]:
+    """Generate from a batch of prompt token ids (left padded here); see the module docstring.
+
+    forced_tokens: teacher forcing, row r emits forced_tokens[r] (whatever the model says) and
+      stops when they run out; with record_logits the model's logits at every step are kept.
+    force_backtrack_rate: after each emitted normal token, with this probability the next
+      token is a BT (benchmarks; seeded by force_seed, overrides the loop guards).
+    """
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    pad = pad_token_id if pad_token_id is not None else 0
+    bt = backtrack_id
+    rewind = semantics == "rewind" and bt is not None
+    n, width = len(prompts), max(len(p) for p in prompts)
+    force_rng = random.Random(force_seed)
+    sample_rng = torch.Generator(device=device).manual_seed(sampling.seed)
+
+    # alive[r, s]: row r may attend cache slot s (padding, finished rows' filler and, when
+    # rewinding, erased/BT slots are dead). It is the 2D attention mask.
+    alive = torch.zeros(n, width + max_new_tokens, dtype=torch.bool, device=device)
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    rows = []
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        alive[r, width - len(p):width] = True
+        rows.append(_Row(prompt_len=len(p), next_pos=len(p), forwards=len(p),
+                         logits=[] if record_logits else None))
+    positions = (torch.arange(width)[None, :] - (width - torch.tensor([len(p) for p in prompts]))[:, None]).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    cache_arg = {_cache_kwarg(model): cache}
+    out = model(input_ids=ids.to(device), attention_mask=_mask(alive, width), position_ids=positions.to(device),
+                use_cache=True, logits_to_keep=1, **cache_arg)
+    slots = width  # cache length
+
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1, :]
+        tokens = _choose(_guarded(logits, rows, bt, guards), sampling, sample_rng).tolist()
+
+        # Emit: forced tokens, forced BTs, then the visible bookkeeping of each row.
+        for r, row in enumerate(rows):
+            if row.done:
+                continue
+            if forced_tokens is not None:
+                if step >= len(forced_tokens[r]):
+                    row.done, row.stop = True, "forced_end"
+                    continue
+                tokens[r] = forced_tokens[r][step]
+            elif bt is not None and force_backtrack_rate > 0 and row.trace and row.trace[-1] != bt \
+                    and force_rng.random() < force_backtrack_rate:
+                tokens[r] = bt
+            if record_logits:
+                row.logits.append(logits[r].float().cpu().clone())
+            _emit(row, tokens[r], bt, eos, max_new_tokens)
+            if forced_tokens is not None and not row.done and len(row.trace) >= len(forced_tokens[r]):
+                row.done, row.stop = True, "forced_end"
+        if all(row.done for row in rows):
+            break
+
+        # Rewind: a normal token after a BT run closes the run; its slots and the erased
+        # tokens' slots die, and the new token goes to the rewound position.
+        any_dead = False
+        for r, row in enumerate(rows):
+            if row.done:
+                continue
+            if rewind and tokens[r] != bt and row.dead_after_run:
+                alive[r, row.dead_after_run] = False
+                row.dead_after_run.clear()
+                row.next_pos = row.prompt_len + len(row.visible_slots)
+                any_dead = True
+        if any_dead:
+            slots = _crop_dead_tail(cache, alive, slots)
+
+        # Feed: every live row's new token takes slot `slots`.
+        pos = [0] * n
+        for r, row in enumerate(rows):
+            if row.done:
+                tokens[r] = pad  # a filler query nobody attends to
+                continue
+            if rewind and tokens[r] == bt:  # this BT's slot, and the slot of the token it erased
+                row.dead_after_run.append(slots)
+                if len(row.visible_slots) > len(row.visible):
+                    row.dead_after_run.append(row.visible_slots.pop())
+            elif rewind:
+                row.visible_slots.append(slots)
+            alive[r, slots] = True
+            pos[r] = row.next_pos
+            row.next_pos += 1
+            row.forwards += 1
+        out = model(input_ids=torch.tensor(tokens, device=device)[:, None],
+                    attention_mask=_mask(alive, slots + 1),
+                    position_ids=torch.tensor(pos, device=device)[:, None], use_cache=True, **cache_arg)
+        slots += 1
+
+    return [Generation(trace=row.trace, visible=row.visible, prompt_len=row.prompt_len,
+                       n_backtracks=row.n_backtracks, n_erased=row.n_erased, token_forwards=row.forwards,
+                       stop=row.stop or "length", semantics="rewind" if rewind else "keep", logits=row.logits)
+            for row in rows]
+
+
+def _emit(row: _Row, token: int, bt: int | None, eos: set, max_new_tokens: int) -> None:
+    """Record one emitted token: EOS stops; a BT pops the visible top (nothing if empty)."""
+    if token in eos:
+        row.done, row.stop = True, "eos"
+        return
+    row.trace.append(token)
+    if token == bt:
+        row.n_backtracks += 1
+        row.banned_token = None
+        erased_index = -1  # a BT with nothing visible erases nothing ("index -1")
+        if row.visible:
+            row.banned_token = row.visible.pop()
+            row.n_erased += 1
+            erased_index = len(row.visible)
+        row.erasures[erased_index] += 1
+    else:
+        row.visible.append(token)
+        row.banned_token = None
+    if len(row.trace) >= max_new_tokens:
+        row.done, row.stop = True, "length"
+
+
+def _guarded(logits: torch.Tensor, rows: list[_Row], bt: int | None, guards: LoopGuards) -> torch.Tensor:
+    """Logits with the loop guards applied (a copy only when something is banned)."""
+    if bt is None:
+        return logits
+    bt_rows, erased_rows, erased_tokens = [], [], []
+    for r, row in enumerate(rows):
+        if row.done:
+            continue
+        top = len(row.visible) - 1  # the visible index the next BT would erase (-1: none)
+        if (row.n_backtracks >= guards.max_backtracks
+                or row.erasures[top] >= guards.max_backtracks_per_position):
+            bt_rows.append(r)
+        if guards.ban_erased_token and row.banned_token is not None:
+            erased_rows.append(r)
+            erased_tokens.append(row.banned_token)
+    if not bt_rows and not erased_rows:
+        return logits
+    logits = logits.clone()
+    if bt_rows:
+        logits[bt_rows, bt] = float("-inf")
+    if erased_rows:
+        logits[erased_rows, erased_tokens] = float("-inf")
+    return logits
+
+
+def _choose(logits: torch.Tensor, sampling: Sampling, rng: torch.Generator) -> torch.Tensor:
+    if sampling.temperature <= 0:
+        return logits.argmax(-1)
+    scaled = logits.float() / sampling.temperature
+    if sampling.top_p < 1.0:
+        sorted_logits, order = scaled.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop = probs.cumsum(-1) - probs >= sampling.top_p
+        sorted_logits[drop] = float("-inf")
+        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(scaled.softmax(-1), 1, generator=rng)[:, 0]
+
+
+def _cache_kwarg(model) -> str:
+    """transformers >= 5.2x calls the cache argument `cache` (`past_key_values` warns); older: past_key_values."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _mask(alive: torch.Tensor, length: int) -> torch.Tensor | None:
+    """The 2D attention mask over `length` slots; None when nothing is dead (sdpa's fast path)."""
+    window = alive[:, :length]
+    return None if bool(window.all()) else window
+
+
+def _crop_dead_tail(cache: DynamicCache, alive: torch.Tensor, slots: int) -> int:
+    """Crop the trailing slots that no row attends (batch 1: all erased and BT slots)."""
+    live = alive[:, :slots].any(0).nonzero()
+    keep = int(live[-1]) + 1 if len(live) else 0
+    if keep < slots:
+        cache.crop(keep - slots)  # those alive columns are already all False and get reused
+    return keep
+
+
+def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 160, batch_size: int = 64,
+                  semantics: str | None = None, sampling: Sampling = Sampling(), guards: LoopGuards = LoopGuards(),
+                  desc: str = "generating") -> list[Generation]:
+    """Tokenize text prompts, generate in batches (progress bar), decode the visible text.
+
+    The BT id comes from the tokenizer by name; semantics from the checkpoint unless given.
+    """
+    from tqdm.auto import tqdm
+
+    from halluc.tokens import backtrack_id, has_backtrack
+
+    bt = backtrack_id(tokenizer) if has_backtrack(tokenizer) else None
+    semantics = semantics_for(model, semantics, has_backtrack=bt is not None)
+    model.eval()
+    out: list[Generation] = []
+    bar = tqdm(total=len(prompts), desc=desc, leave=False)
+    for i in range(0, len(prompts), batch_size):
+        ids = [tokenizer(p)["input_ids"] for p in prompts[i:i + batch_size]]
+        batch = generate(model, ids, max_new_tokens=max_new_tokens, backtrack_id=bt,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         semantics=semantics, sampling=sampling, guards=guards)
+        for g in batch:
+            g.text = tokenizer.decode(g.visible, skip_special_tokens=True)
+        out.extend(batch)
+        bar.update(len(batch))
+        bar.set_postfix(semantics=semantics, bt=sum(g.n_backtracks for g in out))
+    bar.close()
+    return out

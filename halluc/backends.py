@@ -341,11 +341,20 @@ def _torch_varlen():
     return varlen_attn
 
 
+def flash_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype the flash kernels should run in. Under the Trainer's bf16/fp16 autocast the
+    weights stay fp32 and rotary embeddings promote q/k back to fp32, so cast to the autocast
+    dtype (as transformers' own flash-attention integration does) instead of falling back."""
+    if query.is_cuda and query.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return query.dtype
+
+
 def varlen_kernel(query: torch.Tensor, requested: str = "auto") -> str:
     """Which kernel runs the segments: "flash_attn", "torch" or "sdpa" (per-segment loop)."""
     if requested != "auto":
         return requested
-    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+    if query.is_cuda and flash_dtype(query) in (torch.float16, torch.bfloat16):
         if _flash_attn_varlen() is not None:
             return "flash_attn"
         if _torch_varlen() is not None:
@@ -368,7 +377,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     kernel = varlen_kernel(query, varlen_kernel_name)
     if kernel not in _varlen_kernel_logged:
         _varlen_kernel_logged.add(kernel)
-        log.info("varlen attention kernel: %s (%s, %s)", kernel, query.device.type, query.dtype)
+        log.info("varlen attention kernel: %s (%s, %s)", kernel, query.device.type, flash_dtype(query))
     if path_kv_index is not None:
         key, value = key[:, :, path_kv_index], value[:, :, path_kv_index]
     n_rep = query.shape[1] // key.shape[1]
@@ -386,7 +395,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
                                                        attn_mask=mask, dropout_p=drop, is_causal=mask is None,
                                                        scale=scaling))
         return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (tokens, heads, dim)
+    dtype = flash_dtype(query)
+    q, k, v = (x[0].transpose(0, 1).to(dtype) for x in (query, key, value))  # (tokens, heads, dim)
     if kernel == "flash_attn":
         out = _flash_attn_varlen()(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
                                    dropout_p=drop, softmax_scale=scaling, causal=True)

@@ -112,3 +112,18 @@ def test_num_proc_gives_the_same_data(bt_tokenizer, arith_problems):
     one = build_sft_dataset(arith_problems[:60], bt_tokenizer, cfg, bt, seed=3)
     two = build_sft_dataset(arith_problems[:60], bt_tokenizer, cfg, bt, seed=3, num_proc=2)
     assert one["input_ids"] == two["input_ids"] and one["roles"] == two["roles"]
+
+
+def test_invariant_generic_jsonl(bt_tokenizer, tmp_path):
+    import json
+
+    from halluc.tasks import jsonl
+
+    path = tmp_path / "data.jsonl"
+    rows = [{"prompt": f"q{i}", "response": f"step one {i}\nstep two\nanswer {i}"} for i in range(20)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    bt = backtrack_id(bt_tokenizer)
+    for p in jsonl.read_jsonl(path):
+        for source in ("random", "step"):
+            ex = make_example(p, bt_tokenizer, ErrorConfig(source=source, example_rate=1.0), bt, random.Random(0))
+            assert apply_backtrack(ex.response, bt)[:-1] == bt_tokenizer(p.solution, add_special_tokens=False)["input_ids"]

@@ -17,7 +17,7 @@ def load_tool():
 
 def test_arith_to_disk(tmp_path):
     load_tool().main(["--size", "50", "--errors", "random", "--sites", "2", "--example-rate", "1",
-                      "--out", str(tmp_path / "d")])
+                      "--attention", "block_errors", "--positions", "rewound", "--out", str(tmp_path / "d")])
     ds = load_from_disk(str(tmp_path / "d"))
     tok = AutoTokenizer.from_pretrained(tmp_path / "d" / "tokenizer")
     bt = backtrack_id(tok)
@@ -26,6 +26,12 @@ def test_arith_to_disk(tmp_path):
     assert row["input_ids"].count(bt) == 2
     visible = apply_backtrack(row["input_ids"], bt)
     assert tok.decode(visible).endswith(tok.eos_token)
+    # the stored structure: every BT sees the error before it; the token after a run does not
+    ids, end, pos = row["input_ids"], row["attn_end"], row["position_ids"]
+    first_bt = ids.index(bt)
+    after = first_bt + 1  # one token per site: error, BT, then the correction
+    assert end[first_bt - 1] == after and end[0] == len(ids)
+    assert pos[after] == pos[first_bt - 1]  # rewound: the correction takes the erased position
 
 
 def test_gsm8k_to_disk(tmp_path, gsm8k_test_file):

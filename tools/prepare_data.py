@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import AutoTokenizer  # noqa: E402
 
+from halluc.attention import edit_tree, position_ids  # noqa: E402
 from halluc.data import build_sft_dataset  # noqa: E402
 from halluc.errors import ErrorConfig  # noqa: E402
 from halluc.lab import LabConfig, lab_splits  # noqa: E402
@@ -45,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--unmasked", action="store_true", help="train on error tokens too (ablation)")
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--overlong", default="drop", choices=["drop", "truncate"])
+    p.add_argument("--attention", default=None, choices=["causal", "block_errors"],
+                   help="also store the edit-tree structure: attn_end and position_ids columns")
+    p.add_argument("--positions", default="original", choices=["original", "rewound"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-proc", type=int, default=None)
     p.add_argument("--out", required=True)
@@ -65,6 +69,11 @@ def load_problems(a):
     return jsonl.load_hf_dataset(a.input, split=a.split, limit=a.limit, **fields)
 
 
+def edit_tree_columns(roles: list[int], mode: str, positions: str) -> dict:
+    end, depth = edit_tree(roles, mode)
+    return {"attn_end": end.tolist(), "position_ids": position_ids(depth=depth, scheme=positions).tolist()}
+
+
 def main(argv=None):
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -80,6 +89,9 @@ def main(argv=None):
                          tokens_per_site=a.tokens_per_site, max_error_tokens=a.max_error_tokens)
     ds = build_sft_dataset(problems, tokenizer, errors, bt_id, masked=not a.unmasked, max_len=a.max_len,
                            overlong=a.overlong, seed=a.seed, num_proc=a.num_proc)
+    if a.attention:
+        ds = ds.map(lambda roles: edit_tree_columns(roles, a.attention, a.positions), input_columns="roles",
+                    num_proc=a.num_proc, desc=f"edit tree ({a.attention}, {a.positions} positions)")
     ds.save_to_disk(a.out)
     tokenizer.save_pretrained(Path(a.out) / "tokenizer")
     print(f"wrote {len(ds)} examples to {a.out} (tokenizer in {Path(a.out) / 'tokenizer'}, BT id {bt_id})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -12,6 +13,7 @@ from transformers.integrations import TensorBoardCallback
 
 from halluc.backends import forward_loss
 from halluc.data import IGNORE
+from halluc.distributed import is_main, prepare_deepspeed, world_size
 from halluc.example import Role
 from halluc.packing import collate, layout_example
 
@@ -69,7 +71,30 @@ class TreeCollator:
                 self.stats.tokens += len(r["input_ids"])
                 self.stats.response_tokens += len(response)
                 self.stats.masked_response += sum(lab == IGNORE for lab in response)
-        return collate(rows)
+        batch = collate(rows)
+        # The Trainer counts the tokens a step trains from `shift_labels` when a batch has it,
+        # summed over devices and accumulation steps (num_items_in_batch). Our targets are the
+        # labels that some position predicts (backends._targets), not HF's labels[..., 1:].
+        batch["shift_labels"] = torch.where(batch["pred_pos"] >= 0, batch["labels"], IGNORE)
+        return batch
+
+
+class WrappedModel:
+    """What forward_loss needs, when the Trainer hands compute_loss a DeepSpeedEngine or DDP.
+
+    The wrapper must be *called* (its hooks gather ZeRO-3 shards and sync gradients) but has no
+    HF attributes (config, device, dtype, set_attn_implementation): those come from the model
+    inside. A PeftModel forwards both itself, so it needs no help.
+    """
+
+    def __init__(self, wrapper, inner):
+        self.wrapper, self.inner = wrapper, inner
+
+    def __call__(self, *args, **kwargs):
+        return self.wrapper(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 class BacktrackTrainer(Trainer):
@@ -81,7 +106,18 @@ class BacktrackTrainer(Trainer):
         self.attention_backend = attention_backend
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, _ = forward_loss(model, inputs, self.attention_backend)
+        inner = self.accelerator.unwrap_model(model)
+        loss, _ = forward_loss(model if inner is model else WrappedModel(model, inner), inputs,
+                               self.attention_backend)
+        if num_items_in_batch is not None and "shift_labels" in inputs:
+            # The mean over this micro-batch -> its share of the mean over every token the
+            # optimizer step trains (all devices, all accumulation steps), as the stock Trainer
+            # does: DDP/DeepSpeed average gradients over processes, so scale that back up.
+            # Then 2 processes x batch 4 train exactly like 1 process x batch 8.
+            here = (inputs["shift_labels"] != IGNORE).sum()
+            loss = loss * here / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
 
 
@@ -120,17 +156,49 @@ class TokenStatsCallback(TrainerCallback):
 
 def training_args(out_dir: str, *, steps: int, batch_size: int, lr: float, warmup: float = 0.05,
                   weight_decay: float = 0.0, seed: int = 0, log_every: int = 25,
-                  save_steps: int = 0, deepspeed: str | None = None, **extra) -> TrainingArguments:
-    """fp32 on CPU (bf16 is ~23x slower there), bf16 on a GPU that supports it."""
+                  save_steps: int = 0, save_total_limit: int | None = 2, drop_last: bool = False,
+                  deepspeed: str | None = None, **extra) -> TrainingArguments:
+    """fp32 on CPU (bf16 is ~23x slower there), bf16 on a GPU that supports it.
+
+    save_steps > 0 writes `checkpoint-N` folders (model or adapter, optimizer, scheduler, RNG
+    states, data position) that `trainer.train(resume_from_checkpoint=...)` continues from;
+    the newest `save_total_limit` are kept. `deepspeed`: a ds_configs/*.json file; on CPU it
+    runs over gloo (use_cpu=True, else accelerate sees one process and the batch check fails).
+    drop_last: only full batches, so N processes x batch b see exactly the examples 1 process x
+    batch N*b sees, epoch after epoch (with a short last batch, the shards are padded with
+    examples from the start and the epochs drift apart). Needs one full global batch of data
+    (the recipes turn it on when they have it).
+    """
     on_gpu = torch.cuda.is_available()
-    return TrainingArguments(
+    prepare_deepspeed(deepspeed)
+    if not on_gpu and world_size() > 1:
+        extra.setdefault("ddp_backend", "gloo")  # what DeepSpeed and DDP can use on CPU
+    settings = dict(
         output_dir=out_dir, max_steps=steps, per_device_train_batch_size=batch_size,
         learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=warmup, weight_decay=weight_decay,
-        logging_steps=max(1, min(log_every, steps // 4)),  # short runs still log a curve save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500, seed=seed, data_seed=seed, report_to="none",
+        logging_steps=max(1, min(log_every, steps // 4)),  # short runs still log a curve
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        save_total_limit=save_total_limit, seed=seed, data_seed=seed, report_to="none",
         bf16=on_gpu and torch.cuda.is_bf16_supported(), use_cpu=not on_gpu,
-        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
-        deepspeed=deepspeed, **extra)
+        remove_unused_columns=False, dataloader_num_workers=0, dataloader_drop_last=drop_last,
+        disable_tqdm=False, deepspeed=deepspeed)
+    return TrainingArguments(**{**settings, **extra})  # extra may override a default
+
+
+def latest_checkpoint(out_dir) -> str | None:
+    """The newest COMPLETE `checkpoint-N` in out_dir, or None.
+
+    The Trainer writes a checkpoint in place, trainer_state.json last; a job killed while saving
+    (preemption, kill -9) leaves a newer folder without it, which resuming must skip.
+    """
+    folder = Path(out_dir)
+    found = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit()) if folder.is_dir() else []
+    for step, path in reversed(found):
+        if (path / "trainer_state.json").exists():
+            return str(path)
+        log.warning("skipping %s: incomplete (no trainer_state.json), killed while saving?", path)
+    return None
 
 
 def make_trainer(model, args: TrainingArguments, train_dataset, pad_id: int, tb_dir: str,
@@ -144,7 +212,9 @@ def make_trainer(model, args: TrainingArguments, train_dataset, pad_id: int, tb_
     """
     stats = LabelStats()
     # Our stats callback must come before TensorBoard's so its additions reach the event file.
-    callbacks = [TokenStatsCallback(stats), TensorBoardCallback(SummaryWriter(tb_dir))]
+    callbacks = [TokenStatsCallback(stats)]
+    if is_main():  # one event file per run, not one per process
+        callbacks.append(TensorBoardCallback(SummaryWriter(tb_dir)))
     if attention == "causal" and positions == "original" and not packed:
         log.info("attention: causal, unpacked -> the model's own causal kernel")
         return Trainer(model=model, args=args, train_dataset=train_dataset,

@@ -1,0 +1,92 @@
+"""kill -9 mid-training, `resume=true`, and the run ends exactly where an uninterrupted one does.
+
+The killed run stops after SFT step 13 (checkpoints at 5 and 10 are on disk; steps 11-13 are
+lost) and is killed with SIGKILL: no cleanup, no final save. The resumed run continues from
+checkpoint-10: model or adapter, optimizer, scheduler, RNG and the position in the seeded data
+order. Its logged losses after the resume point (steps 11-15 and 16-20) must equal the
+uninterrupted run's, which also shows the data order is the same batch for batch.
+Variants: LoRA without DeepSpeed, and full fine-tuning under ZeRO-3 in a plain `python`
+process (no launcher: halluc.distributed sets the env DeepSpeed needs).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, load_script
+
+SETTINGS = ["base.steps=20", "sft.steps=20", "base.batch_size=16", "sft.batch_size=16", "save_steps=5",
+            "lab.train_size=300", "lab.sft_size=160", "lab.test_size=8", "tiny.hidden=32",
+            "eval_max_new_tokens=24"]
+KILL_AFTER_STEP = 13
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("base-cache")  # the base model is trained once for both variants
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [["lora.enabled=true", "lora.r=4"], ["deepspeed=ds_configs/zero3.json"]],
+                         ids=["lora", "zero3-python"])
+def test_kill_9_then_resume_ends_with_the_uninterrupted_loss(tmp_path, cache, variant):
+    settings = SETTINGS + [f"cache_dir={cache}"]
+    recipe = load_script("recipes/masked_sft.py")
+    # the uninterrupted run, here (without DeepSpeed: ZeRO-3 on 1 process trains the same) and
+    # on 1 thread like the subprocesses, so even the float summation order is the same
+    plain = [s for s in variant if not s.startswith("deepspeed=")]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        whole = recipe.main([f"output_dir={tmp_path / 'whole'}", *settings, *plain])["sft_train"]
+    finally:
+        torch.set_num_threads(threads)
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PAUSE_DIR": str(out), "PAUSE_AT_STEP": str(KILL_AFTER_STEP)}
+    args = [f"output_dir={out}", *settings, *variant]
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, "tests/helpers/pausing_recipe.py", *args], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / f"paused-at-{KILL_AFTER_STEP}").exists():
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached the kill step"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-5", "checkpoint-10"}
+    assert not (out / "eval.json").exists()
+
+    resumed = subprocess.run([sys.executable, "recipes/masked_sft.py", *args, "resume=true"], cwd=ROOT,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    assert f"resuming from {out / 'checkpoint-10'}" in resumed.stderr + resumed.stdout
+    after = json.loads((out / "eval.json").read_text())["sft_train"]
+    print(f"{variant}: uninterrupted {whole['losses']}\n  killed at {KILL_AFTER_STEP} + resumed {after['losses']}")
+    assert after["steps"] == whole["steps"] == 20
+    assert [s for s, _ in after["losses"]] == [s for s, _ in whole["losses"]] == [5, 10, 15, 20]
+    for (step, a), (_, b) in zip(after["losses"], whole["losses"]):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5), (step, a, b)
+
+
+def test_latest_checkpoint_skips_one_the_kill_interrupted(tmp_path):
+    from halluc.train import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path / "missing") is None and latest_checkpoint(tmp_path) is None
+    for step, complete in ((5, True), (10, True), (15, False)):  # killed while writing checkpoint-15
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint").mkdir()  # the final model folder is not a checkpoint-N
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")

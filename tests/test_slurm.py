@@ -1,0 +1,72 @@
+"""slurm/masked_sft.sh on a real one-node Slurm cluster: 2 tasks, checkpoints, requeue -> resume.
+
+The cluster (tests/helpers/slurm_cluster.py) gets slurm-wlm and munge from apt-get when they
+are missing; without root or apt the test is skipped with the reason. The daemons it starts
+(munged on its own socket, slurmctld, slurmd) are always stopped by the fixture.
+
+The job runs the template as written; sbatch options override only what this machine lacks
+(no `gpu` partition, no GPUs, 2 cores). Two srun tasks on the one node stand in for two nodes:
+each runs its own torchrun agent, and the agents meet at the rendezvous as nodes would.
+"""
+import json
+import os
+import shutil
+import socket
+import sys
+
+import pytest
+from conftest import ROOT, load_script
+
+pytestmark = pytest.mark.slow
+RECIPE_ARGS = ("base.steps=10 sft.steps=10 base.batch_size=8 sft.batch_size=8 lab.train_size=200 "
+               "lab.sft_size=100 lab.test_size=8 tiny.hidden=32 eval_max_new_tokens=24")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.geteuid() != 0:
+        pytest.skip("a local Slurm cluster needs root (slurmd runs jobs as any user)")
+    try:
+        socket.gethostbyname(socket.gethostname())
+    except OSError:
+        pytest.skip(f"this machine's hostname {socket.gethostname()!r} does not resolve (Slurm and the rendezvous need it)")
+    slurm = load_script("tests/helpers/slurm_cluster.py")
+    reason = slurm.install()
+    if reason:
+        pytest.skip(reason)
+    c = slurm.start()  # stops what it started if it fails
+    try:
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(c.root, ignore_errors=True)
+
+
+def test_sbatch_masked_sft_with_two_tasks_then_requeue_resumes(cluster, tmp_path):
+    (tmp_path / "logs").mkdir()  # Slurm does not create the folder of --output
+    out = tmp_path / "out"
+    env = {"HALLUC_ROOT": str(ROOT), "PYTHON": sys.executable, "OUTPUT_DIR": str(out), "SAVE_STEPS": "5",
+           "NPROC_PER_NODE": "1", "DEEPSPEED_CONFIG": "ds_configs/zero3.json",
+           "RECIPE_ARGS": f"cache_dir={tmp_path / 'cache'} {RECIPE_ARGS}"}
+    job = cluster.submit("--partition=debug", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
+                         "--time=10", str(ROOT / "slurm" / "masked_sft.sh"), env=env, cwd=tmp_path)
+    record = cluster.wait(job, timeout=300)
+    log_file = tmp_path / "logs" / f"slurm-{job}.out"
+    log = log_file.read_text(errors="replace") if log_file.exists() else "(no log)"
+    assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
+    assert "2 agent(s) x 1 process(es)" in log and "deepspeed=ds_configs/zero3.json" in log
+    report = json.loads((out / "eval.json").read_text())
+    assert report["world_size"] == 2 and report["sft_train"]["steps"] == 10
+    assert (out / "checkpoint" / "model.safetensors").exists()
+    assert (out / "checkpoint-10" / "trainer_state.json").exists()
+
+    # What preemption does with --requeue: the same job again, same id, same OUTPUT_DIR.
+    cluster.run("scontrol", "requeue", job)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip the requeue hold-off
+    record = cluster.wait(job, timeout=300)
+    log = log_file.read_text(errors="replace")
+    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-4000:]
+    assert f"job {job} restart 1:" in log  # --open-mode=append keeps both runs in one log
+    assert f"resuming from {out / 'checkpoint-10'}" in log
+    again = json.loads((out / "eval.json").read_text())
+    assert again["sft_train"]["final_loss"] == report["sft_train"]["final_loss"]

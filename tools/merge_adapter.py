@@ -1,0 +1,58 @@
+"""Merge a LoRA adapter saved by a recipe into its base: a standalone HF checkpoint.
+
+    python tools/merge_adapter.py --adapter runs/masked_sft/adapter --out runs/masked_sft/merged
+    python tools/merge_adapter.py --base path/to/base --adapter runs/x/adapter --out runs/x/merged
+
+--base defaults to the base path the recipe recorded in the adapter folder. The base is the
+ORIGINAL model (without the BT token): it is checked against the adapter (architecture, sizes,
+vocabulary, a fingerprint of its embedding) and refused with the differences named, then
+resized to the adapter's tokenizer; LoRA and the trained BT rows are merged in. The output
+(model + tokenizer with the BT token + config.halluc) loads with plain
+`AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from halluc.lora import BaseMismatch, merge_adapter, read_adapter_info  # noqa: E402
+from halluc.tokens import backtrack_id  # noqa: E402
+
+log = logging.getLogger("merge_adapter")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", required=True, help="adapter folder written by a recipe (OUT/adapter)")
+    p.add_argument("--base", default=None, help="base model folder (default: the path recorded in the adapter)")
+    p.add_argument("--out", required=True, help="folder for the merged checkpoint")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved weights")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+    try:
+        info = read_adapter_info(args.adapter)
+        base = args.base or info.get("base_path")
+        log.info("merging %s into %s", args.adapter, base)
+        # merge in float32 (LoRA's low-rank product added to bf16 weights would round twice)
+        model, tokenizer = merge_adapter(args.adapter, args.base, dtype=torch.float32)
+    except (BaseMismatch, FileNotFoundError, OSError, ValueError) as e:
+        raise SystemExit(f"merge_adapter: refused: {e}") from None
+    out = Path(args.out)
+    model.to(DTYPES[args.dtype]).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    bt = backtrack_id(tokenizer)
+    log.info("wrote %s: %s, vocabulary %d, BT id %d", out, type(model).__name__,
+             model.get_input_embeddings().weight.shape[0], bt)
+    return out
+
+
+if __name__ == "__main__":
+    main()

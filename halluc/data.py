@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import asdict
 
 from datasets import ClassLabel, Dataset, Sequence, Value
 
@@ -111,6 +110,3 @@ def build_sft_dataset(problems: list[Problem], tokenizer, errors: ErrorConfig, b
     ds = ds.filter(lambda k: k, input_columns="keep").remove_columns(["keep", "overlong"])
     return ds.cast_column("roles", Sequence(ClassLabel(names=ROLE_NAMES)))
 
-
-def error_config_dict(cfg: ErrorConfig) -> dict:
-    return asdict(cfg)

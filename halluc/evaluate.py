@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from halluc.generate import Generation, LoopGuards, Sampling, generate_text, semantics_for
-from halluc.tasks import Problem
+from halluc.tasks import Problem, StepReport
 from halluc.tokens import backtrack_id, has_backtrack
 
 _SENTINEL = "\x00"  # a character no task uses, to see whether the last step is finished
@@ -137,7 +137,8 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], task, max_new_t
                              batch_size=batch_size, semantics=semantics, sampling=sampling, guards=guards, desc=desc)
     used = gens[0].semantics if gens else semantics_for(model, semantics, has_backtrack=bt is not None)
     scores = [score_problem(task, p, g, tokenizer, bt) for p, g in zip(problems, gens)]
-    first_wrong = Counter(s.kinds[i] for s in scores for i in [_first_not_ok(s.kinds)] if i is not None)
+    first_wrong = Counter(s.kinds[i] for s in scores
+                          for i in [StepReport(s.kinds, s.answer_correct).first_wrong] if i is not None)
     n = max(len(problems), 1)
     runs = sum(s.n_runs for s in scores)
     errors = sum(s.made_error for s in scores)
@@ -161,10 +162,6 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], task, max_new_t
         "first_error_kinds": dict(first_wrong.most_common()),
         "samples": samples,
     }
-
-
-def _first_not_ok(kinds: list[str]) -> int | None:
-    return next((i for i, k in enumerate(kinds) if k != "ok"), None)
 
 
 def markdown_table(results: dict[str, dict]) -> str:

@@ -63,11 +63,8 @@ def file_splits(cfg: LabConfig) -> dict[str, list[Problem]]:
 
 
 def eval_table(results: dict[str, dict[str, dict]]) -> str:
-    """A markdown table: one row per (model, split)."""
-    rows = ["| model | split | answer acc | full solution | step validity | BT / problem | erased / problem |",
-            "|---|---|---|---|---|---|---|"]
-    for model, splits in results.items():
-        for split, m in splits.items():
-            rows.append(f"| {model} | {split} | {m['answer_acc']:.1%} | {m['full_solution_acc']:.1%} | "
-                        f"{m['step_validity']:.1%} | {m['bt_per_problem']:.2f} | {m['erased_per_problem']:.2f} |")
-    return "\n".join(rows)
+    """The evaluation markdown table, one row per (model, split)."""
+    from halluc.evaluate import markdown_table
+
+    return markdown_table({f"{model} / {split}": m for model, splits in results.items()
+                           for split, m in splits.items()})

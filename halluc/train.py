@@ -29,6 +29,12 @@ class LabelStats:
     masked_response: int = 0  # of those, labelled -100 (errors in masked mode)
     started: float = 0.0
 
+    def count(self, row: dict) -> None:
+        response = [lab for lab, role in zip(row["labels"], row["roles"]) if role != Role.PROMPT]
+        self.tokens += len(row["input_ids"])
+        self.response_tokens += len(response)
+        self.masked_response += sum(lab == IGNORE for lab in response)
+
 
 class PadCollator:
     """Right-pads input_ids / labels / attention_mask; counts what the labels mask."""
@@ -47,10 +53,7 @@ class PadCollator:
             labels[i, :n] = torch.tensor(r["labels"])
             attn[i, :n] = 1
             if self.stats is not None:
-                response = [lab for lab, role in zip(r["labels"], r["roles"]) if role != 0]
-                self.stats.tokens += n
-                self.stats.response_tokens += len(response)
-                self.stats.masked_response += sum(lab == IGNORE for lab in response)
+                self.stats.count(r)
         return {"input_ids": ids, "labels": labels, "attention_mask": attn}
 
 
@@ -67,10 +70,7 @@ class TreeCollator:
             rows = [vars(layout_example(r, self.mode, self.positions)) for r in rows]
         if self.stats is not None:
             for r in rows:
-                response = [lab for lab, role in zip(r["labels"], r["roles"]) if role != Role.PROMPT]
-                self.stats.tokens += len(r["input_ids"])
-                self.stats.response_tokens += len(response)
-                self.stats.masked_response += sum(lab == IGNORE for lab in response)
+                self.stats.count(r)
         batch = collate(rows)
         # The Trainer counts the tokens a step trains from `shift_labels` when a batch has it,
         # summed over devices and accumulation steps (num_items_in_batch). Our targets are the

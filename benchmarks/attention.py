@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from halluc.attention import dense_mask, edit_tree  # noqa: E402
-from halluc.backends import flex_block_mask, forward_loss, path_segments  # noqa: E402
-from halluc.example import Role  # noqa: E402
-from halluc.packing import IGNORE, collate, layout_example, pack, pack_examples  # noqa: E402
+from halluc.attention import dense_mask, edit_tree
+from halluc.backends import flex_block_mask, forward_loss, path_segments
+from halluc.example import IGNORE_INDEX, Role
+from halluc.packing import collate, layout_example, pack, pack_examples
 
 BT = 3
 
@@ -66,7 +64,7 @@ def synthetic_example(rng, n: int, n_prompt: int = 32, bt_every: int = 100) -> d
     roles = np.array(roles[:n])
     ids = rng.integers(4, 1000, size=n)
     ids[roles == Role.BACKTRACK] = BT
-    labels = np.where((roles == Role.PROMPT) | (roles == Role.ERROR), IGNORE, ids)
+    labels = np.where((roles == Role.PROMPT) | (roles == Role.ERROR), IGNORE_INDEX, ids)
     return {"input_ids": ids, "labels": labels, "roles": roles}
 
 

@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from halluc.generate import LoopGuards, generate  # noqa: E402
+from halluc.generate import LoopGuards, generate
 
 VOCAB, BT, PAD, PROMPT_LEN = 400, 399, 0, 32
 MODELS = {"tiny": (128, 2, 4), "large": (512, 8, 8)}  # hidden, layers, heads

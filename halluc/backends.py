@@ -1,11 +1,20 @@
-"""Realizations of one `attn_end` structure as model forwards, all giving the same loss.
+"""Realizations of one `attn_end` structure as model forwards, all giving the same targets.
 
 A batch (from halluc.packing.collate) is a dict of (B, L) tensors:
     input_ids, labels (HF style, unshifted, -100 = not trained), attn_end, position_ids,
-    pred_pos (which position's logits predict each token, -1 none), is_real (bool).
+    pred_pos (which position's logits predict each token, -1 none), is_real (bool),
+    unit_id / branch_id (which packed unit and which branch of it each token belongs to).
 Never call `model(**batch)`: a Llama would silently ignore `attn_end`.
 
-Backends (`forward_loss(model, batch, backend)`):
+The model forward is separate from the loss. `forward_targets(model, batch, backend)` returns
+`Targets`: the logits that predict each trained token (labels != -100), with the token's id,
+unit and branch. Losses (halluc.losses) and objectives (halluc.train) work on that. The backend
+is chosen ONCE per model with `use_backend` (it switches the model's attention function);
+`forward_targets` only checks that the model is set up for it.
+
+Backends:
+- "native": the model's own causal kernel over right-padded rows (a 2D padding mask). Exact
+  only for causal attention, original positions and one example per row; the fastest there.
 - "dense": a (B, 1, L, L) mask as `attention_mask`; bool for sdpa, additive float for eager
   (eager ADDS the mask, so a bool mask would be silently wrong there). The CPU reference.
 - "flex": a flex_attention BlockMask whose mask_mod reads `attn_end` (GPU training; on CPU
@@ -25,10 +34,9 @@ Backends (`forward_loss(model, batch, backend)`):
   prompt with its branches) gets its own dense tree mask and one sdpa call. Block-diagonal
   like varlen, so no work across examples, and no duplication at all. Fastest on CPU.
 
-Loss, identical for every backend: mean over trained tokens j of
-cross_entropy(logits[pred_pos[j]], labels[j]), computed by gather, not by HF's internal
-shift (which would predict a second branch's first token from the wrong position).
-Only the logits that some target needs are computed (`logits_to_keep`).
+Targets are gathered, not taken from HF's internal shift (which would predict a second
+branch's first token from the wrong position). Only the logits that some target needs are
+computed (`logits_to_keep`).
 """
 from __future__ import annotations
 
@@ -41,19 +49,63 @@ import torch
 import torch.nn.functional as F
 
 from halluc.attention import dense_mask
+from halluc.example import IGNORE_INDEX
+from halluc.losses import token_cross_entropy
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("dense", "dense_units", "flex", "varlen", "varlen_kv")
-UNITS_ATTENTION = "halluc_units"  # likewise, for dense_units
-VARLEN_ATTENTION = "halluc_varlen"  # name registered with transformers.AttentionInterface
-IGNORE = -100
+BACKENDS = ("native", "dense", "dense_units", "flex", "varlen", "varlen_kv")
+UNITS_ATTENTION = "halluc_units"  # name registered with transformers.AttentionInterface
+VARLEN_ATTENTION = "halluc_varlen"  # likewise, for varlen / varlen_kv
+# The attention implementation each backend runs the model with (None: whatever it has).
+_ATTENTION_FOR = {"native": None, "dense": ("sdpa", "eager"), "flex": ("flex_attention",),
+                  "varlen": (VARLEN_ATTENTION,), "varlen_kv": (VARLEN_ATTENTION,),
+                  "dense_units": (UNITS_ATTENTION,)}
 
 
-# --------------------------------------------------------------------------- entry point
+@dataclass
+class Targets:
+    """What one forward gives the losses: one entry per trained token (label != -100 and
+    predicted by some position), in (row, column) order."""
+
+    logits: torch.Tensor       # (N, V) the logits that predict each target (model dtype)
+    ids: torch.Tensor          # (N,) the target token ids
+    row: torch.Tensor          # (N,) batch row of each target token
+    col: torch.Tensor          # (N,) its column
+    unit: torch.Tensor         # (N,) packed unit (example or pair) it belongs to, over the batch
+    branch: torch.Tensor       # (N,) branch within the unit (0; 1 for a pair's rejected branch)
+    all_logits: torch.Tensor | None = None  # (B, L, V) at the original layout, if asked for
+
+    @property
+    def n_units(self) -> int:
+        return int(self.unit.max()) + 1 if len(self.unit) else 0
+
+
+class TargetModel:
+    """A model with its backend chosen, as an objective sees it: `targets(batch)` runs the forward.
+
+    `module` is what must be *called*: when the Trainer hands over a DeepSpeedEngine or DDP
+    wrapper, its hooks gather ZeRO-3 shards and sync gradients. Attributes (config, device,
+    dtype) come from `inner`, the model inside (a PeftModel forwards both itself).
+    """
+
+    def __init__(self, module, backend: str, inner=None):
+        self.module, self.backend, self.inner = module, backend, module if inner is None else inner
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def targets(self, batch: dict, return_logits: bool = False) -> Targets:
+        return forward_targets(self, batch, self.backend, return_logits)
+
+
+# --------------------------------------------------------------------------- entry points
 
 def choose_backend(device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
-    """The backend to use on this device, with the reason logged (numbers: docs/attention.md).
+    """The tree backend to use on this device, with the reason logged (numbers: docs/attention.md).
 
     CPU: dense_units (no work across examples, no duplication; flex cannot train on CPU).
     GPU: flex (reads attn_end directly: block_errors costs ~1% over causal packing and the
@@ -70,68 +122,92 @@ def choose_backend(device: torch.device | str, dtype: torch.dtype = torch.float3
     return choice
 
 
-def forward_loss(model, batch: dict, backend: str = "auto", return_logits: bool = False,
-                 varlen_kernel: str = "auto"):
-    """Loss (and, if asked, (B, L, V) logits at the original positions) of one batch.
-
-    Switches the model's attention implementation to what the backend needs (logged).
-    `varlen_kernel` ("auto", "flash_attn", "torch", "sdpa") forces the varlen kernel.
-    """
-    batch = {k: v.to(model.device) for k, v in batch.items()}
+def use_backend(model, backend: str = "auto") -> str:
+    """Set `model` up for `backend` once: resolve "auto", register our attention functions and
+    switch the model's attention implementation (logged). Returns the backend's name."""
     if backend == "auto":
         backend = choose_backend(model.device, model.dtype)
-    if backend == "dense":
-        return _dense_forward(model, batch, return_logits)
-    if backend == "flex":
-        return _flex_forward(model, batch, return_logits)
-    if backend == "varlen":
-        return _varlen_forward(model, batch, return_logits, varlen_kernel)
-    if backend == "varlen_kv":
-        return _varlen_forward(model, batch, return_logits, varlen_kernel, queries_once=True)
-    if backend == "dense_units":
-        return _units_forward(model, batch, return_logits)
-    raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or auto, got {backend!r}")
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(UNITS_ATTENTION, units_attention_forward)
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    wanted = _ATTENTION_FOR[backend]
+    if wanted is not None and model.config._attn_implementation not in wanted:
+        log.info("setting attn_implementation=%s (was %s) for backend %s", wanted[0],
+                 model.config._attn_implementation, backend)
+        model.set_attn_implementation(wanted[0])
+    return backend
 
 
-def _set_attention(model, impl: str) -> None:
-    if model.config._attn_implementation != impl:
-        log.info("setting attn_implementation=%s (was %s)", impl, model.config._attn_implementation)
-        model.set_attn_implementation(impl)
+def forward_targets(model, batch: dict, backend: str, return_logits: bool = False,
+                    varlen_kernel: str = "auto") -> Targets:
+    """The logits that predict every trained token of `batch`, computed with `backend`.
+
+    `model` must have been set up with `use_backend(model, backend)`. `varlen_kernel`
+    ("auto", "flash_attn", "torch", "sdpa") forces the varlen kernel. With return_logits the
+    (B, L, V) logits at the original positions come too (padding gets 0).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    wanted = _ATTENTION_FOR[backend]
+    if wanted is not None and model.config._attn_implementation not in wanted:
+        raise RuntimeError(f"backend {backend!r} needs attn_implementation in {wanted}, the model has "
+                           f"{model.config._attn_implementation!r}: call halluc.backends.use_backend(model, "
+                           f"{backend!r}) once first")
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    rows, cols, pos, ids = _targets(batch)
+    if backend == "native":
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["is_real"].long()}
+        picked, logits = _logits_at(model, inputs, rows, pos, return_logits)
+    elif backend == "dense":
+        # eager adds the mask to the scores: it needs the additive float form.
+        dtype = torch.bool if model.config._attn_implementation == "sdpa" else model.dtype
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": dense_mask(batch["attn_end"], dtype=dtype),
+                  "position_ids": batch["position_ids"]}
+        picked, logits = _logits_at(model, inputs, rows, pos, return_logits)
+    elif backend == "flex":
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": flex_block_mask(batch["attn_end"]),
+                  "position_ids": batch["position_ids"]}
+        picked, logits = _logits_at(model, inputs, rows, pos, return_logits)
+    elif backend in ("varlen", "varlen_kv"):
+        picked, logits = _varlen_forward(model, batch, rows, pos, return_logits, varlen_kernel,
+                                         queries_once=backend == "varlen_kv")
+    else:  # dense_units
+        picked, logits = _units_forward(model, batch, rows, pos, return_logits)
+    unit = batch["unit_id"][rows, cols] if "unit_id" in batch else rows
+    branch = batch["branch_id"][rows, cols].clamp(min=0) if "branch_id" in batch else torch.zeros_like(rows)
+    return Targets(picked, ids, rows, cols, unit, branch, logits)
+
+
+def forward_loss(model, batch: dict, backend: str = "auto", return_logits: bool = False,
+                 varlen_kernel: str = "auto"):
+    """(token cross-entropy, logits or None) of one batch: `use_backend` + `forward_targets` +
+    `halluc.losses.token_cross_entropy`. For tests and benchmarks that switch backends on one
+    model; training sets the backend up once (halluc.train)."""
+    backend = use_backend(model, backend)
+    t = forward_targets(model, batch, backend, return_logits, varlen_kernel)
+    return token_cross_entropy(t.logits, t.ids), t.all_logits
 
 
 def _targets(batch: dict):
-    """(row, predicting position, target id) of every trained token."""
+    """(row, column, predicting position, target id) of every trained token."""
     labels, pred = batch["labels"], batch["pred_pos"]
-    rows, cols = torch.nonzero((labels != IGNORE) & (pred >= 0), as_tuple=True)
-    return rows, pred[rows, cols], labels[rows, cols]
+    rows, cols = torch.nonzero((labels != IGNORE_INDEX) & (pred >= 0), as_tuple=True)
+    return rows, cols, pred[rows, cols], labels[rows, cols]
 
 
-def _loss_from_kept(model, inputs: dict, rows, flat_pos, targets, return_logits: bool):
-    """Run the model keeping only the logits at `flat_pos` (positions along dim 1)."""
-    if len(targets) == 0:
+def _logits_at(model, inputs: dict, rows, flat_pos, return_logits: bool):
+    """Run the model keeping only the logits at (rows, flat_pos) (positions along dim 1)."""
+    if len(flat_pos) == 0:
         raise ValueError("batch has no trained token (all labels -100 or unpredictable)")
     if return_logits:
         logits = model(**inputs, use_cache=False).logits
-        picked = logits[rows, flat_pos]
-    else:
-        keep = torch.unique(flat_pos)
-        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-        picked = logits[rows, torch.searchsorted(keep, flat_pos)]
-    loss = F.cross_entropy(picked.float(), targets)
-    return loss, (logits if return_logits else None)
-
-
-# --------------------------------------------------------------------------- dense
-
-def _dense_forward(model, batch, return_logits):
-    if model.config._attn_implementation not in ("sdpa", "eager"):
-        _set_attention(model, "sdpa")
-    # eager adds the mask to the scores: it needs the additive float form.
-    dtype = torch.bool if model.config._attn_implementation == "sdpa" else model.dtype
-    mask = dense_mask(batch["attn_end"], dtype=dtype)
-    rows, pos, targets = _targets(batch)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"]}
-    return _loss_from_kept(model, inputs, rows, pos, targets, return_logits)
+        return logits[rows, flat_pos], logits
+    keep = torch.unique(flat_pos)
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    return logits[rows, torch.searchsorted(keep, flat_pos)], None
 
 
 # --------------------------------------------------------------------------- flex
@@ -154,14 +230,6 @@ def flex_block_mask(attn_end: torch.Tensor):
         return (kv <= q) & (q < attn_end[b, kv])
 
     return create_block_mask(mask_mod, n_rows, None, length, length, device=attn_end.device)
-
-
-def _flex_forward(model, batch, return_logits):
-    _set_attention(model, "flex_attention")
-    rows, pos, targets = _targets(batch)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": flex_block_mask(batch["attn_end"]),
-              "position_ids": batch["position_ids"]}
-    return _loss_from_kept(model, inputs, rows, pos, targets, return_logits)
 
 
 # --------------------------------------------------------------------------- varlen
@@ -229,9 +297,7 @@ def path_segments(attn_end: torch.Tensor, is_real: torch.Tensor) -> PathSegments
     )
 
 
-def _varlen_forward(model, batch, return_logits, kernel="auto", queries_once=False):
-    _register_varlen_attention()
-    _set_attention(model, VARLEN_ATTENTION)
+def _varlen_forward(model, batch, rows, pos, return_logits, kernel="auto", queries_once=False):
     seg = path_segments(batch["attn_end"], batch["is_real"])
     if queries_once:  # each real token once; keys/values gathered along the paths
         tokens, where = _flat_real(batch)
@@ -241,7 +307,7 @@ def _varlen_forward(model, batch, return_logits, kernel="auto", queries_once=Fal
         tokens, where = seg.token_index, seg.owner
         extra = {"cu_seq_lens_q": seg.kv_cu, "cu_seq_lens_k": seg.kv_cu, "max_length_q": seg.max_kv,
                  "max_length_k": seg.max_kv}
-    return _run_flat(model, batch, tokens, where, {**extra, "varlen_kernel_name": kernel}, return_logits)
+    return _run_flat(model, batch, rows, pos, tokens, where, {**extra, "varlen_kernel_name": kernel}, return_logits)
 
 
 def unit_bounds(attn_end: torch.Tensor, is_real: torch.Tensor) -> list[tuple[int, int]]:
@@ -270,10 +336,9 @@ def _flat_real(batch):
     return tokens, where
 
 
-def _run_flat(model, batch, tokens, where, extra: dict, return_logits):
-    """Forward the tokens `tokens` as one row; loss and logits mapped back via `where`."""
+def _run_flat(model, batch, rows, pos, tokens, where, extra: dict, return_logits):
+    """Forward the tokens `tokens` as one row; target logits and logits mapped back via `where`."""
     n_rows, length = batch["input_ids"].shape
-    rows, pos, targets = _targets(batch)
     inputs = {
         "input_ids": batch["input_ids"].reshape(-1)[tokens][None],
         # Along a path "original" positions jump over erased tokens: the segment bounds
@@ -282,17 +347,13 @@ def _run_flat(model, batch, tokens, where, extra: dict, return_logits):
         **extra,
     }
     flat_pos = where[rows * length + pos]
-    loss, logits = _loss_from_kept(model, inputs, torch.zeros_like(rows), flat_pos, targets, return_logits)
+    picked, logits = _logits_at(model, inputs, torch.zeros_like(rows), flat_pos, return_logits)
     if logits is not None:  # back to the original (B, L) layout; padded positions get 0
         logits = logits[0, where.clamp(min=0)].reshape(n_rows, length, -1) * (where >= 0).reshape(n_rows, length, 1)
-    return loss, logits
+    return picked, logits
 
 
-def _units_forward(model, batch, return_logits):
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(UNITS_ATTENTION, units_attention_forward)
-    _set_attention(model, UNITS_ATTENTION)
+def _units_forward(model, batch, rows, pos, return_logits):
     tokens, where = _flat_real(batch)
     bounds = unit_bounds(batch["attn_end"], batch["is_real"])
     flat_end = batch["attn_end"].reshape(-1)[tokens]
@@ -302,7 +363,8 @@ def _units_forward(model, batch, return_logits):
     # A unit without BTs is plain causal: None lets sdpa take its is_causal fast path.
     masks = [None if bool((flat_end[s:e] - f == e - s).all()) else dense_mask(flat_end[s:e] - f)
              for (s, e), f in zip(bounds, first)]
-    return _run_flat(model, batch, tokens, where, {"unit_bounds": bounds, "unit_masks": masks}, return_logits)
+    return _run_flat(model, batch, rows, pos, tokens, where, {"unit_bounds": bounds, "unit_masks": masks},
+                     return_logits)
 
 
 def units_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -412,8 +474,3 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
                           scale=scaling, **causal)
     return out[None], None
 
-
-def _register_varlen_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)

@@ -12,11 +12,10 @@ import random
 from datasets import ClassLabel, Dataset, Sequence, Value
 
 from halluc.errors import ErrorConfig, clean_example, random_token_errors, step_errors
-from halluc.example import ROLE_NAMES, Example, Role
+from halluc.example import IGNORE_INDEX, ROLE_NAMES, Example, Role
 from halluc.tasks import Problem, get_task
 
 log = logging.getLogger(__name__)
-IGNORE = -100
 
 
 def labels_from_roles(ids: list[int], roles: list[int], masked: bool = True) -> list[int]:
@@ -27,7 +26,7 @@ def labels_from_roles(ids: list[int], roles: list[int], masked: bool = True) -> 
     them, which is what teaches it to notice them) but are never a target.
     """
     untrained = {Role.PROMPT, Role.ERROR} if masked else {Role.PROMPT}
-    return [IGNORE if r in untrained else t for t, r in zip(ids, roles)]
+    return [IGNORE_INDEX if r in untrained else t for t, r in zip(ids, roles)]
 
 
 def tokenize_problem(problem: Problem, tokenizer) -> tuple[list[int], list[list[int]]]:

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
+from halluc.config import Fraction, NonNegativeInt, PositiveInt
 from halluc.example import Example, Role
 
 
 @dataclass
 class ErrorConfig:
-    source: str = "step"            # none | random | step
-    example_rate: float = 0.5       # fraction of examples that get errors
-    sites: int = 1                  # error sites per corrupted example (without replacement)
-    tokens_per_site: int = 1        # random source: error tokens per site
-    max_error_tokens: int = 0       # step source: >0 caps the wrong tokens written before the BTs
+    source: Literal["none", "random", "step"] = "step"
+    example_rate: Fraction = 0.5        # fraction of examples that get errors
+    sites: PositiveInt = 1              # error sites per corrupted example (without replacement)
+    tokens_per_site: PositiveInt = 1    # random source: error tokens per site
+    max_error_tokens: NonNegativeInt = 0  # step source: >0 caps the wrong tokens written before the BTs
 
 
 def clean_example(prompt: list[int], steps: list[list[int]], eos_id: int | None) -> Example:

@@ -2,15 +2,10 @@
 
 Generation is `halluc.generate` with the semantics the checkpoint was trained for (keep for
 `causal`, rewind for `block_errors` + rewound positions). Exact metric definitions are in
-docs/generation.md; in short, per BT run (a maximal run of consecutive BTs) with visible text
-B before it and A after it:
+docs/generation.md; the step judge (halluc.judge) finds a text's first error and whether a BT
+run (a maximal run of consecutive BTs) was justified. In short:
 
-- first error of a visible text: the first step the task verifier rejects. Complete steps go
-  through `task.verify_steps`; an unfinished last step (the sentinel test in `_last_step_complete`)
-  is judged only for tasks whose reference steps are canonical (arith: the step must still be a
-  prefix of some reference step), and counts as fine otherwise (gsm8k).
-- a run is *justified* if B has an error and the run erased at least one character of B's
-  first wrong step. BT precision = justified runs / runs.
+- BT precision = justified runs / runs.
 - a problem *made an error* if the visible text at the end of some segment (just before a BT
   run, or at the end) has an error; the first such segment's error is *caught* if a BT run
   follows that segment and is justified. BT recall = caught / problems that made an error.
@@ -18,27 +13,15 @@ B before it and A after it:
 """
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from halluc.generate import Generation, LoopGuards, Sampling, generate_text, semantics_for
+from halluc.judge import backtrack_runs, first_error, run_justified
 from halluc.tasks import Problem, StepReport
 from halluc.tokens import backtrack_id, has_backtrack
-
-_SENTINEL = "\x00"  # a character no task uses, to see whether the last step is finished
-
-
-@dataclass
-class BacktrackRun:
-    """One maximal run of BTs: the visible ids before and after it."""
-
-    start: int           # index of its first BT in the trace
-    length: int
-    before: list[int]
-    after: list[int]
 
 
 @dataclass
@@ -56,54 +39,6 @@ class ProblemScore:
     token_forwards: int
 
 
-def backtrack_runs(trace: list[int], bt: int) -> list[BacktrackRun]:
-    """The BT runs of a trace with the visible ids around each (prompt excluded)."""
-    runs: list[BacktrackRun] = []
-    visible: list[int] = []
-    for i, t in enumerate(trace):
-        if t == bt:
-            if i == 0 or trace[i - 1] != bt:
-                runs.append(BacktrackRun(start=i, length=0, before=list(visible), after=[]))
-            runs[-1].length += 1
-            if visible:
-                visible.pop()
-            runs[-1].after = list(visible)
-        else:
-            visible.append(t)
-    return runs
-
-
-def first_error(task, problem: Problem, text: str, final: bool) -> tuple[int, int, str] | None:
-    """(start, end, kind) in `text` of its first wrong step, or None.
-
-    final=False: `text` may stop mid-step; see the module docstring for how that step is judged.
-    A missing answer is not an error here (a text cut short is not wrong).
-    """
-    steps = task.split_steps(text)
-    complete = steps if final or _last_step_complete(task, text) else steps[:-1]
-    kinds = task.verify_steps(problem, complete).kinds[:len(complete)]
-    if len(complete) < len(steps) and _canonical_steps(problem):
-        partial = steps[-1]
-        kinds.append("ok" if any(ref.startswith(partial) for ref in problem.steps) else "partial")
-    pos = 0
-    for step, kind in zip(steps, kinds):
-        start = text.index(step, pos)
-        pos = start + len(step)
-        if kind != "ok":
-            return start, pos, kind
-    return None
-
-
-def _last_step_complete(task, text: str) -> bool:
-    """Finished iff one more character would start a new step."""
-    return len(task.split_steps(text + _SENTINEL)) > len(task.split_steps(text))
-
-
-def _canonical_steps(problem: Problem) -> bool:
-    """Tasks whose correct steps are exactly the reference steps (any order), so a prefix can be judged."""
-    return problem.meta.get("task") == "arith"
-
-
 def score_problem(task, problem: Problem, gen: Generation, tokenizer, bt: int | None) -> ProblemScore:
     text = gen.text if gen.text is not None else tokenizer.decode(gen.visible, skip_special_tokens=True)
     report = task.verify_steps(problem, task.split_steps(text))
@@ -111,10 +46,8 @@ def score_problem(task, problem: Problem, gen: Generation, tokenizer, bt: int | 
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     justified, made_error, caught = [], False, False
     for run in runs:
-        before = decode(run.before)
-        err = first_error(task, problem, before, final=False)
-        erased_from = len(os.path.commonprefix([before, decode(run.after)]))
-        justified.append(err is not None and erased_from < err[1])
+        ok, err = run_justified(task, problem, decode(run.before), decode(run.after))
+        justified.append(ok)
         if err is not None and not made_error:  # the first segment that ends with an error
             made_error, caught = True, justified[-1]
     if not made_error:
@@ -161,7 +94,25 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], task, max_new_t
         "stops": dict(Counter(g.stop for g in gens)),
         "first_error_kinds": dict(first_wrong.most_common()),
         "samples": samples,
+        # one entry per problem, in order: what paired comparisons between models need
+        "per_problem": {"answer_correct": [int(s.answer_correct) for s in scores],
+                        "full_solution": [int(s.full_solution) for s in scores],
+                        "runs": [s.n_runs for s in scores], "justified": [s.n_justified for s in scores],
+                        "made_error": [int(s.made_error) for s in scores],
+                        "caught_error": [int(s.caught_error) for s in scores],
+                        "wasted": [s.n_wasted for s in scores]},
     }
+
+
+def evaluation_version() -> str:
+    """A hash of the code that scores a model (generation, judge, evaluation, tasks), so a cached
+    evaluation is redone when any of it changes."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).parent
+    files = ["evaluate.py", "judge.py", "generate.py", *(f"tasks/{p.name}" for p in sorted((root / "tasks").glob("*.py")))]
+    return hashlib.sha1(b"".join((root / f).read_bytes() for f in files)).hexdigest()[:8]
 
 
 def markdown_table(results: dict[str, dict]) -> str:
@@ -178,3 +129,20 @@ def markdown_table(results: dict[str, dict]) -> str:
                     f"{m['erased_per_problem']:.2f} | {m['wasted_per_problem']:.2f} | {pct(m['bt_precision'])} | "
                     f"{pct(m['bt_recall'])} |")
     return "\n".join(rows)
+
+
+def log_to_tensorboard(tb_dir, results: dict[str, dict], label: str, step: int, hparams: dict | None = None) -> None:
+    """Scalars `eval/<label>/<split>/<metric>` at `step`, and (with hparams) the run's settings
+    next to its final metrics in TensorBoard's HPARAMS tab."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    names = ("answer_acc", "full_solution_acc", "step_validity", "bt_per_problem", "wasted_per_problem",
+             "bt_precision", "bt_recall")
+    flat = {f"eval/{label}/{split}/{name}": m[name] for split, m in results.items() for name in names
+            if m.get(name) is not None}
+    with SummaryWriter(str(tb_dir)) as writer:
+        for tag, value in flat.items():
+            writer.add_scalar(tag, value, step)
+        if hparams:
+            writer.add_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()},
+                               {f"hparam/{k}": v for k, v in flat.items()}, run_name=".")

@@ -18,6 +18,7 @@ class Role(IntEnum):
 
 
 ROLE_NAMES = [r.name.lower() for r in Role]  # ClassLabel names, in id order
+IGNORE_INDEX = -100  # the label of a token that is not trained (PyTorch's and HF's convention)
 
 
 def apply_backtrack(ids: list[int], backtrack_id: int) -> list[int]:

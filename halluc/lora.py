@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from halluc.config import Fraction, PositiveInt
+
 log = logging.getLogger(__name__)
 
 ADAPTER_INFO = "halluc_adapter.json"
@@ -39,9 +41,9 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 @dataclass
 class LoraSettings:
     enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: PositiveInt = 16
+    alpha: PositiveInt = 32
+    dropout: Fraction = 0.05
     targets: tuple[str, ...] = DEFAULT_TARGETS
     # False reproduces the origin project's bug (BT rows frozen): a negative control only.
     train_bt_rows: bool = True

@@ -6,7 +6,9 @@ out at offset o keeps its own tree, shifted by o, so no token attends across exa
 prompt's last token. Labels are HF style (unshifted: labels[j] = ids[j] if trained else
 -100); `pred_pos[j]` says which position's logits predict token j, which is what makes the
 second branch's first token predicted from the prompt's last token rather than from the
-token laid out before it.
+token laid out before it. `branch_ids` says which branch of its unit a token is on (0 for an
+example; -1 for a shared prompt, 0 chosen, 1 rejected for a two-branch unit), and `collate`
+numbers the units of a batch (`unit_id`), so per-branch sums work on packed batches.
 """
 from __future__ import annotations
 
@@ -17,8 +19,7 @@ import numpy as np
 import torch
 
 from halluc.attention import edit_tree, pad_end, position_ids, pred_pos
-
-IGNORE = -100
+from halluc.example import IGNORE_INDEX
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Layout:
     attn_end: np.ndarray
     position_ids: np.ndarray
     pred_pos: np.ndarray
+    branch_ids: np.ndarray        # per token: 0 for an example; -1 shared prompt, 0 chosen, 1 rejected
     branches: list[tuple[int, int]] = field(default_factory=list)  # [start, stop) spans
 
     def __len__(self) -> int:
@@ -49,7 +51,8 @@ def layout_example(example: dict, mode: str = "block_errors", positions: str = "
     if not len(ids) == len(labels) == len(roles):
         raise ValueError(f"lengths differ: ids {len(ids)}, labels {len(labels)}, roles {len(roles)}")
     end, depth = edit_tree(roles, mode)
-    return Layout(ids, labels, roles, end, position_ids(depth=depth, scheme=positions), pred_pos(len(ids)))
+    return Layout(ids, labels, roles, end, position_ids(depth=depth, scheme=positions), pred_pos(len(ids)),
+                  branch_ids=np.zeros(len(ids), dtype=np.int64))
 
 
 def layout_two_branch(prompt: dict, chosen: dict, rejected: dict, mode: str = "block_errors",
@@ -83,11 +86,12 @@ def layout_two_branch(prompt: dict, chosen: dict, rejected: dict, mode: str = "b
     # B's ends were computed with B right after the prompt: shift them past A.
     return Layout(
         input_ids=np.concatenate([p_ids, a_ids, b_ids]),
-        labels=np.concatenate([np.full(n_p, IGNORE), a_lab, b_lab]),
+        labels=np.concatenate([np.full(n_p, IGNORE_INDEX), a_lab, b_lab]),
         roles=np.concatenate([p_roles, a_roles, b_roles]),
         attn_end=attn_end,
         position_ids=np.concatenate([np.arange(n_p), a_pos, b_pos]).astype(np.int32),
         pred_pos=pred_pos(total, [0, n_p + n_a], [-1, n_p - 1]),
+        branch_ids=np.concatenate([np.full(n_p, -1), np.zeros(n_a), np.ones(n_b)]).astype(np.int64),
         branches=[(n_p, n_p + n_a), (n_p + n_a, total)],
     )
 
@@ -132,7 +136,7 @@ def _concat_row(units: list[Layout]) -> dict:
     labels = []
     for u in units:
         lab = u.labels.copy()
-        lab[0] = IGNORE  # nothing in this row predicts a unit's first token
+        lab[0] = IGNORE_INDEX  # nothing in this row predicts a unit's first token
         labels.append(lab)
     return {
         "input_ids": np.concatenate([u.input_ids for u in units]),
@@ -141,6 +145,7 @@ def _concat_row(units: list[Layout]) -> dict:
         "attn_end": np.concatenate([u.attn_end + o for u, o in zip(units, offsets)]).astype(np.int32),
         "position_ids": np.concatenate([u.position_ids for u in units]).astype(np.int32),
         "pred_pos": np.concatenate([np.where(u.pred_pos >= 0, u.pred_pos + o, -1) for u, o in zip(units, offsets)]),
+        "branch_ids": np.concatenate([u.branch_ids for u in units]),
         "unit_starts": offsets,
         "branches": [(s + o, e + o) for u, o in zip(units, offsets) for s, e in u.branches],
     }
@@ -164,26 +169,39 @@ def pack_examples(examples: list[dict], max_len: int, mode: str = "block_errors"
 def collate(rows: list[dict], pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """Stack rows into the batch every backend takes, padded to `pad_to` (or the longest).
 
-    Keys: input_ids, labels, attn_end, position_ids, pred_pos (B, L) int64 and is_real
-    (B, L) bool. Padded positions: id 0, label -100, end[k] = k + 1 (they see only
-    themselves), position 0, pred_pos -1.
+    Keys: input_ids, labels, attn_end, position_ids, pred_pos, unit_id, branch_id (B, L) int64
+    and is_real (B, L) bool. unit_id numbers the units of the whole batch in order (a row
+    without `unit_starts` is one unit); branch_id is the row's `branch_ids` (0 if absent).
+    Padded positions: id 0, label -100, end[k] = k + 1 (they see only themselves),
+    position 0, pred_pos -1, unit -1, branch -1.
     """
     length = pad_to or max(len(r["input_ids"]) for r in rows)
+    units, n_units = [], 0
+    for r in rows:  # each token's unit: the last unit start at or before it, numbered over the batch
+        starts = np.asarray(r.get("unit_starts", [0]))
+        units.append(n_units + np.searchsorted(starts, np.arange(len(r["input_ids"])), side="right") - 1)
+        n_units += len(starts)
 
-    def pad(key, value):
-        out = np.full((len(rows), length), value, dtype=np.int64)
-        for b, r in enumerate(rows):
-            out[b, : len(r[key])] = r[key]
+    def pad_values(values, fill):
+        out = np.full((len(rows), length), fill, dtype=np.int64)
+        for b, v in enumerate(values):
+            out[b, : len(v)] = v
         return torch.from_numpy(out)
+
+    def pad(key, fill):
+        return pad_values([r[key] for r in rows], fill)
 
     is_real = torch.zeros(len(rows), length, dtype=torch.bool)
     for b, r in enumerate(rows):
         is_real[b, : len(r["input_ids"])] = True
     return {
         "input_ids": pad("input_ids", 0),
-        "labels": pad("labels", IGNORE),
+        "labels": pad("labels", IGNORE_INDEX),
         "attn_end": torch.from_numpy(np.stack([pad_end(r["attn_end"], length) for r in rows]).astype(np.int64)),
         "position_ids": pad("position_ids", 0),
         "pred_pos": pad("pred_pos", -1),
+        "unit_id": pad_values(units, -1),
+        "branch_id": pad_values([r.get("branch_ids", np.zeros(len(r["input_ids"]), dtype=np.int64))
+                                 for r in rows], -1),
         "is_real": is_real,
     }

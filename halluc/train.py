@@ -1,20 +1,27 @@
-"""Glue between our examples and the HF Trainer (so DeepSpeed and PEFT plug in unchanged)."""
+"""Glue between our examples and the HF Trainer (so DeepSpeed and PEFT plug in unchanged).
+
+A recipe trains with `make_trainer(model, args, data, tb_dir, objective=...)`: the collator lays
+every example out as an edit tree (halluc.packing), the backend that realises it is chosen once
+(halluc.backends), and the objective turns the targets of one forward into a loss. Token
+cross-entropy is the default; preference and step-classification objectives plug in the same way.
+"""
 from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
-from halluc.backends import forward_loss
-from halluc.data import IGNORE
+from halluc.backends import TargetModel, use_backend
 from halluc.distributed import is_main, prepare_deepspeed, world_size
-from halluc.example import Role
+from halluc.example import IGNORE_INDEX, Role
+from halluc.losses import token_cross_entropy
 from halluc.packing import collate, layout_example
 
 log = logging.getLogger(__name__)
@@ -33,36 +40,15 @@ class LabelStats:
         response = [lab for lab, role in zip(row["labels"], row["roles"]) if role != Role.PROMPT]
         self.tokens += len(row["input_ids"])
         self.response_tokens += len(response)
-        self.masked_response += sum(lab == IGNORE for lab in response)
-
-
-class PadCollator:
-    """Right-pads input_ids / labels / attention_mask; counts what the labels mask."""
-
-    def __init__(self, pad_id: int, stats: LabelStats | None = None):
-        self.pad_id, self.stats = pad_id, stats
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        attn = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.tensor(r["input_ids"])
-            labels[i, :n] = torch.tensor(r["labels"])
-            attn[i, :n] = 1
-            if self.stats is not None:
-                self.stats.count(r)
-        return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+        self.masked_response += sum(lab == IGNORE_INDEX for lab in response)
 
 
 class TreeCollator:
-    """Batches for the edit-tree backends: each example laid out with its `attn_end` and
-    positions (technique 4), or rows already packed by `halluc.packing.pack_examples`."""
+    """Batches for every backend (halluc.packing.collate): each example laid out with its
+    `attn_end`, positions and branch ids (technique 4), or rows already packed by
+    `halluc.packing.pack_examples`. Counts what the labels mask into `stats`."""
 
-    def __init__(self, mode: str = "block_errors", positions: str = "original",
-                 stats: LabelStats | None = None):
+    def __init__(self, mode: str = "causal", positions: str = "original", stats: LabelStats | None = None):
         self.mode, self.positions, self.stats = mode, positions, stats
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -75,50 +61,75 @@ class TreeCollator:
         # The Trainer counts the tokens a step trains from `shift_labels` when a batch has it,
         # summed over devices and accumulation steps (num_items_in_batch). Our targets are the
         # labels that some position predicts (backends._targets), not HF's labels[..., 1:].
-        batch["shift_labels"] = torch.where(batch["pred_pos"] >= 0, batch["labels"], IGNORE)
+        batch["shift_labels"] = torch.where(batch["pred_pos"] >= 0, batch["labels"], IGNORE_INDEX)
         return batch
 
 
-class WrappedModel:
-    """What forward_loss needs, when the Trainer hands compute_loss a DeepSpeedEngine or DDP.
+class Objective(Protocol):
+    """What a trainer minimises: `(model, batch) -> (loss, metrics)`.
 
-    The wrapper must be *called* (its hooks gather ZeRO-3 shards and sync gradients) but has no
-    HF attributes (config, device, dtype, set_attn_implementation): those come from the model
-    inside. A PeftModel forwards both itself, so it needs no help.
+    `model` is a `halluc.backends.TargetModel` (its `targets(batch)` gives the logits that
+    predict every trained token, with unit and branch); `metrics` are floats or 0-d tensors,
+    averaged over the steps between two logs and logged under their own names (TensorBoard,
+    trainer_state.json). `token_level`: the loss is a mean over the batch's trained tokens, so
+    the trainer weights micro-batches by their token counts (exact means over accumulation steps
+    and devices); otherwise (e.g. a mean over preference pairs) micro-batches weigh the same.
     """
 
-    def __init__(self, wrapper, inner):
-        self.wrapper, self.inner = wrapper, inner
+    token_level: bool
 
-    def __call__(self, *args, **kwargs):
-        return self.wrapper(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+    def __call__(self, model: TargetModel, batch: dict) -> tuple[torch.Tensor, dict]: ...
 
 
-class BacktrackTrainer(Trainer):
-    """The HF Trainer with one change: the loss comes from `halluc.backends.forward_loss`,
-    which realizes `attn_end` (a plain model(**batch) would silently ignore it)."""
+class TokenCrossEntropy:
+    """The default objective: mean cross-entropy over the trained tokens (labels from roles)."""
 
-    def __init__(self, *args, attention_backend: str = "auto", **kwargs):
+    token_level = True
+
+    def __call__(self, model: TargetModel, batch: dict) -> tuple[torch.Tensor, dict]:
+        t = model.targets(batch)
+        return token_cross_entropy(t.logits, t.ids), {}
+
+
+class ObjectiveTrainer(Trainer):
+    """The HF Trainer (DeepSpeed, PEFT, checkpoints, logging unchanged) minimising an `Objective`.
+
+    The backend that realises `attn_end` is set up once, here; the objective's metrics are
+    averaged per log step (and across processes) and logged beside the loss.
+    """
+
+    def __init__(self, *args, objective: Objective, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
-        self.attention_backend = attention_backend
+        self.objective = objective
+        self.backend = use_backend(self.model, backend)
+        self._metrics: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inner = self.accelerator.unwrap_model(model)
-        loss, _ = forward_loss(model if inner is model else WrappedModel(model, inner), inputs,
-                               self.attention_backend)
-        if num_items_in_batch is not None and "shift_labels" in inputs:
+        loss, metrics = self.objective(TargetModel(model, self.backend, self.accelerator.unwrap_model(model)), inputs)
+        for key, value in metrics.items():
+            self._metrics[key].append(float(value))
+        rescale = self.objective.token_level and num_items_in_batch is not None and "shift_labels" in inputs
+        if rescale:
             # The mean over this micro-batch -> its share of the mean over every token the
             # optimizer step trains (all devices, all accumulation steps), as the stock Trainer
             # does: DDP/DeepSpeed average gradients over processes, so scale that back up.
             # Then 2 processes x batch 4 train exactly like 1 process x batch 8.
-            here = (inputs["shift_labels"] != IGNORE).sum()
+            here = (inputs["shift_labels"] != IGNORE_INDEX).sum()
             loss = loss * here / num_items_in_batch
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
+        # Read by training_step right after this call: divide by the accumulation steps unless
+        # the token weighting above already did.
+        self.loss_is_scaled_for_ga = bool(rescale)
         return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs and self._metrics:  # every rank logs, so the gather is collective
+            for key, values in self._metrics.items():
+                mean = torch.tensor(sum(values) / len(values), device=self.args.device)
+                logs[key] = round(self.accelerator.gather(mean).mean().item(), 6)
+            self._metrics.clear()
+        super().log(logs, start_time)
 
 
 class RestoreAttentionCallback(TrainerCallback):
@@ -185,43 +196,29 @@ def training_args(out_dir: str, *, steps: int, batch_size: int, lr: float, warmu
     return TrainingArguments(**{**settings, **extra})  # extra may override a default
 
 
-def latest_checkpoint(out_dir) -> str | None:
-    """The newest COMPLETE `checkpoint-N` in out_dir, or None.
-
-    The Trainer writes a checkpoint in place, trainer_state.json last; a job killed while saving
-    (preemption, kill -9) leaves a newer folder without it, which resuming must skip.
-    """
-    folder = Path(out_dir)
-    found = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*")
-                   if p.is_dir() and p.name.split("-")[1].isdigit()) if folder.is_dir() else []
-    for step, path in reversed(found):
-        if (path / "trainer_state.json").exists():
-            return str(path)
-        log.warning("skipping %s: incomplete (no trainer_state.json), killed while saving?", path)
-    return None
-
-
-def make_trainer(model, args: TrainingArguments, train_dataset, pad_id: int, tb_dir: str,
+def make_trainer(model, args: TrainingArguments, train_dataset, tb_dir: str, objective: Objective | None = None,
                  attention: str = "causal", positions: str = "original", backend: str = "auto",
-                 packed: bool = False) -> Trainer:
-    """TensorBoard gets loss, lr, tokens/s and the masked-label fraction.
+                 packed: bool = False, collator=None) -> ObjectiveTrainer:
+    """A Trainer for `objective` (default: token cross-entropy) on examples or packed rows.
 
-    Plain causal attention on unpacked rows uses the stock Trainer and the model's own causal
-    kernel. `block_errors`, rewound positions or packed rows go through the edit-tree
-    backends (`backend`: auto, dense, dense_units, flex, varlen, varlen_kv).
+    backend "auto": the model's own causal kernel ("native") for causal attention with original
+    positions on one example per row, else the edit-tree backend for this device (dense_units
+    on CPU, flex on GPU). TensorBoard gets loss, lr, tokens/s, the masked-label fraction and
+    the objective's metrics.
     """
+    plain = attention == "causal" and positions == "original" and not packed
+    if backend == "auto" and plain:
+        backend = "native"
+    if backend == "native" and not plain:
+        raise ValueError(f"backend=native runs the model's own causal kernel: it cannot realise "
+                         f"attention={attention}, positions={positions}{', packed rows' if packed else ''}")
     stats = LabelStats()
     # Our stats callback must come before TensorBoard's so its additions reach the event file.
-    callbacks = [TokenStatsCallback(stats)]
+    callbacks = [TokenStatsCallback(stats), RestoreAttentionCallback(model)]
     if is_main():  # one event file per run, not one per process
         callbacks.append(TensorBoardCallback(SummaryWriter(tb_dir)))
-    if attention == "causal" and positions == "original" and not packed:
-        log.info("attention: causal, unpacked -> the model's own causal kernel")
-        return Trainer(model=model, args=args, train_dataset=train_dataset,
-                       data_collator=PadCollator(pad_id, stats), callbacks=callbacks)
-    log.info("attention: %s, positions %s, %s -> edit-tree backend %s", attention, positions,
+    log.info("attention: %s, positions %s, %s, backend %s", attention, positions,
              "packed rows" if packed else "one example per row", backend)
-    return BacktrackTrainer(model=model, args=args, train_dataset=train_dataset,
-                            data_collator=TreeCollator(attention, positions, stats),
-                            callbacks=callbacks + [RestoreAttentionCallback(model)],
-                            attention_backend=backend)
+    return ObjectiveTrainer(model=model, args=args, train_dataset=train_dataset,
+                            data_collator=collator or TreeCollator(attention, positions, stats),
+                            callbacks=callbacks, objective=objective or TokenCrossEntropy(), backend=backend)

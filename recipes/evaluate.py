@@ -12,19 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
+from transformers import AutoTokenizer
 
-from transformers import AutoTokenizer  # noqa: E402
-
-from halluc.evaluate import evaluate_problems, markdown_table  # noqa: E402
-from halluc.generate import SEMANTICS, LoopGuards, Sampling  # noqa: E402
-from halluc.lab import LabConfig, lab_splits  # noqa: E402
-from halluc.model import load_causal_lm  # noqa: E402
-from halluc.tasks import get_task, gsm8k  # noqa: E402
+from halluc.evaluate import evaluate_problems, markdown_table
+from halluc.generate import SEMANTICS, LoopGuards, Sampling
+from halluc.lab import LabConfig, lab_splits
+from halluc.model import load_causal_lm
+from halluc.tasks import get_task, gsm8k
 
 DEFAULT_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
 

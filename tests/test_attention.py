@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from halluc.attention import dense_mask, edit_tree, pad_end, position_ids, pred_pos, visible_keys
-from halluc.example import Role, apply_backtrack
-from halluc.packing import IGNORE, collate, layout_example, layout_two_branch, pack, pack_examples
+from halluc.example import IGNORE_INDEX, Role, apply_backtrack
+from halluc.packing import collate, layout_example, layout_two_branch, pack, pack_examples
 
 LETTER = {"P": Role.PROMPT, "K": Role.KEPT, "E": Role.ERROR, "B": Role.BACKTRACK, "C": Role.CORRECTION}
 
@@ -19,7 +19,7 @@ def roles_of(text: str) -> list[int]:
 def example_of(text: str, first_id: int = 10) -> dict:
     roles = roles_of(text)
     ids = [3 if r == Role.BACKTRACK else first_id + i for i, r in enumerate(roles)]
-    labels = [IGNORE if r in (Role.PROMPT, Role.ERROR) else t for t, r in zip(ids, roles)]
+    labels = [IGNORE_INDEX if r in (Role.PROMPT, Role.ERROR) else t for t, r in zip(ids, roles)]
     return {"input_ids": ids, "labels": labels, "roles": roles}
 
 
@@ -105,7 +105,7 @@ def test_pack_three_examples_golden():
     assert row["attn_end"].tolist() == [5, 5, 4, 4, 5, 8, 8, 8]
     assert row["position_ids"].tolist() == [0, 1, 2, 3, 2, 0, 1, 2]
     assert row["pred_pos"].tolist() == [-1, 0, 1, 2, 3, -1, 5, 6]
-    assert row["labels"][[0, 5]].tolist() == [IGNORE, IGNORE]
+    assert row["labels"][[0, 5]].tolist() == [IGNORE_INDEX, IGNORE_INDEX]
     assert row["unit_starts"].tolist() == [0, 5]
     assert (res.n_units, res.n_dropped, res.n_tokens) == (3, 0, 12)
     assert res.real_fraction == pytest.approx(12 / 16)
@@ -121,7 +121,7 @@ def test_collate_pads_with_self_only_positions():
     batch = collate(res.rows)
     assert batch["attn_end"][1].tolist() == [3, 3, 3, 4, 5]
     assert batch["is_real"][1].tolist() == [True, True, True, False, False]
-    assert batch["labels"][1, 3:].tolist() == [IGNORE, IGNORE]
+    assert batch["labels"][1, 3:].tolist() == [IGNORE_INDEX, IGNORE_INDEX]
     mask = dense_mask(batch["attn_end"])
     assert mask.shape == (2, 1, 5, 5)
     assert mask[1, 0, :3, 3:].sum() == 0 and mask[1, 0, 3:, :3].sum() == 0
@@ -195,7 +195,7 @@ def test_packing_never_attends_across_examples(trace_list, max_len):
         for s, e in zip(starts, starts[1:]):
             local = row["attn_end"][s:e]
             assert ((local > np.arange(s, e)) & (local <= e)).all()
-            assert row["position_ids"][s] == 0 and row["pred_pos"][s] == -1 and row["labels"][s] == IGNORE
+            assert row["position_ids"][s] == 0 and row["pred_pos"][s] == -1 and row["labels"][s] == IGNORE_INDEX
 
 
 def test_edit_tree_is_fast():

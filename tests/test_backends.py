@@ -6,8 +6,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from halluc.attention import edit_tree
 from halluc.backends import _targets, forward_loss, path_segments, unit_bounds
-from halluc.example import Role
-from halluc.packing import IGNORE, collate, layout_example, layout_two_branch, pack, pack_examples
+from halluc.example import IGNORE_INDEX, Role
+from halluc.packing import collate, layout_example, layout_two_branch, pack, pack_examples
 
 BT = 3
 VOCAB = 50
@@ -28,7 +28,7 @@ def random_example(rng, n, n_prompt=4):
     roles[n_prompt] = Role.KEPT
     ids = rng.integers(4, VOCAB, size=n)
     ids[roles == Role.BACKTRACK] = BT
-    labels = np.where((roles == Role.PROMPT) | (roles == Role.ERROR), IGNORE, ids)
+    labels = np.where((roles == Role.PROMPT) | (roles == Role.ERROR), IGNORE_INDEX, ids)
     return {"input_ids": ids, "labels": labels, "roles": roles}
 
 
@@ -145,7 +145,7 @@ def test_two_branch_unit_equals_two_separate_sequences(model):
     total, count = 0.0, 0
     for br, (s, e) in ((chosen, (a0, a1)), (rejected, (b0, b1))):
         alone = {"input_ids": np.concatenate([prompt["input_ids"], br["input_ids"]]),
-                 "labels": np.concatenate([np.full(n_p, IGNORE), br["labels"]]),
+                 "labels": np.concatenate([np.full(n_p, IGNORE_INDEX), br["labels"]]),
                  "roles": np.concatenate([np.zeros(n_p, dtype=int), br["roles"]])}
         one = collate(pack([layout_example(alone, positions="rewound")], 32).rows)
         l1, lg1 = forward_loss(model, one, "dense", return_logits=True)
@@ -157,7 +157,7 @@ def test_two_branch_unit_equals_two_separate_sequences(model):
 def test_negative_control_causal_differs_on_corrections(model):
     ex = {"input_ids": np.array([5, 6, 7, 8, 20, 21, 22, BT, BT, 30, 31, 32]),
           "roles": np.array([0, 0, 0, 0, 1, 2, 2, 3, 3, 4, 1, 1])}
-    ex["labels"] = np.where(ex["roles"] == 0, IGNORE, ex["input_ids"])
+    ex["labels"] = np.where(ex["roles"] == 0, IGNORE_INDEX, ex["input_ids"])
     logits = {}
     for mode in ("causal", "block_errors"):
         batch = collate(pack_examples([ex], 16, mode=mode).rows)
@@ -216,7 +216,7 @@ def toy_copy_example(rng):
         ids.append(int(d))
         roles.append(Role.CORRECTION if i == wrong else Role.KEPT)
     roles = np.array(roles)
-    labels = np.where((roles == Role.PROMPT) | (roles == Role.ERROR), IGNORE, ids)
+    labels = np.where((roles == Role.PROMPT) | (roles == Role.ERROR), IGNORE_INDEX, ids)
     return {"input_ids": np.array(ids), "labels": labels, "roles": roles}
 
 

@@ -30,3 +30,30 @@ def test_unknown_key_and_bad_type_are_named(tmp_path):
     bad.write_text("lab: {trian_size: 3}\n")
     with pytest.raises(SystemExit, match=r"bad.yaml.*lab.trian_size"):
         load_recipe_config(["--config", str(bad)])
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("attention=foo", "attention='foo': choose one of causal, block_errors"),
+    ("errors.source=bar", "errors.source='bar': choose one of none, random, step"),
+    ("sft.steps=-5", "sft.steps=-5: must be in [1, inf]"),
+    ("lab.swap_rate=1.5", "lab.swap_rate=1.5: must be in [0, 1]"),
+    ("backend=fast", "backend='fast': choose one of auto, native, dense"),
+])
+def test_a_bad_setting_fails_fast_naming_the_key_and_the_allowed_values(setting, message):
+    import subprocess
+    import sys
+    import time
+
+    t0 = time.monotonic()
+    result = subprocess.run([sys.executable, "recipes/masked_sft.py", setting], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    took = time.monotonic() - t0
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert took < 5, f"{setting} took {took:.1f} s to fail"
+
+
+def test_yaml_values_are_checked_too(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("errors: {example_rate: 2}\n")
+    with pytest.raises(SystemExit, match=r"bad.yaml: errors.example_rate=2: must be in \[0, 1\]"):
+        load_recipe_config(["--config", str(bad)])

@@ -6,8 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from halluc import Role, apply_backtrack
-from halluc.data import IGNORE, build_sft_dataset, fit_length, labels_from_roles, make_example
+from halluc.data import build_sft_dataset, fit_length, labels_from_roles, make_example
 from halluc.errors import ErrorConfig, random_token_errors, step_errors
+from halluc.example import IGNORE_INDEX
 from halluc.tasks import arith, gsm8k
 from halluc.tokens import backtrack_id
 
@@ -18,8 +19,8 @@ def test_golden_labels_masked_and_unmasked():
     ids = [10, 11, 20, 21, 99, 99, 30, 31, 40, 2]
     roles = [P, P, K, E, B, B, C, C, K, K]
     #        prompt   kept error  BT  BT  correction kept eos
-    assert labels_from_roles(ids, roles, masked=True) == [IGNORE, IGNORE, 20, IGNORE, 99, 99, 30, 31, 40, 2]
-    assert labels_from_roles(ids, roles, masked=False) == [IGNORE, IGNORE, 20, 21, 99, 99, 30, 31, 40, 2]
+    assert labels_from_roles(ids, roles, masked=True) == [IGNORE_INDEX, IGNORE_INDEX, 20, IGNORE_INDEX, 99, 99, 30, 31, 40, 2]
+    assert labels_from_roles(ids, roles, masked=False) == [IGNORE_INDEX, IGNORE_INDEX, 20, 21, 99, 99, 30, 31, 40, 2]
 
 
 def test_golden_random_token_example():
@@ -127,3 +128,33 @@ def test_invariant_generic_jsonl(bt_tokenizer, tmp_path):
         for source in ("random", "step"):
             ex = make_example(p, bt_tokenizer, ErrorConfig(source=source, example_rate=1.0), bt, random.Random(0))
             assert apply_backtrack(ex.response, bt)[:-1] == bt_tokenizer(p.solution, add_special_tokens=False)["input_ids"]
+
+
+def test_listing_orders_give_the_same_problems_and_premature_targets_are_not_computed():
+    dep = arith.make_split(200, (2, 4), seed=3)
+    swapped = arith.make_split(200, (2, 4), seed=3, cfg=arith.ArithConfig(listing="swapped", swap_rate=0.5))
+    shuffled = arith.make_split(200, (2, 4), seed=3, cfg=arith.ArithConfig(listing="shuffled"))
+    assert [p.steps for p in dep] == [p.steps for p in swapped] == [p.steps for p in shuffled]
+    assert [arith.identity(p) for p in dep] == [arith.identity(p) for p in swapped]
+    changed = [(d, s) for d, s in zip(dep, swapped) if d.prompt != s.prompt]
+    assert 50 < len(changed) < 200
+    def listing(p):
+        return p.prompt.split(" . ")[0].split(" , ")
+
+    assert all(sorted(listing(d)) == sorted(listing(s)) for d, s in changed)
+    # following a swapped listing names a quantity before its input: not_computed, from the target on
+    found = 0
+    for d, s in changed:
+        listed = [part.split(" = ")[0] for part in listing(s)[1:]]
+        first = listed[0]
+        step = next(st for st in d.steps if st.startswith(f" {first} ="))
+        y, _, z = d.meta["defs"][first]
+        if any(t.isalpha() and t != d.meta["constant"] for t in (y, z)):  # it needs a computed quantity
+            found += 1
+            assert arith.verify_steps(d, [step]).kinds[0] == "not_computed"
+            garbled = step.replace(f" {first} = {d.meta['defs'][first][0]}", f" {first} = {d.meta['constant']}", 1)
+            assert arith.verify_steps(d, [garbled]).kinds[0] == "not_computed"  # whatever is copied after
+        else:
+            assert arith.verify_steps(d, [step]).kinds[0] == "ok"  # from the constant alone: any order is fine
+    assert found > 10
+    assert arith.verify_steps(dep[0], dep[0].steps).all_ok  # the reference still verifies

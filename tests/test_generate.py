@@ -11,14 +11,15 @@ from conftest import load_script
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from halluc.attention import dense_mask, edit_tree, position_ids
-from halluc.evaluate import backtrack_runs, evaluate_problems, markdown_table, score_problem
+from halluc.evaluate import evaluate_problems, markdown_table, score_problem
 from halluc.example import Role, apply_backtrack
 from halluc.generate import Generation, LoopGuards, Sampling, generate, semantics_for
+from halluc.judge import backtrack_runs
 from halluc.tasks import arith, get_task, gsm8k
 
 VOCAB, BT, EOS, PAD = 48, 47, 1, 0
 REQUIRED_KEYS = {"n", "answer_acc", "full_solution_acc", "step_validity", "bt_per_problem", "erased_per_problem",
-                 "first_error_kinds", "samples"}
+                 "first_error_kinds", "samples", "per_problem"}
 
 
 def tiny_model(vocab: int = VOCAB, seed: int = 0) -> LlamaForCausalLM:

@@ -52,7 +52,7 @@ def train_lora(lab_tokenizer, arith_problems, tmp_path, tied=False, train_bt_row
     data = build_sft_dataset(arith_problems[:120], tok, ErrorConfig(example_rate=1.0), bt)
     args = training_args(str(tmp_path / "run"), steps=steps, batch_size=8, lr=1e-2, log_every=5,
                          disable_tqdm=True)
-    make_trainer(peft_model, args, data, tok.pad_token_id, tb_dir=str(tmp_path / "tb")).train()
+    make_trainer(peft_model, args, data, tb_dir=str(tmp_path / "tb")).train()
     peft_model.eval()
     ids = torch.tensor([data[0]["input_ids"]])
     assert bt in data[0]["input_ids"]

@@ -81,7 +81,7 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_loss(tmp_path, cache, va
 
 
 def test_latest_checkpoint_skips_one_the_kill_interrupted(tmp_path):
-    from halluc.train import latest_checkpoint
+    from halluc.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(tmp_path / "missing") is None and latest_checkpoint(tmp_path) is None
     for step, complete in ((5, True), (10, True), (15, False)):  # killed while writing checkpoint-15

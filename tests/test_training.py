@@ -29,7 +29,7 @@ def test_short_training_run_loss_falls_and_checkpoint_reloads(lab_tokenizer, ari
     init_backtrack_embedding(model, tok, bt)
     data = build_sft_dataset(arith_problems, tok, ErrorConfig(example_rate=0.5), bt)
     args = training_args(str(tmp_path / "run"), steps=60, batch_size=16, lr=3e-3, log_every=10)
-    trainer = make_trainer(model, args, data, tok.pad_token_id, tb_dir=str(tmp_path / "tb"))
+    trainer = make_trainer(model, args, data, tb_dir=str(tmp_path / "tb"))
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < 0.7 * losses[0], losses
@@ -71,6 +71,10 @@ def test_recipe_end_to_end_tiny(tmp_path):
         acc.Reload()
         tags |= set(acc.Tags()["scalars"])
     assert {"train/loss", "train/learning_rate", "train/tokens_per_s", "train/masked_label_fraction"} <= tags
+    # evaluation metrics per split, before and after, and the run's settings next to them
+    assert {"eval/base/test_id/answer_acc", "eval/sft/test_ood/full_solution_acc", "eval/sft/test_id/bt_per_problem",
+            "hparam/eval/sft/test_id/answer_acc"} <= tags
+    assert config["halluc"]["lab"]["task"] == "arith" and config["halluc"]["recipe"] == "masked_sft"
     # the second run reuses the cached base
     again = recipe.main([f"output_dir={tmp_path}/out2", f"cache_dir={tmp_path}/cache", "base.steps=30",
                          "sft.steps=2", "lab.train_size=400", "lab.sft_size=200", "lab.test_size=16",
@@ -102,16 +106,21 @@ def test_recipe_with_local_model_on_gsm8k(tmp_path, gsm8k_test_file):
 def test_tree_trainer_glue_matches_the_stock_loss_and_blocks_errors(bt_tokenizer, arith_problems):
     """Causal through the edit-tree path == the model's own loss; block_errors differs (control)."""
     from halluc.backends import forward_loss
-    from halluc.train import PadCollator, TreeCollator
+    from halluc.train import TreeCollator
 
     torch.manual_seed(0)
     bt = backtrack_id(bt_tokenizer)
     model = tiny_llama(len(bt_tokenizer), hidden=64, layers=2, heads=4)
     rows = list(build_sft_dataset(arith_problems[:8], bt_tokenizer, ErrorConfig(example_rate=1.0), bt))
+    causal = TreeCollator("causal", "original")(rows)
     with torch.no_grad():
-        stock = model(**PadCollator(bt_tokenizer.pad_token_id)(rows)).loss
-        tree, _ = forward_loss(model, TreeCollator("causal", "original")(rows), "dense")
+        # HF's own loss (it shifts the labels itself) on right-padded rows: the independent reference
+        stock = model(input_ids=causal["input_ids"], attention_mask=causal["is_real"].long(),
+                      labels=causal["labels"]).loss
+        native, _ = forward_loss(model, causal, "native")
+        tree, _ = forward_loss(model, causal, "dense")
         blocked, _ = forward_loss(model, TreeCollator("block_errors", "rewound")(rows), "dense")
+    torch.testing.assert_close(native, stock, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tree, stock, rtol=1e-5, atol=1e-5)
     assert abs(blocked.item() - stock.item()) > 1e-3
 
@@ -126,7 +135,7 @@ def test_block_errors_packed_training_loss_falls(bt_tokenizer, arith_problems, t
     packed = pack_examples(list(data), 512, "block_errors", "rewound")
     assert packed.real_fraction > 0.95
     args = training_args(str(tmp_path / "run"), steps=40, batch_size=4, lr=3e-3, log_every=10)
-    trainer = make_trainer(model, args, packed.rows, bt_tokenizer.pad_token_id, str(tmp_path / "tb"),
+    trainer = make_trainer(model, args, packed.rows, str(tmp_path / "tb"),
                            attention="block_errors", positions="rewound", backend="dense_units", packed=True)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from halluc.lora import BaseMismatch, merge_adapter, read_adapter_info  # noqa: E402
-from halluc.tokens import backtrack_id  # noqa: E402
+from halluc.lora import BaseMismatch, merge_adapter, read_adapter_info
+from halluc.tokens import backtrack_id
 
 log = logging.getLogger("merge_adapter")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

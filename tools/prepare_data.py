@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from transformers import AutoTokenizer
 
-from transformers import AutoTokenizer  # noqa: E402
-
-from halluc.attention import edit_tree, position_ids  # noqa: E402
-from halluc.data import build_sft_dataset  # noqa: E402
-from halluc.errors import ErrorConfig  # noqa: E402
-from halluc.lab import LabConfig, lab_splits  # noqa: E402
-from halluc.tasks import get_task  # noqa: E402
-from halluc.tokens import add_backtrack_token, train_tokenizer  # noqa: E402
+from halluc.attention import edit_tree, position_ids
+from halluc.data import build_sft_dataset
+from halluc.errors import ErrorConfig
+from halluc.lab import LabConfig, lab_splits
+from halluc.tasks import get_task
+from halluc.tokens import add_backtrack_token, train_tokenizer
 
 
 def parse_args(argv=None):

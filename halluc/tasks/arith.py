@@ -27,9 +27,18 @@ class ArithConfig:
     ood_ops: tuple[int, int] = (6, 8)     # N range for the out-of-distribution test
     p_prev: float = 0.8                   # first operand is the previous result
     p_literal: float = 0.7                # second operand is a literal number
+    # Order of the definitions in the prompt (the solution always computes in dependency order):
+    # "dependency": as computed; "swapped": each adjacent pair swapped with `swap_rate` (iGSM-style:
+    # following the listing then names a quantity whose inputs are not computed yet, an error the
+    # model can see after the fact); "shuffled": a random order.
+    listing: str = "dependency"
+    swap_rate: float = 0.0
 
 
-def generate(n_ops: int, rng: random.Random, cfg: ArithConfig = ArithConfig()) -> Problem:
+def generate(n_ops: int, rng: random.Random, cfg: ArithConfig = ArithConfig(),
+             order_rng: random.Random | None = None) -> Problem:
+    """One problem. The listing order is drawn from `order_rng` (default `rng`): with a
+    separate stream, the same problems come out under every listing order."""
     names = rng.sample(NAMES, n_ops + 1)
     p = cfg.prime
     values = {names[0]: rng.randrange(p)}
@@ -41,7 +50,8 @@ def generate(n_ops: int, rng: random.Random, cfg: ArithConfig = ArithConfig()) -
         op = rng.choice(list(OPS))
         defs[names[i]] = (y, op, z)
         values[names[i]] = OPS[op](values[y], _value(z, values)) % p
-    listing = [f"{names[0]} = {values[names[0]]}"] + [f"{x} = {y} {op} {z}" for x, (y, op, z) in defs.items()]
+    order = _listing_order(list(defs), order_rng or rng, cfg)
+    listing = [f"{names[0]} = {values[names[0]]}"] + [f"{x} = {' '.join(defs[x])}" for x in order]
     question = names[-1]
     steps = [_step_text(x, d, values, p) for x, d in defs.items()] + [f" answer = {values[question]}"]
     meta = {"task": "arith", "prime": p, "constant": names[0], "defs": {x: list(d) for x, d in defs.items()},
@@ -50,9 +60,34 @@ def generate(n_ops: int, rng: random.Random, cfg: ArithConfig = ArithConfig()) -
                    answer=str(values[question]), meta=meta)
 
 
+def _listing_order(targets: list[str], rng: random.Random, cfg: ArithConfig) -> list[str]:
+    """The order the definitions are listed in (draws nothing from `rng` for "dependency")."""
+    if cfg.listing == "dependency":
+        return targets
+    if cfg.listing == "shuffled":
+        return rng.sample(targets, len(targets))
+    if cfg.listing != "swapped":
+        raise ValueError(f"listing must be dependency, swapped or shuffled, not {cfg.listing!r}")
+    order, i = list(targets), 0
+    while i < len(order) - 1:
+        if rng.random() < cfg.swap_rate:
+            order[i], order[i + 1] = order[i + 1], order[i]
+            i += 2  # a swapped pair is not swapped again
+        else:
+            i += 1
+    return order
+
+
 def make_split(n: int, ops: tuple[int, int], seed: int, cfg: ArithConfig = ArithConfig()) -> list[Problem]:
-    rng = random.Random(seed)
-    return [generate(rng.randint(*ops), rng, cfg) for _ in range(n)]
+    """n problems; the same n problems (only listed differently) for every `cfg.listing`."""
+    rng, order_rng = random.Random(seed), random.Random(seed + 1_000_003)
+    return [generate(rng.randint(*ops), rng, cfg, order_rng) for _ in range(n)]
+
+
+def identity(problem: Problem) -> str:
+    """What makes two problems the same whatever the listing order (for held-out splits)."""
+    m = problem.meta
+    return f"{m['constant']}={m['values'][m['constant']]};{sorted(m['defs'].items())};{m['question']}"
 
 
 def _value(term: str, values: dict) -> int:
@@ -95,11 +130,11 @@ def check_step(problem: Problem, step: str, computed: set[str]) -> str:
     x, y, op, z, vy, op2, vz, v = s.groups()
     if x not in defs or x in computed:
         return "bad_target"
+    # x chosen before its inputs (iGSM's typical error): wrong from the target on, whatever follows
+    if any(not t.isdigit() and t != m["constant"] and t not in computed for t in (defs[x][0], defs[x][2])):
+        return "not_computed"
     if [y, op, z] != defs[x] or op2 != op:
         return "copy"
-    for term in (y, z):
-        if not term.isdigit() and term != m["constant"] and term not in computed:
-            return "not_computed"
     if int(vy) != _value(y, values) or int(vz) != _value(z, values):
         return "retrieval"
     if int(v) != OPS[op](int(vy), int(vz)) % p:

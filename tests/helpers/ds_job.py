@@ -15,18 +15,16 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
+from transformers import TrainerCallback
 
-import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-
-from halluc.data import build_sft_dataset  # noqa: E402
-from halluc.distributed import barrier, is_main, rank, strip_launcher_args, world_size  # noqa: E402
-from halluc.errors import ErrorConfig  # noqa: E402
-from halluc.model import init_backtrack_embedding, tiny_llama  # noqa: E402
-from halluc.tasks import arith  # noqa: E402
-from halluc.tokens import add_backtrack_token, train_tokenizer  # noqa: E402
-from halluc.train import make_trainer, training_args  # noqa: E402
+from halluc.data import build_sft_dataset
+from halluc.distributed import barrier, is_main, rank, strip_launcher_args, world_size
+from halluc.errors import ErrorConfig
+from halluc.model import init_backtrack_embedding, tiny_llama
+from halluc.tasks import arith
+from halluc.tokens import add_backtrack_token, train_tokenizer
+from halluc.train import make_trainer, training_args
 
 
 class ShardRecord(TrainerCallback):
@@ -78,7 +76,7 @@ def main(argv=None):
     per_device = args.global_batch // world_size()
     targs = training_args(str(out / "run"), steps=args.steps, batch_size=per_device, lr=3e-3,
                           log_every=1, deepspeed=args.deepspeed, disable_tqdm=True)
-    trainer = make_trainer(model, targs, data, tok.pad_token_id, tb_dir=str(out / "tb"),
+    trainer = make_trainer(model, targs, data, tb_dir=str(out / "tb"),
                            attention="block_errors", positions="rewound", backend="dense")
     shards = ShardRecord()
     trainer.add_callback(shards)

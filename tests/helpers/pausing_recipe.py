@@ -8,18 +8,15 @@ PAUSE_DIR/paused-at-<step> and sleeps, so a test can `kill -9` it at a known poi
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from transformers import TrainerCallback
 
-from transformers import TrainerCallback  # noqa: E402
-
-from conftest import load_script  # noqa: E402
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "masked_sft.py"
 
 
 class PauseAt(TrainerCallback):
@@ -33,10 +30,15 @@ class PauseAt(TrainerCallback):
 
 
 def main():
-    recipe = load_script("recipes/masked_sft.py")
+    import halluc.stages
+
+    spec = importlib.util.spec_from_file_location("masked_sft", RECIPE)
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules["masked_sft"] = recipe  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(recipe)
     pause_dir = Path(os.environ["PAUSE_DIR"]).resolve()
     step = int(os.environ["PAUSE_AT_STEP"])
-    original = recipe.make_trainer
+    original = halluc.stages.make_trainer
 
     def make_trainer(model, args, *rest, **kwargs):
         trainer = original(model, args, *rest, **kwargs)
@@ -44,7 +46,7 @@ def main():
             trainer.add_callback(PauseAt(step, pause_dir / f"paused-at-{step}"))
         return trainer
 
-    recipe.make_trainer = make_trainer
+    halluc.stages.make_trainer = make_trainer  # what train_stage calls
     recipe.main(sys.argv[1:])
 
 

@@ -1,0 +1,75 @@
+"""The experiment runner end to end on a tiny sweep: runs, report, resume, fast failures."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import ROOT
+
+TINY = ["base.steps=20", "sft.steps=6", "base.batch_size=8", "sft.batch_size=8", "lab.train_size=200",
+        "lab.sft_size=100", "lab.test_size=12", "tiny.hidden=32", "eval_max_new_tokens=30"]
+
+
+def write_sweep(path, arms, **extra):
+    path.write_text(yaml.safe_dump({"name": "tiny", "recipe": "recipes/masked_sft.py", "baseline": "clean",
+                                    "seeds": [0, 1], "common": TINY, "arms": arms, **extra}))
+    return path
+
+
+def sweep(*args, timeout=600):
+    return subprocess.run([sys.executable, "tools/sweep.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_tiny_sweep_runs_reports_and_resumes(tmp_path):
+    spec = write_sweep(tmp_path / "tiny.yaml", {"clean": ["errors.source=none"], "masked": []},
+                       settings={"default": [], "swapped": ["lab.listing=swapped", "lab.swap_rate=0.5"]})
+    out = tmp_path / "out"
+    first = sweep(spec, "--out", out, "--jobs", "2")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "8 runs: 0 finished already, 8 to run" in first.stdout
+    evals = sorted(out.glob("*/*/seed-*/eval.json"))
+    assert len(evals) == 8
+    # one base per seed, shared by both settings and both arms
+    assert len(list((out / "cache").glob("base-*/config.json"))) == 2
+    results = json.loads((out / "results.json").read_text())["settings"]
+    assert set(results) == {"default", "swapped"}
+    for entry in results.values():
+        assert set(entry["arms"]) == {"clean", "masked", "base"} and set(entry["vs_baseline"]) == {"masked", "base"}
+        assert entry["n_units"] == {"test_id": 24, "test_ood": 24}
+        acc = entry["arms"]["masked"]["test_id"]["answer_acc"]
+        assert acc["low"] <= acc["value"] <= acc["high"] and len(acc["per_seed"]) == 2
+    # the same problems under both listings, listed differently
+    default = json.loads((out / "default/clean/seed-0/eval.json").read_text())["after"]["test_id"]["samples"]
+    swapped = json.loads((out / "swapped/clean/seed-0/eval.json").read_text())["after"]["test_id"]["samples"]
+    assert [s["prompt"] for s in default] != [s["prompt"] for s in swapped]
+    md = (out / "results.md").read_text()
+    assert "## Setting `swapped`" in md and "Paired differences to `clean`" in md and "Smallest difference" in md
+    for png in ("accuracy.png", "backtracking.png", "differences.png"):
+        assert (out / png).stat().st_size > 1000
+
+    # a second invocation finds every run finished and only reports
+    stamps = [p.stat().st_mtime for p in evals]
+    again = sweep(spec, "--out", out, "--jobs", "2")
+    assert again.returncode == 0 and "8 runs: 8 finished already, 0 to run" in again.stdout
+    assert [p.stat().st_mtime for p in evals] == stamps
+    # a killed sweep: a run without eval.json runs again, the others are kept
+    (out / "swapped/masked/seed-1/eval.json").unlink()
+    resumed = sweep(spec, "--out", out, "--jobs", "2")
+    assert "8 runs: 7 finished already, 1 to run" in resumed.stdout and "done   swapped/masked/seed-1" in resumed.stdout
+    assert len((out / "wall.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_bad_arm_fails_before_anything_runs(tmp_path):
+    spec = write_sweep(tmp_path / "bad.yaml", {"clean": ["errors.source=none"], "broken": ["attention=foo"]})
+    t0 = time.monotonic()
+    result = sweep(spec, "--out", tmp_path / "out", timeout=60)
+    assert result.returncode != 0 and time.monotonic() - t0 < 15
+    assert "default/broken/seed-0" in result.stderr and "attention='foo': choose one of causal, block_errors" in result.stderr
+    assert not (tmp_path / "out").exists()
+    missing = write_sweep(tmp_path / "nobase.yaml", {"masked": []})
+    result = sweep(missing, "--out", tmp_path / "out", timeout=60)
+    assert "baseline 'clean' is not one of the arms" in result.stderr

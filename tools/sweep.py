@@ -1,0 +1,193 @@
+"""Run an experiment: named arms x lab settings x seeds of one recipe, then a report with CIs.
+
+    python tools/sweep.py recipes/configs/sweeps/first_results.yaml          # run what is missing, report
+    python tools/sweep.py SWEEP.yaml --jobs 2 --seeds 0 1 --out runs/sweeps/x
+    python tools/sweep.py SWEEP.yaml --report-only                            # re-report finished runs
+
+A run is the recipe in its own process:
+    python RECIPE output_dir=OUT/SETTING/ARM/seed-S seed=S cache_dir=OUT/cache COMMON.. SETTING.. ARM..
+Every run's settings are checked before anything starts (the recipe's `load`, about a second).
+A run whose folder holds eval.json is finished and skipped, so a killed sweep resumes where it
+stopped (an interrupted run starts again). Runs of one seed share the cached lab base, so the
+first run of each seed goes first and the others of that seed wait for it. `--jobs` runs go at
+once, each with cores/jobs threads (a tiny model gains little from threads, a lot from processes).
+
+The report (halluc.stats; OUT/results.json, OUT/results.md, OUT/*.png): for every setting,
+arm and split, the mean and 95% CI of answer accuracy, full-solution accuracy, BT precision,
+BT recall and wasted tokens per problem, and each arm's paired difference to the baseline arm,
+with every seed's own value. "base" is the model before SFT (the same for every arm of a seed).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FINISHED = "eval.json"
+
+
+@dataclass
+class Sweep:
+    """A sweep file (recipes/configs/sweeps/*.yaml)."""
+
+    name: str
+    recipe: str
+    baseline: str                       # the arm every other arm is compared with
+    arms: dict[str, list[str]]          # arm -> recipe overrides
+    settings: dict[str, list[str]] = field(default_factory=lambda: {"default": []})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    common: list[str] = field(default_factory=list)  # overrides for every run
+    note: str = ""                      # what the sweep asks, for the report
+
+
+@dataclass(eq=False)  # one object per run, hashed by identity
+class Run:
+    setting: str
+    arm: str
+    seed: int
+    out: Path
+    args: list[str]
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting}/{self.arm}/seed-{self.seed}"
+
+    @property
+    def finished(self) -> bool:
+        return (self.out / FINISHED).exists()
+
+
+def read_sweep(path: str) -> Sweep:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    known = set(Sweep.__dataclass_fields__)
+    if unknown := set(data) - known:
+        raise SystemExit(f"{path}: unknown key(s) {sorted(unknown)}; a sweep has {sorted(known)}")
+    missing = {"name", "recipe", "baseline", "arms"} - set(data)
+    if missing:
+        raise SystemExit(f"{path}: missing key(s) {sorted(missing)}")
+    sweep = Sweep(**data)
+    for key in ("arms", "settings"):
+        for name, overrides in getattr(sweep, key).items():
+            if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
+                raise SystemExit(f"{path}: {key}.{name} must be a list of key=value strings, got {overrides!r}")
+    if sweep.baseline not in sweep.arms:
+        raise SystemExit(f"{path}: baseline {sweep.baseline!r} is not one of the arms {list(sweep.arms)}")
+    return sweep
+
+
+def plan(sweep: Sweep, out: Path) -> list[Run]:
+    """Every (setting, arm, seed), leaders first: the first run of each seed trains its base."""
+    runs = [Run(setting, arm, seed, out / setting / arm / f"seed-{seed}",
+                [f"output_dir={out / setting / arm / f'seed-{seed}'}", f"seed={seed}", f"cache_dir={out / 'cache'}",
+                 *sweep.common, *overrides, *sweep.arms[arm]])
+            for seed in sweep.seeds for setting, overrides in sweep.settings.items() for arm in sweep.arms]
+    leaders = {r.seed: r for r in reversed(runs)}
+    return sorted(runs, key=lambda r: r is not leaders[r.seed])
+
+
+def check_settings(sweep: Sweep, runs: list[Run]) -> None:
+    """Parse every run's settings with the recipe's own loader before anything starts."""
+    path = ROOT / sweep.recipe
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = recipe  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(recipe)
+    for run in runs:
+        try:
+            recipe.load(run.args)
+        except SystemExit as e:
+            raise SystemExit(f"{run.name}: {e}") from None
+
+
+def execute(sweep: Sweep, runs: list[Run], jobs: int) -> list[Run]:
+    """Run what is not finished, `jobs` at a time; returns the runs that failed."""
+    from tqdm.auto import tqdm
+
+    todo = [r for r in runs if not r.finished]
+    print(f"{len(runs)} runs: {len(runs) - len(todo)} finished already, {len(todo)} to run, {jobs} at a time",
+          flush=True)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    leader_done: dict[int, bool] = {}  # a finished run of the seed left its base in the cache
+    for r in runs:
+        leader_done[r.seed] = leader_done.get(r.seed, False) or r.finished
+    running: dict[Run, tuple[subprocess.Popen, float]] = {}
+    failed: list[Run] = []
+    bar = tqdm(total=len(todo), desc=sweep.name, unit="run")
+    while todo or running:
+        for run, (proc, started) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[run]
+            leader_done[run.seed] = True  # its base is cached now (or failed: the next run retries)
+            took = time.monotonic() - started
+            if proc.returncode == 0 and run.finished:
+                after = json.loads((run.out / FINISHED).read_text())["after"]
+                accs = "  ".join(f"{split} {m['answer_acc']:.1%}" for split, m in after.items())
+                bar.write(f"done   {run.name} in {took:.0f} s: {accs}")
+            else:
+                failed.append(run)
+                bar.write(f"FAILED {run.name} (exit {proc.returncode}) after {took:.0f} s: see {run.out / 'run.log'}")
+            bar.update(1)
+        while len(running) < jobs:
+            # ready: its seed's base is cached, or no run of its seed is running (it becomes the leader)
+            ready = [r for r in todo if leader_done[r.seed] or all(o.seed != r.seed for o in running)]
+            if not ready:
+                break
+            run = ready[0]
+            todo.remove(run)
+            run.out.mkdir(parents=True, exist_ok=True)
+            log = open(run.out / "run.log", "w")
+            proc = subprocess.Popen([sys.executable, str(ROOT / sweep.recipe), *run.args], cwd=ROOT, env=env,
+                                    stdout=log, stderr=subprocess.STDOUT)
+            running[run] = (proc, time.monotonic())
+            bar.write(f"start  {run.name}")
+        time.sleep(0.5)
+    bar.close()
+    return failed
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("sweep", help="a sweep file, e.g. recipes/configs/sweeps/first_results.yaml")
+    p.add_argument("--out", default=None, help="default: runs/sweeps/<name>")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the sweep's seeds")
+    p.add_argument("--jobs", type=int, default=None, help="runs at once (default: the number of cores)")
+    p.add_argument("--report-only", action="store_true", help="write the report from the finished runs")
+    args = p.parse_args(argv)
+    sweep = read_sweep(args.sweep)
+    if args.seeds:
+        sweep.seeds = args.seeds
+    out = Path(args.out or f"runs/sweeps/{sweep.name}").resolve()
+    runs = plan(sweep, out)
+    failed = []
+    if not args.report_only:
+        check_settings(sweep, runs)
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        failed = execute(sweep, runs, args.jobs or os.cpu_count() or 1)
+        with open(out / "wall.jsonl", "a") as f:  # every invocation's wall time (a resumed sweep has several)
+            f.write(json.dumps({"seconds": round(time.monotonic() - t0, 1), "jobs": args.jobs,
+                                "command": " ".join(["python", "tools/sweep.py", *(argv or sys.argv[1:])])}) + "\n")
+    from halluc.report import write_report
+
+    paths = write_report(sweep, [r for r in runs if r.finished], out)
+    print("\n" + Path(paths["md"]).read_text())
+    print(f"report: {', '.join(str(v) for v in paths.values())}")
+    if failed:
+        print(f"{len(failed)} run(s) failed: " + ", ".join(r.name for r in failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,15 +27,31 @@ TITLES = {"answer_acc": "answer acc", "full_solution_acc": "full solution", "bt_
 BASE = "base"  # the model before SFT, as an arm
 
 
-def collect(runs) -> dict:
-    """{setting: {arm: {seed: {split: per_problem}}}}, with the base (before SFT) as arm "base"."""
+def collect(runs, arm_order: list[str]) -> tuple[dict, dict]:
+    """({setting: {arm: {seed: {split: per_problem}}}}, {setting: {arm: {split: first-error kinds}}}),
+    with the base (before SFT) as the first arm, "base"; kinds are summed over seeds."""
     table: dict = {}
-    for run in runs:
+    kinds: dict = {}
+    for run in sorted(runs, key=lambda r: (r.setting, r.seed)):
         report = json.loads((run.out / "eval.json").read_text())
-        arms = table.setdefault(run.setting, {})
-        arms.setdefault(run.arm, {})[run.seed] = {s: m["per_problem"] for s, m in report["after"].items()}
-        arms.setdefault(BASE, {})[run.seed] = {s: m["per_problem"] for s, m in report["before"].items()}
-    return table
+        arms = table.setdefault(run.setting, {BASE: {}})
+        for arm, stage in ((run.arm, "after"), (BASE, "before")):
+            if arm == BASE and run.seed in arms[BASE]:  # every arm of a seed shares the base ...
+                if {s: m["per_problem"] for s, m in report[stage].items()} != arms[BASE][run.seed]:
+                    raise ValueError(f"{run.setting}, seed {run.seed}: arm {run.arm} started from another base "
+                                     "than the other arms (an arm that changes base.*, tiny.*, max_len or model?): "
+                                     "its paired comparison would mix bases")
+                continue  # ... and its evaluation
+            arms.setdefault(arm, {})[run.seed] = {s: m["per_problem"] for s, m in report[stage].items()}
+            for split, m in report[stage].items():
+                counts = kinds.setdefault(run.setting, {}).setdefault(arm, {}).setdefault(split, {})
+                for kind, n in m["first_error_kinds"].items():
+                    counts[kind] = counts.get(kind, 0) + n
+    order = [BASE] + arm_order
+    rank = {arm: i for i, arm in enumerate(order)}
+    table = {setting: dict(sorted(arms.items(), key=lambda kv: rank.get(kv[0], len(order))))
+             for setting, arms in table.items()}
+    return table, kinds
 
 
 def _units(by_seed: dict, split: str, seeds: list[int], key: str) -> np.ndarray:
@@ -64,10 +80,12 @@ def difference(arm: dict, base: dict, split: str, seeds: list[int], metric: str)
 
 def analyse(sweep, runs) -> dict:
     results = {}
-    for setting, arms in collect(runs).items():
+    table, kinds = collect(runs, list(sweep.arms))
+    for setting, arms in table.items():
         base_arm = arms.get(sweep.baseline, {})
         splits = sorted({split for by_seed in arms.values() for per in by_seed.values() for split in per})
-        entry = {"overrides": sweep.settings.get(setting, []), "arms": {}, "vs_baseline": {}, "n_units": {}}
+        entry = {"overrides": sweep.settings.get(setting, []), "arms": {}, "vs_baseline": {}, "n_units": {},
+                 "first_error_kinds": kinds[setting]}
         for arm, by_seed in arms.items():
             seeds = sorted(by_seed)
             entry["arms"][arm] = {split: {m: _dict(estimate(by_seed, split, seeds, m)) for m in METRICS}
@@ -97,8 +115,8 @@ def _cell(e: dict | None, metric: str, signed: bool = False) -> str:
     fmt = "{:+.1f}" if signed else "{:.1f}"
     text = f"{fmt.format(scale * e['value'])}{unit} [{fmt.format(scale * e['low'])}, {fmt.format(scale * e['high'])}]"
     if signed:
-        seeds = " / ".join("n/a" if v is None else fmt.format(scale * v) for v in e["per_seed"])
-        text += f" ({seeds})" + (" **resolved**" if e["resolved"] else "")
+        per_seed = " / ".join("n/a" if v is None else fmt.format(scale * v) for v in e["per_seed"])
+        text += f" ({per_seed})" + (" **resolved**" if e["resolved"] else "")
     return text
 
 
@@ -128,7 +146,9 @@ def markdown(sweep, results: dict, wall: list[dict]) -> str:
                 lines.append(f"| {arm} | " + " | ".join(_cell(per[split][m], m) for m in METRICS) + " |")
             diffs = entry["vs_baseline"]
             if diffs:
-                lines += ["", f"Paired differences to `{sweep.baseline}` (seeds {next(iter(diffs.values()))['seeds']}):", "",
+                seed_sets = sorted({tuple(per["seeds"]) for per in diffs.values()})
+                lines += ["", f"Paired differences to `{sweep.baseline}`; in brackets the 95% CI, in parentheses "
+                          f"each seed's own difference, seeds {' or '.join(map(str, map(list, seed_sets)))}:", "",
                           "| arm - baseline | " + " | ".join("Δ " + TITLES[m] for m in METRICS) + " |",
                           "|---|" + "---|" * len(METRICS)]
                 for arm, per in diffs.items():
@@ -141,6 +161,16 @@ def markdown(sweep, results: dict, wall: list[dict]) -> str:
                               f"pairing, two proportions near 50% over {n} units each need "
                               f"±{100 * unpaired_resolution(n):.1f} points."]
             lines.append("")
+        lines += ["### First errors", "",
+                  "The first step the verifier rejects in each final visible text, counted over all seeds "
+                  "(the error kinds of halluc/tasks/arith.py).", "",
+                  "| arm | " + " | ".join(entry["n_units"]) + " |", "|---|" + "---|" * len(entry["n_units"])]
+        for arm in entry["arms"]:
+            by_split = entry["first_error_kinds"].get(arm, {})
+            cells = [", ".join(f"{k} {n}" for k, n in sorted(by_split.get(split, {}).items(), key=lambda kv: -kv[1]))
+                     or "none" for split in entry["n_units"]]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 

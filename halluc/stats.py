@@ -29,6 +29,7 @@ class Estimate:
     low: float             # 95% bootstrap interval (percentile)
     high: float
     per_seed: list[float | None]  # the statistic on each seed's units alone
+    undefined_resamples: int = 0  # bootstrap draws where the statistic was undefined (a ratio over 0)
 
     @property
     def half_width(self) -> float:
@@ -42,7 +43,8 @@ class Estimate:
         return all(v is not None and np.sign(v) == sign for v in self.per_seed)
 
     def as_dict(self) -> dict:
-        return {"value": self.value, "low": self.low, "high": self.high, "per_seed": self.per_seed}
+        return {"value": self.value, "low": self.low, "high": self.high, "per_seed": self.per_seed,
+                "undefined_resamples": self.undefined_resamples}
 
 
 def _mean(x, axis=-1):
@@ -81,11 +83,14 @@ def bootstrap(arrays: list[np.ndarray], statistic: Callable, seed_of_unit: np.nd
         res = stats.bootstrap(arrays, statistic, paired=True, vectorized=True, n_resamples=RESAMPLES,
                               confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(seed))
     low, high = res.confidence_interval
-    # resamples where a ratio is undefined (no BT run drawn) are NaN; scipy then gives NaN bounds
+    # Resamples where a ratio is undefined (no BT run drawn) are NaN and scipy gives NaN bounds:
+    # the interval is then over the defined resamples (conditional on some run); how many were
+    # dropped is kept with it.
+    dropped = int((~np.isfinite(res.bootstrap_distribution)).sum())
     if not (np.isfinite(low) and np.isfinite(high)):
         dist = res.bootstrap_distribution[np.isfinite(res.bootstrap_distribution)]
         low, high = np.percentile(dist, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
-    return Estimate(value, float(low), float(high), per_seed)
+    return Estimate(value, float(low), float(high), per_seed, dropped)
 
 
 def mean_estimate(values, seed_of_unit, seed: int = 0) -> Estimate | None:

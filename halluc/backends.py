@@ -122,11 +122,12 @@ def choose_backend(device: torch.device | str, dtype: torch.dtype = torch.float3
     return choice
 
 
-def use_backend(model, backend: str = "auto") -> str:
-    """Set `model` up for `backend` once: resolve "auto", register our attention functions and
-    switch the model's attention implementation (logged). Returns the backend's name."""
+def use_backend(model, backend: str = "auto", device=None) -> str:
+    """Set `model` up for `backend` once: resolve "auto" for `device` (default: where the model
+    is), register our attention functions and switch the model's attention implementation
+    (logged). Returns the backend's name."""
     if backend == "auto":
-        backend = choose_backend(model.device, model.dtype)
+        backend = choose_backend(device or model.device, model.dtype)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)} or auto, got {backend!r}")
     from transformers import AttentionInterface
@@ -159,6 +160,7 @@ def forward_targets(model, batch: dict, backend: str, return_logits: bool = Fals
     batch = {k: v.to(model.device) for k, v in batch.items()}
     rows, cols, pos, ids = _targets(batch)
     if backend == "native":
+        _check_plain_causal(batch)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["is_real"].long()}
         picked, logits = _logits_at(model, inputs, rows, pos, return_logits)
     elif backend == "dense":
@@ -189,6 +191,20 @@ def forward_loss(model, batch: dict, backend: str = "auto", return_logits: bool 
     backend = use_backend(model, backend)
     t = forward_targets(model, batch, backend, return_logits, varlen_kernel)
     return token_cross_entropy(t.logits, t.ids), t.all_logits
+
+
+def _check_plain_causal(batch: dict) -> None:
+    """The native backend ignores attn_end, position_ids and pred_pos: refuse a batch where they
+    say anything but one causal example per row (a second branch, packed units, a blocked error)."""
+    real = batch["is_real"]
+    n_rows, length = real.shape
+    cols = torch.arange(length, device=real.device).expand(n_rows, length)
+    lengths = real.sum(1, keepdim=True).expand(n_rows, length)
+    plain = ((batch["attn_end"] == lengths) & (batch["position_ids"] == cols) & (batch["pred_pos"] == cols - 1))
+    if not bool(plain[real].all()):
+        raise ValueError("backend=native runs the model's own causal kernel, but this batch is not one causal "
+                         "example per row (packed units, two branches, blocked errors or rewound positions): "
+                         "use an edit-tree backend (backend=auto picks one)")
 
 
 def _targets(batch: dict):

@@ -90,3 +90,57 @@ def save_stage(trainer, model, tokenizer, out_dir, deepspeed: str | None = None,
     if not deepspeed:
         return model
     return reload() if is_main() else None
+
+
+# What a recipe run leaves in its output folder (a sweep's own run.log is not one of them).
+RUN_ARTEFACTS = ("eval.json", "eval.md", "checkpoint", "adapter", "tb", "config.yaml")
+
+
+def claim_output_dir(out_dir, resume: bool, overwrite: bool) -> None:
+    """Refuse to run into a folder that holds an earlier run, unless told what to do with it.
+
+    resume=true continues it (from its newest complete checkpoint-N, said in the log; with none,
+    the log says the run starts from scratch); overwrite=true deletes the earlier run's files
+    first. Either way nothing of two runs is mixed (checkpoints, eval.json, TensorBoard).
+    """
+    import shutil
+
+    out = Path(out_dir)
+    found = sorted(p.name for p in out.glob("*") if p.name in RUN_ARTEFACTS or p.name.startswith("checkpoint-")) \
+        if out.is_dir() else []
+    if not found:
+        if resume:
+            log.warning("resume=true, but %s holds no earlier run: starting from scratch", out)
+        return
+    finished = (out / "eval.json").exists()
+    if overwrite:
+        log.warning("overwrite=true: deleting the earlier run in %s (%s)", out, ", ".join(found))
+        for name in found:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return
+    if resume:
+        start = latest_checkpoint(out)
+        log.warning("resume=true: continuing the %s run in %s from %s", "finished" if finished else "partial",
+                    out, start or "its start (no complete checkpoint-N; save_steps=N writes them)")
+        return
+    raise SystemExit(f"output_dir={out} already holds a {'finished' if finished else 'partial'} run "
+                     f"({', '.join(found)}): pass resume=true to continue it, overwrite=true to replace it, "
+                     f"or another output_dir")
+
+
+def load_trained(path, dtype=None):
+    """(model, tokenizer) of anything halluc saved: a full checkpoint folder (plain HF) or an
+    adapter folder (LoRA + BT rows on the base it records). Errors name the folder."""
+    import torch
+
+    from halluc.lora import ADAPTER_INFO, load_adapter
+    from halluc.model import check_model_path, load_causal_lm
+    from halluc.tokens import ensure_pad_token, load_tokenizer
+
+    dtype = dtype or torch.float32
+    check_model_path(str(path))
+    if (Path(path) / ADAPTER_INFO).exists():
+        model, tokenizer = load_adapter(path, dtype=dtype)
+        return model, ensure_pad_token(tokenizer)
+    return load_causal_lm(str(path), dtype=dtype), load_tokenizer(path)

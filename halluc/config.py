@@ -5,11 +5,12 @@
 Every value is checked as it is read, before anything trains: unknown keys, wrong types,
 a value outside a `Literal[...]` (the allowed values are listed) or outside a `Range`
 (e.g. `steps: Annotated[int, Range(0)]`) fail with the key and the file (or the command line)
-named. This module imports no ML library, so a bad setting fails in well under a second.
+named; then each settings dataclass's `check()` rejects combinations that cannot apply. This module imports no ML library, so a bad setting fails in well under a second.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -49,7 +50,8 @@ def load_config(cls, argv: list[str] | None = None, default_file: str | None = N
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print(describe(cls()))
+            print(f"settings (key=value or --key value; --config FILE for a YAML file), with defaults:\n"
+                  f"{describe(cls(), explain=True)}")
             raise SystemExit(0)
         if arg == "--config":
             path, i = argv[i + 1], i + 2
@@ -68,7 +70,22 @@ def load_config(cls, argv: list[str] | None = None, default_file: str | None = N
         _apply_mapping(cfg, data, where=path)
     for key, value in overrides:
         _set(cfg, key, yaml.safe_load(value), where="command line")
+    _check(cfg, where=f"{path} + command line" if path else "command line")
     return cfg
+
+
+def _check(cfg, where: str, prefix: str = "") -> None:
+    """Settings that only make sense together: each settings dataclass may define `check()`,
+    raising ValueError; every one in the tree runs, innermost first, after all values are set."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check(value, where, f"{prefix}{f.name}.")
+    if hasattr(cfg, "check"):
+        try:
+            cfg.check()
+        except ValueError as e:
+            raise SystemExit(f"{where}: {e}") from None
 
 
 def _apply_mapping(cfg, data: dict, where: str, prefix: str = "") -> None:
@@ -126,6 +143,14 @@ def _coerce(value, hint):
                 errors.append(str(e))
         raise ValueError("; ".join(errors))
     if origin in (tuple, list):
+        if isinstance(value, (str, int, float)):  # one value where a list goes: lora.targets=q_proj
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list, not {type(value).__name__}")
+        if origin is tuple and (len(args) != 2 or args[1] is not Ellipsis):  # tuple[int, int]: fixed size
+            if len(value) != len(args):
+                raise ValueError(f"expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a) for v, a in zip(value, args))
         return origin(_coerce(v, args[0]) for v in value)
     if hint is bool:
         if isinstance(value, bool):
@@ -137,9 +162,9 @@ def _coerce(value, hint):
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
                 hint is int and isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"expected {'an integer' if hint is int else 'a number'}")
+            raise ValueError(f"expected {'an integer' if hint is int else 'a finite number'}")
         return hint(value)
     if hint is str:
         return str(value)
@@ -150,18 +175,36 @@ def _type_name(hint) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def describe(cfg, prefix: str = "") -> str:
-    """Every setting with its value (and its allowed values or range), for --help and errors."""
+def describe(cfg, prefix: str = "", explain: bool = False) -> str:
+    """Every setting with its value (and its allowed values or range), for logs and errors;
+    with explain, also what it does (the comment beside its field in the dataclass), for --help."""
     lines = []
     hints = typing.get_type_hints(type(cfg), include_extras=True)
+    notes = _field_comments(type(cfg)) if explain else {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
-            lines.append(describe(v, prefix + f.name + "."))
+            lines.append(describe(v, prefix + f.name + ".", explain))
             continue
         allowed = _allowed(hints[f.name])
-        lines.append(f"  {prefix}{f.name} = {v!r}" + (f"   ({allowed})" if allowed else ""))
+        line = f"  {prefix}{f.name} = {v!r}" + (f"   ({allowed})" if allowed else "")
+        if notes.get(f.name):
+            line = f"{line:<58} # {notes[f.name]}"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """{field: the comment on its line} read from the dataclass's source (empty if unavailable)."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    found = re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", source, flags=re.M)
+    return {name: note.strip() for name, note in found}
 
 
 def _allowed(hint) -> str:
@@ -193,6 +236,6 @@ def flat_dict(d: dict, prefix: str = "") -> dict:
 class Stage:
     """One training stage of a recipe (batch size per process)."""
 
-    steps: PositiveInt = 1000
-    batch_size: PositiveInt = 32
-    lr: NonNegativeFloat = 3e-3
+    steps: PositiveInt = 1000       # optimizer steps
+    batch_size: PositiveInt = 32    # examples (or packed rows) per process and step
+    lr: NonNegativeFloat = 3e-3     # peak learning rate (cosine schedule, 5% warmup)

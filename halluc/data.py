@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import random
-
-from datasets import ClassLabel, Dataset, Sequence, Value
+from typing import TYPE_CHECKING
 
 from halluc.errors import ErrorConfig, clean_example, random_token_errors, step_errors
 from halluc.example import IGNORE_INDEX, ROLE_NAMES, Example, Role
 from halluc.tasks import Problem, get_task
+
+if TYPE_CHECKING:  # `datasets` is imported where a Dataset is built: examples alone need no pyarrow
+    from datasets import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ def fit_length(ids: list[int], roles: list[int], max_len: int) -> int | None:
 
 
 def problems_to_dataset(problems: list[Problem]) -> Dataset:
+    from datasets import Dataset
+
     return Dataset.from_list([{"prompt": p.prompt, "steps": p.steps, "answer": p.answer,
                                "meta": json.dumps(p.meta)} for p in problems])
 
@@ -100,12 +104,54 @@ def build_sft_dataset(problems: list[Problem], tokenizer, errors: ErrorConfig, b
                 "labels": labels_from_roles(ex.ids[:cut], ex.roles[:cut], masked),
                 "keep": keep, "overlong": len(ex.ids) > max_len}
 
+    if not problems:
+        raise ValueError("no problems to build examples from (an empty training file?)")
     ds = problems_to_dataset(problems).map(build, with_indices=True, num_proc=num_proc,
                                            desc="building examples")
     n_over, n_drop = sum(ds["overlong"]), len(ds) - sum(ds["keep"])
     if n_over:
-        log.info("%d of %d examples longer than %d tokens: %s (%d dropped)", n_over, len(ds),
-                 max_len, "dropped" if overlong == "drop" else "truncated on the right", n_drop)
+        log.warning("%d of %d examples (%.0f%%) are longer than max_len=%d tokens: %s (%d dropped); raise "
+                    "max_len%s", n_over, len(ds), 100 * n_over / len(ds), max_len,
+                    "dropped" if overlong == "drop" else "truncated on the right", n_drop,
+                    " or set overlong=truncate" if overlong == "drop" else "")
+    if n_drop == len(ds):
+        raise ValueError(f"all {len(ds)} examples are longer than max_len={max_len} tokens: raise max_len")
     ds = ds.filter(lambda k: k, input_columns="keep").remove_columns(["keep", "overlong"])
+    from datasets import ClassLabel, Sequence
+
     return ds.cast_column("roles", Sequence(ClassLabel(names=ROLE_NAMES)))
 
+
+
+def load_prepared(folder, tokenizer) -> Dataset:
+    """A dataset written by tools/prepare_data.py, checked against the model's tokenizer (after
+    the BT token was added): its ids must mean the same tokens, or training would be garbage."""
+    from pathlib import Path
+
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "dataset_info.json").exists():
+        raise SystemExit(f"data={folder}: not a dataset folder written by tools/prepare_data.py (no dataset_info.json)")
+    ds = load_from_disk(str(folder))
+    missing = {"input_ids", "labels", "roles"} - set(ds.column_names)
+    if missing:
+        raise SystemExit(f"data={folder}: missing column(s) {sorted(missing)} (has {ds.column_names})")
+    if (folder / "tokenizer").exists():
+        theirs = AutoTokenizer.from_pretrained(folder / "tokenizer").get_vocab()
+        ours = tokenizer.get_vocab()
+        if theirs != ours:
+            differ = sorted(t for t in set(theirs) | set(ours) if theirs.get(t) != ours.get(t))
+            raise SystemExit(f"data={folder} was tokenized with another tokenizer than the model's "
+                             f"({len(differ)} tokens differ, e.g. {differ[:5]}): prepare it with "
+                             "--tokenizer set to the model's folder (arith: the same lab settings and seed)")
+    else:
+        log.warning("data=%s has no tokenizer/ folder: cannot check that its ids match the model's", folder)
+    extra = [c for c in ("attn_end", "position_ids") if c in ds.column_names]
+    if extra:  # the recipe lays every example out from its roles with its own attention settings
+        ds = ds.remove_columns(extra)
+    if len(ds) == 0:
+        raise SystemExit(f"data={folder}: no examples")
+    log.info("SFT data: %d prepared examples from %s", len(ds), folder)
+    return ds

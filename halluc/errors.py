@@ -20,7 +20,7 @@ from halluc.example import Example, Role
 
 @dataclass
 class ErrorConfig:
-    source: Literal["none", "random", "step"] = "step"
+    source: Literal["none", "random", "step"] = "step"  # none | random tokens | plausible wrong steps
     example_rate: Fraction = 0.5        # fraction of examples that get errors
     sites: PositiveInt = 1              # error sites per corrupted example (without replacement)
     tokens_per_site: PositiveInt = 1    # random source: error tokens per site

@@ -21,7 +21,7 @@ import torch
 from halluc.generate import Generation, LoopGuards, Sampling, generate_text, semantics_for
 from halluc.judge import backtrack_runs, first_error, run_justified
 from halluc.tasks import Problem, StepReport
-from halluc.tokens import backtrack_id, has_backtrack
+from halluc.tokens import BACKTRACK_TOKEN, backtrack_id, has_backtrack
 
 
 @dataclass
@@ -64,6 +64,8 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], task, max_new_t
                       batch_size: int = 64, desc: str = "eval", semantics: str | None = None,
                       sampling: Sampling = Sampling(), guards: LoopGuards = LoopGuards()) -> dict:
     """Accuracy, step validity and backtrack behaviour (precision, recall, erased, wasted)."""
+    if not problems:
+        raise ValueError(f"{desc}: no problems to evaluate (an empty test file?)")
     bt = backtrack_id(tokenizer) if has_backtrack(tokenizer) else None
     with torch.no_grad():
         gens = generate_text(model, tokenizer, [p.prompt for p in problems], max_new_tokens=max_new_tokens,
@@ -76,8 +78,12 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], task, max_new_t
     runs = sum(s.n_runs for s in scores)
     errors = sum(s.made_error for s in scores)
     steps = sum(len(s.kinds) for s in scores)
+    # the first five problems, then up to five more that backtracked (what a reader wants to see)
+    rows = list(zip(problems, gens, scores))
+    shown = rows[:5] + [r for r in rows[5:] if r[2].n_runs][:5]
     samples = [{"prompt": p.prompt, "trace": tokenizer.decode(g.trace), "visible": g.text, "kinds": s.kinds,
-                "stop": g.stop} for p, g, s in list(zip(problems, gens, scores))[:5]]
+                "stop": g.stop, "backtracks": g.n_backtracks, "justified_runs": s.n_justified}
+               for p, g, s in shown]
     return {
         "n": len(problems), "semantics": used,
         "answer_acc": sum(s.answer_correct for s in scores) / n,
@@ -102,6 +108,16 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], task, max_new_t
                         "caught_error": [int(s.caught_error) for s in scores],
                         "wasted": [s.n_wasted for s in scores]},
     }
+
+
+def backtrack_samples(results: dict[str, dict], n: int = 3) -> str:
+    """A few samples that backtracked, as text for the console (trace with BTs, then what is left)."""
+    lines = []
+    for split, m in results.items():
+        for sample in [x for x in m["samples"] if x.get("backtracks")][:n]:
+            lines.append(f"[{split}] {sample['prompt']}\n  trace:   {sample['trace'].replace(BACKTRACK_TOKEN, '⌫')}"
+                         f"\n  visible: {sample['visible']}   ({sample['justified_runs']} justified BT run(s))")
+    return "\n".join(lines)
 
 
 def evaluation_version() -> str:

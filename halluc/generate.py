@@ -311,17 +311,31 @@ def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int =
     bt = backtrack_id(tokenizer) if has_backtrack(tokenizer) else None
     semantics = semantics_for(model, semantics, has_backtrack=bt is not None)
     model.eval()
+    # A prompt the model has no positions for is not generated from (stop "prompt_too_long",
+    # empty output, scored wrong) instead of failing the whole evaluation; others in its batch
+    # get at most the positions left.
+    limit = getattr(model.config, "max_position_embeddings", None) or float("inf")
     out: list[Generation] = []
+    too_long = 0
     bar = tqdm(total=len(prompts), desc=desc, leave=False)
     for i in range(0, len(prompts), batch_size):
         ids = [tokenizer(p)["input_ids"] for p in prompts[i:i + batch_size]]
-        batch = generate(model, ids, max_new_tokens=max_new_tokens, backtrack_id=bt,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         semantics=semantics, sampling=sampling, guards=guards)
+        fits = [len(x) < limit for x in ids]
+        kept = [x for x, ok in zip(ids, fits) if ok]
+        made = iter(generate(model, kept, max_new_tokens=int(min(max_new_tokens, limit - max(map(len, kept)))),
+                             backtrack_id=bt, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, semantics=semantics, sampling=sampling,
+                             guards=guards) if kept else [])
+        batch = [next(made) if ok else Generation(trace=[], visible=[], prompt_len=len(x), stop="prompt_too_long",
+                                                 semantics=semantics) for x, ok in zip(ids, fits)]
+        too_long += fits.count(False)
         for g in batch:
             g.text = tokenizer.decode(g.visible, skip_special_tokens=True)
         out.extend(batch)
         bar.update(len(batch))
         bar.set_postfix(semantics=semantics, bt=sum(g.n_backtracks for g in out))
     bar.close()
+    if too_long:
+        log.warning("%d of %d prompts are as long as the model's %d positions or longer: not generated "
+                    "(stop=prompt_too_long, scored wrong)", too_long, len(prompts), limit)
     return out

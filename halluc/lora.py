@@ -12,7 +12,7 @@ vocabulary grew). So an adapter folder + the ORIGINAL base (without BT) resized 
 tokenizer's length reproduce the trained model exactly (`load_adapter`).
 
 The adapter folder also holds the tokenizer (with BT) and `halluc_adapter.json`: the base path
-and what must match it (architecture, sizes, a fingerprint of its embedding) so a wrong base is
+and what must match it (architecture, sizes, a fingerprint of its weights) so a wrong base is
 refused with the difference named instead of loading into garbage.
 
 DeepSpeed: works under ZeRO-2 and ZeRO-3 (the LoRA matrices and BT rows are sharded like the
@@ -40,11 +40,11 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 @dataclass
 class LoraSettings:
-    enabled: bool = False
-    r: PositiveInt = 16
-    alpha: PositiveInt = 32
+    enabled: bool = False     # SFT trains LoRA adapters + the BT rows instead of all weights
+    r: PositiveInt = 16       # adapter rank
+    alpha: PositiveInt = 32   # adapter scale numerator (scale = alpha / r)
     dropout: Fraction = 0.05
-    targets: tuple[str, ...] = DEFAULT_TARGETS
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # module names that get adapters
     # False reproduces the origin project's bug (BT rows frozen): a negative control only.
     train_bt_rows: bool = True
 
@@ -106,11 +106,19 @@ def base_identity(model, path: str | None) -> dict:
 
 
 @torch.no_grad()
-def fingerprint(model, rows: int = 16) -> str:
-    """sha256 of the first embedding rows as float32: same weights give the same value in any dtype
-    they were stored in and loaded as."""
-    emb = model.get_input_embeddings().weight[:rows].detach().to("cpu", torch.float32).contiguous()
-    return hashlib.sha256(emb.numpy().tobytes()).hexdigest()[:16]
+def fingerprint(model, samples: int = 4096) -> str:
+    """sha256 over every parameter (sorted by name): its shape and `samples` evenly strided
+    entries as float32. A training step moves every layer, so it changes; the same weights give
+    the same value in whatever dtype they were stored and loaded in (bf16 or fp16 convert to
+    float32 exactly). Reads ~4k entries per tensor, not the whole model."""
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        picked = flat[::step][:samples].to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(p.shape)}".encode())
+        digest.update(picked.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def check_base(model, info: dict) -> None:

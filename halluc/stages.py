@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +25,9 @@ from halluc.data import build_sft_dataset
 from halluc.distributed import barrier, is_main, world_size
 from halluc.errors import ErrorConfig
 from halluc.evaluate import evaluate_problems, evaluation_version
-from halluc.lab import LabConfig, ModelConfig, base_settings
+from halluc.lab import LabConfig, ModelConfig, base_settings, lab_tokenizer
 from halluc.model import load_causal_lm, tiny_llama
 from halluc.packing import pack_examples
-from halluc.tokens import train_tokenizer
 from halluc.train import make_trainer, training_args
 
 log = logging.getLogger(__name__)
@@ -52,21 +52,28 @@ class RunSettings:
 
 
 def train_stage(model, data, stage: Stage, out_dir: str, run: RunSettings, attention: str = "causal",
-                positions: str = "original", objective=None):
+                positions: str = "original", objective=None, tokenizer=None):
     """Train `model` on `data` (examples, packed into rows when run.pack > 0) for one stage;
-    resumes from the stage's newest checkpoint when run.resume. Returns the trainer."""
+    resumes from the stage's newest checkpoint when run.resume. Returns the trainer.
+    With `tokenizer`, every checkpoint-N folder holds it too (so it can be evaluated as is)."""
     packed = run.pack > 0
     if packed:
         rows = pack_examples(list(data), run.pack, attention, positions)
         log.info("packed %d examples into %d rows of %d tokens: %.1f%% real tokens", rows.n_units,
                  len(rows.rows), run.pack, 100 * rows.real_fraction)
+        if rows.n_dropped:
+            log.warning("%d of %d examples are longer than pack=%d tokens and were dropped: raise pack",
+                        rows.n_dropped, rows.n_dropped + rows.n_units, run.pack)
         data = rows.rows
+    if len(data) == 0:
+        raise SystemExit(f"no training example left for {out_dir} (max_len / pack dropped them all)")
     args = training_args(out_dir, steps=stage.steps, batch_size=stage.batch_size, lr=stage.lr, seed=run.seed,
                          deepspeed=run.deepspeed, save_steps=run.save_steps,
                          save_total_limit=run.save_total_limit,
                          drop_last=len(data) >= stage.batch_size * world_size())
     trainer = make_trainer(model, args, data, tb_dir=str(Path(out_dir) / "tb"), objective=objective,
-                           attention=attention, positions=positions, backend=run.backend, packed=packed)
+                           attention=attention, positions=positions, backend=run.backend, packed=packed,
+                           tokenizer=tokenizer)
     trainer.train(resume_from_checkpoint=resume_from(out_dir, run.resume))
     return trainer
 
@@ -83,21 +90,23 @@ def lab_base_model(lab: LabConfig, tiny: ModelConfig, stage: Stage, train_proble
     """(model, tokenizer, folder) of the tiny lab base trained on clean problems, cached under
     cache_dir by its settings: the first run trains it, later runs (any arm of a sweep) reuse it.
     A file lock makes concurrent runs with the same settings train it once."""
-    key = json.dumps([base_settings(lab), as_dict(tiny), as_dict(stage), run.seed], sort_keys=True)
+    # everything the base's weights depend on (the global batch through the number of processes)
+    key = json.dumps([base_settings(lab), as_dict(tiny), as_dict(stage), run.seed, run.pack, max_len, world_size()],
+                     sort_keys=True)
     cached = Path(cache_dir) / f"base-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     cached.parent.mkdir(parents=True, exist_ok=True)
     with _lock(cached.with_suffix(".lock")):
-        if (cached / "config.json").exists():
+        if (cached / "train.json").exists():  # written last: a base killed while saving is trained again
             log.info("reusing the cached base model %s", cached)
             return load_causal_lm(str(cached)), AutoTokenizer.from_pretrained(cached), cached
-        tokenizer = train_tokenizer([p.prompt + p.solution for p in train_problems[:5000]], tiny.vocab_size)
+        tokenizer = lab_tokenizer(train_problems, tiny.vocab_size)
         model = tiny_llama(len(tokenizer), tiny.hidden, tiny.layers, tiny.heads, init_range=tiny.init_range,
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         log.info("training the tiny base (%.2fM params) on clean %s for %d steps", model.num_parameters() / 1e6,
                  lab.task, stage.steps)
         data = build_sft_dataset(train_problems, tokenizer, ErrorConfig(source="none"), None, max_len=max_len,
                                  num_proc=num_proc, seed=run.seed)
-        trainer = train_stage(model, data, stage, str(cached) + ".run", run)
+        trainer = train_stage(model, data, stage, str(cached) + ".run", run, tokenizer=tokenizer)
         save_full(trainer, tokenizer, cached)
         (cached / "train.json").write_text(json.dumps(train_history(trainer)))
     if run.deepspeed:  # continue from the saved weights (under ZeRO-3 memory holds only shards)
@@ -140,7 +149,9 @@ def evaluate_on_main(model, tokenizer, splits: dict, task, max_new_tokens: int, 
             results = {name: evaluate_problems(model, tokenizer, problems, task, max_new_tokens,
                                                desc=f"eval {label} {name}")
                        for name, problems in splits.items()}
-            if cache_file is not None:
-                Path(cache_file).write_text(json.dumps(results))
+            if cache_file is not None:  # written whole or not at all: a run reading it never sees half
+                tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps(results))
+                os.replace(tmp, cache_file)
     barrier()
     return results

@@ -45,6 +45,35 @@ def add_backtrack_token(tokenizer: PreTrainedTokenizerBase, model=None) -> int:
     return backtrack_id(tokenizer)
 
 
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give a tokenizer without a pad token (GPT-2, Llama, Mistral) one, and say which: its EOS
+    (pad positions are never attended or trained, so any id works; EOS adds no new row)."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token: set one before training")
+        tokenizer.pad_token = tokenizer.eos_token
+        log.warning("the tokenizer has no pad token: padding with its EOS token %r (id %d)",
+                    tokenizer.eos_token, tokenizer.pad_token_id)
+    return tokenizer
+
+
+def load_tokenizer(path) -> PreTrainedTokenizerBase:
+    """AutoTokenizer from a local folder, with a clear error when the folder holds no tokenizer,
+    and a pad token chosen when it has none (`ensure_pad_token`)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+    if folder.is_dir() and not any((folder / f).exists() for f in files):
+        hint = ""
+        if folder.name.startswith("checkpoint-"):
+            hint = " (an intermediate checkpoint: the tokenizer is in the run's checkpoint/ or adapter/ folder)"
+        raise FileNotFoundError(f"{path} holds no tokenizer files ({', '.join(files)}){hint}")
+    return ensure_pad_token(AutoTokenizer.from_pretrained(path))
+
+
 def train_tokenizer(texts, vocab_size: int = 384) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on `texts` with digits split one by one (" 12" -> " 1", "2").
 

@@ -100,14 +100,18 @@ class ObjectiveTrainer(Trainer):
 
     def __init__(self, *args, objective: Objective, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
+        if self.args.n_gpu > 1:  # nn.DataParallel would split logits_to_keep across replicas
+            raise ValueError("one process sees several GPUs: launch one process per GPU (torchrun / deepspeed)")
         self.objective = objective
-        self.backend = use_backend(self.model, backend)
+        # the device the model will train on (under DeepSpeed it is not there yet)
+        self.backend = use_backend(self.model, backend, device=self.args.device)
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, metrics = self.objective(TargetModel(model, self.backend, self.accelerator.unwrap_model(model)), inputs)
-        for key, value in metrics.items():
-            self._metrics[key].append(float(value))
+        if model.training:  # evaluation passes do not leak into the training log
+            for key, value in metrics.items():
+                self._metrics[key].append(float(value))
         rescale = self.objective.token_level and num_items_in_batch is not None and "shift_labels" in inputs
         if rescale:
             # The mean over this micro-batch -> its share of the mean over every token the
@@ -124,10 +128,16 @@ class ObjectiveTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
-        if "loss" in logs and self._metrics:  # every rank logs, so the gather is collective
-            for key, values in self._metrics.items():
-                mean = torch.tensor(sum(values) / len(values), device=self.args.device)
-                logs[key] = round(self.accelerator.gather(mean).mean().item(), 6)
+        if "loss" in logs:
+            means = {key: sum(v) / len(v) for key, v in self._metrics.items()}
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # every rank logs; one collective whatever keys each rank saw (objectives may
+                # report a metric only for some batches)
+                everyone = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(everyone, means)
+                keys = sorted({k for m in everyone for k in m})
+                means = {k: sum(m[k] for m in everyone if k in m) / sum(k in m for m in everyone) for k in keys}
+            logs.update({key: round(value, 6) for key, value in means.items()})
             self._metrics.clear()
         super().log(logs, start_time)
 
@@ -198,7 +208,7 @@ def training_args(out_dir: str, *, steps: int, batch_size: int, lr: float, warmu
 
 def make_trainer(model, args: TrainingArguments, train_dataset, tb_dir: str, objective: Objective | None = None,
                  attention: str = "causal", positions: str = "original", backend: str = "auto",
-                 packed: bool = False, collator=None) -> ObjectiveTrainer:
+                 packed: bool = False, collator=None, tokenizer=None) -> ObjectiveTrainer:
     """A Trainer for `objective` (default: token cross-entropy) on examples or packed rows.
 
     backend "auto": the model's own causal kernel ("native") for causal attention with original
@@ -221,4 +231,5 @@ def make_trainer(model, args: TrainingArguments, train_dataset, tb_dir: str, obj
              "packed rows" if packed else "one example per row", backend)
     return ObjectiveTrainer(model=model, args=args, train_dataset=train_dataset,
                             data_collator=collator or TreeCollator(attention, positions, stats),
-                            callbacks=callbacks, objective=objective or TokenCrossEntropy(), backend=backend)
+                            callbacks=callbacks, objective=objective or TokenCrossEntropy(), backend=backend,
+                            processing_class=tokenizer)  # saved into every checkpoint-N

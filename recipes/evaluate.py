@@ -1,40 +1,51 @@
 """Evaluate a checkpoint with backtracking generation; write eval.json + eval.md, print the table.
 
-    python recipes/evaluate.py --model runs/masked_sft/checkpoint                 # arith, in + out of distribution
+    python recipes/evaluate.py --model runs/masked_sft/checkpoint                 # arith, as it was trained
+    python recipes/evaluate.py --model runs/masked_sft/adapter                    # a LoRA adapter folder
     python recipes/evaluate.py --model DIR --task gsm8k --data ../shared/data/gsm8k/test.jsonl --limit 50
+    python recipes/evaluate.py --model DIR --task jsonl --data mine.jsonl --prompt-field question \
+        --response-field solution --answer-field final
     python recipes/evaluate.py --model DIR --semantics rewind --out runs/eval     # override (warns on mismatch)
 
-The semantics (keep / rewind) come from the checkpoint's config.halluc unless --semantics is
-given; metric definitions are in docs/generation.md.
+What a checkpoint was trained with comes from its config.halluc: the semantics (keep / rewind),
+and for arith the lab settings and seed, so it is scored on the problems of its own lab (held
+out from its training). --task / --seed override them; a setting that cannot apply is an error.
+Metric definitions are in docs/generation.md.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
+from halluc.checkpoint import load_trained, training_record
 from halluc.evaluate import evaluate_problems, markdown_table
 from halluc.generate import SEMANTICS, LoopGuards, Sampling
 from halluc.lab import LabConfig, lab_splits
-from halluc.model import load_causal_lm
-from halluc.tasks import get_task, gsm8k
+from halluc.tasks import get_task, gsm8k, jsonl
 
 DEFAULT_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+log = logging.getLogger("evaluate")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="a local HF causal-LM folder (with its tokenizer)")
-    p.add_argument("--task", choices=["arith", "gsm8k"], default="arith")
-    p.add_argument("--data", default=None, help="gsm8k: a jsonl file (default: the shared GSM8K test set)")
+    p.add_argument("--model", required=True, help="a checkpoint or adapter folder saved by halluc, or any local "
+                   "HF causal-LM folder with its tokenizer")
+    p.add_argument("--task", choices=["arith", "gsm8k", "jsonl"], default=None,
+                   help="default: the task the checkpoint was trained on (arith for other models)")
+    p.add_argument("--data", default=None, help="gsm8k / jsonl: a jsonl file (gsm8k default: the shared GSM8K test set)")
+    p.add_argument("--prompt-field", default="prompt", help="jsonl: the prompt's field")
+    p.add_argument("--response-field", default="response", help="jsonl: the reference response's field")
+    p.add_argument("--answer-field", default=None, help="jsonl: the final answer's field (default: the last step)")
+    p.add_argument("--step-separator", default="\n", help="jsonl: what ends a step")
     p.add_argument("--limit", type=int, default=None, help="at most N problems per split")
     p.add_argument("--semantics", choices=SEMANTICS, default=None, help="default: from the checkpoint")
     p.add_argument("--out", default=None, help="folder for eval.json and eval.md (default: the model folder)")
-    p.add_argument("--seed", type=int, default=0, help="arith lab splits seed (as in training)")
+    p.add_argument("--seed", type=int, default=None, help="arith lab splits seed (default: the training seed, else 0)")
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -42,14 +53,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-backtracks", type=int, default=LoopGuards.max_backtracks)
     p.add_argument("--max-backtracks-per-position", type=int, default=LoopGuards.max_backtracks_per_position)
     p.add_argument("--ban-erased", action="store_true", help="ban the just-erased token right after a rewind")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be at least 1")
+    jsonl_only = [f for f, default in (("prompt_field", "prompt"), ("response_field", "response"),
+                                       ("answer_field", None), ("step_separator", "\n"))
+                  if getattr(args, f) != default]
+    if jsonl_only and args.task != "jsonl":
+        p.error(f"--{jsonl_only[0].replace('_', '-')} applies only to --task jsonl")
+    return args
 
 
-def load_splits(args) -> dict:
-    if args.task == "arith":
-        splits = lab_splits(LabConfig(), args.seed)
+def load_splits(args, record: dict) -> dict:
+    trained_lab = record.get("lab") or {}
+    task = args.task or trained_lab.get("task") or "arith"
+    if task == "arith":
+        if args.data:
+            raise SystemExit(f"--data {args.data} is read only by --task gsm8k or jsonl (this would evaluate arith)")
+        lab = LabConfig(**{k: v for k, v in trained_lab.items() if k in {f.name for f in dataclasses.fields(LabConfig)}})
+        seed = args.seed if args.seed is not None else record.get("seed", 0)
+        if trained_lab:
+            log.info("arith settings from the checkpoint: %s, seed %d", trained_lab, seed)
+        splits = lab_splits(dataclasses.replace(lab, task="arith", train_file=None, test_file=None), seed)
         return {name: splits[name][:args.limit] for name in ("test_id", "test_ood")}
-    path = Path(args.data) if args.data else DEFAULT_GSM8K
+    data = args.data or (trained_lab.get("test_file") if trained_lab.get("task") == task else None)
+    if task == "jsonl":
+        if not data:
+            raise SystemExit("--task jsonl needs --data FILE.jsonl")
+        path = Path(data)
+        fields = {k: getattr(args, k) for k in ("prompt_field", "response_field", "answer_field", "step_separator")}
+        if not args.data and trained_lab.get("task") == "jsonl":  # the checkpoint's own test file and fields
+            fields = {k: trained_lab.get(k, v) for k, v in fields.items()}
+        return {path.stem: jsonl.read_jsonl(path, **fields, limit=args.limit)}
+    path = Path(data) if data else DEFAULT_GSM8K
     return {path.stem: gsm8k.read_jsonl(path, args.limit)}
 
 
@@ -57,23 +93,26 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     t0 = time.perf_counter()
-    model = load_causal_lm(args.model).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    task = get_task(args.task)
-    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    model, tokenizer = load_trained(args.model)
+    model.eval()
+    record = training_record(model)
+    splits = load_splits(args, record)
+    task_name = args.task or (record.get("lab") or {}).get("task") or "arith"
+    task = get_task(task_name)
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed or 0)
     guards = LoopGuards(args.max_backtracks, args.max_backtracks_per_position, args.ban_erased)
     results = {name: evaluate_problems(model, tokenizer, problems, task, args.max_new_tokens, args.batch_size,
                                        desc=f"eval {name}", semantics=args.semantics, sampling=sampling,
                                        guards=guards)
-               for name, problems in load_splits(args).items()}
+               for name, problems in splits.items()}
     out = Path(args.out or args.model)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"model": str(args.model), "task": args.task, "args": vars(args),
+    report = {"model": str(args.model), "task": task_name, "args": vars(args),
               "halluc": getattr(model.config, "halluc", None), "results": results,
               "seconds": round(time.perf_counter() - t0, 1)}
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     table = markdown_table(results)
-    (out / "eval.md").write_text(f"# {args.model} ({args.task})\n\n{table}\n")
+    (out / "eval.md").write_text(f"# {args.model} ({task_name})\n\n{table}\n")
     print("\n" + table + f"\n\neval: {out / 'eval.json'}   {report['seconds']:.0f} s")
     return report
 

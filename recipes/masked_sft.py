@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from halluc.config import NonNegativeInt, PositiveInt, Stage, as_dict, flat_dict, load_config
+from halluc.config import NonNegativeInt, PositiveInt, Stage, as_dict, describe, flat_dict, load_config
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
 from halluc.lora import LoraSettings
@@ -36,33 +36,49 @@ log = logging.getLogger("masked_sft")
 
 @dataclass
 class Config:
-    output_dir: str = "runs/masked_sft"
-    cache_dir: str = "runs/cache"
+    output_dir: str = "runs/masked_sft"  # checkpoint/ (or adapter/), tb/, eval.json, eval.md, config.yaml
+    cache_dir: str = "runs/cache"        # trained lab bases, reused by any run with the same base settings
     model: str | None = None            # a local HF causal-LM folder; None = tiny lab base
-    seed: int = 0
+    data: str | None = None             # a folder from tools/prepare_data.py: the SFT examples (else built here)
+    seed: int = 0                        # data, splits, initialisation, order
     lab: LabConfig = field(default_factory=LabConfig)
     tiny: ModelConfig = field(default_factory=ModelConfig)
     base: Stage = field(default_factory=lambda: Stage(steps=1800, batch_size=32, lr=3e-3))
     sft: Stage = field(default_factory=lambda: Stage(steps=600, batch_size=32, lr=1e-3))
     errors: ErrorConfig = field(default_factory=ErrorConfig)
     masked: bool = True                 # False: train on the error tokens too (ablation)
-    bt_init: Literal["semantic", "mean", "random"] = "semantic"
+    bt_init: Literal["semantic", "mean", "random"] = "semantic"  # technique 2: how the new BT row starts
     # Technique 4. Default causal: errors stay visible to what follows (Physics-of-LM "retry"
     # data; their pretraining study found no loss from it) and plain generate() is its exact
     # inference twin. block_errors + rewound is the twin of KV-rewinding generation.
-    attention: Literal["causal", "block_errors"] = "causal"
-    positions: Literal["original", "rewound"] = "original"
-    backend: Literal["auto", "native", "dense", "dense_units", "flex", "varlen", "varlen_kv"] = "auto"
+    attention: Literal["causal", "block_errors"] = "causal"  # block_errors: corrections cannot see errors
+    positions: Literal["original", "rewound"] = "original"  # rewound: as a cropped KV cache numbers them
+    backend: Literal["auto", "native", "dense", "dense_units", "flex", "varlen", "varlen_kv"] = "auto"  # docs/attention.md
     pack: NonNegativeInt = 0            # >0: pack examples into rows of this many tokens
-    max_len: PositiveInt = 256
+    max_len: PositiveInt = 256          # longer examples are dropped (or truncated, see overlong)
     overlong: Literal["drop", "truncate"] = "drop"
-    num_proc: PositiveInt | None = None
+    num_proc: PositiveInt | None = None  # processes for building examples (datasets.map)
     deepspeed: str | None = None        # ds_configs/zero2.json | zero3.json | zero3_offload.json
     lora: LoraSettings = field(default_factory=LoraSettings)
     save_steps: NonNegativeInt = 0      # >0: checkpoint-N every this many steps, in each stage's dir
     save_total_limit: PositiveInt = 2   # newest checkpoint-N folders kept
     resume: bool = False                # continue each stage from its newest checkpoint-N
-    eval_max_new_tokens: PositiveInt = 192
+    overwrite: bool = False             # replace an earlier run in output_dir (else the run refuses)
+    reinit_bt: bool = False             # model=DIR that already has a BT token: re-initialise its row too
+    eval_max_new_tokens: PositiveInt = 192  # generation budget per test problem
+
+    def check(self) -> None:
+        if self.attention == "block_errors" and self.positions != "rewound":
+            raise ValueError("attention=block_errors needs positions=rewound: that pair is the exact twin of "
+                             "KV-rewinding generation; with original positions no decoder matches training")
+        if self.data and (self.errors != ErrorConfig() or not self.masked):
+            raise ValueError("errors.* and masked are fixed when the data is prepared (tools/prepare_data.py "
+                             f"--errors ... --unmasked); data={self.data} is used as it is")
+        if self.lab.task != "arith" and not self.lab.train_file and not (self.data and self.model):
+            raise ValueError(f"lab.task={self.lab.task} needs lab.train_file (the tiny base trains on it, and SFT "
+                             "examples are built from it), or model=DIR with a prepared data=DIR")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=true and overwrite=true contradict each other: choose one")
 
 
 def load(argv: list[str]) -> Config:
@@ -80,23 +96,29 @@ def main(argv=None):
 
 def train(cfg: Config) -> dict | None:
     # The ML libraries load here, after every setting was checked.
-    from transformers import AutoTokenizer, set_seed
+    import yaml
+    from transformers import set_seed
 
-    from halluc.checkpoint import record_training, save_stage
-    from halluc.data import build_sft_dataset
-    from halluc.distributed import is_main, world_size
-    from halluc.evaluate import log_to_tensorboard
+    from halluc.checkpoint import claim_output_dir, record_training, save_stage
+    from halluc.data import build_sft_dataset, load_prepared
+    from halluc.distributed import barrier, is_main, world_size
+    from halluc.evaluate import backtrack_samples, log_to_tensorboard
     from halluc.lab import eval_table, lab_splits
     from halluc.lora import apply_lora, base_identity
     from halluc.model import init_backtrack_embedding, load_causal_lm
     from halluc.stages import RunSettings, evaluate_on_main, lab_base_model, train_history, train_stage
     from halluc.tasks import get_task
-    from halluc.tokens import add_backtrack_token
+    from halluc.tokens import BACKTRACK_TOKEN, add_backtrack_token, has_backtrack, load_tokenizer
 
     set_seed(cfg.seed)
     run = RunSettings.of(cfg)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if is_main():
+        claim_output_dir(out, cfg.resume, cfg.overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
+        log.info("settings (also in %s):\n%s", out / "config.yaml", describe(cfg))
+    barrier()
     t0 = time.perf_counter()
     task = get_task(cfg.lab.task)
     splits = lab_splits(cfg.lab, cfg.seed)
@@ -104,7 +126,10 @@ def train(cfg: Config) -> dict | None:
 
     # (1) + (2): the base and its evaluation (cached with a cached lab base: every arm of a sweep shares it)
     if cfg.model:
-        model, tokenizer, base_path = load_causal_lm(cfg.model), AutoTokenizer.from_pretrained(cfg.model), cfg.model
+        if (Path(cfg.model) / "halluc_adapter.json").exists():
+            raise SystemExit(f"model={cfg.model} is a LoRA adapter: merge it first (tools/merge_adapter.py) "
+                             "and train from the merged folder")
+        model, tokenizer, base_path = load_causal_lm(cfg.model), load_tokenizer(cfg.model), cfg.model
     else:
         model, tokenizer, base_path = lab_base_model(cfg.lab, cfg.tiny, cfg.base, splits["train"], cfg.cache_dir,
                                                      run, cfg.max_len, cfg.num_proc)
@@ -118,8 +143,14 @@ def train(cfg: Config) -> dict | None:
     # on whether the base was trained in this process or read from the cache (a resumed run reads it).
     set_seed(cfg.seed + 1)
     identity = base_identity(model, str(base_path))  # what an adapter's base must match, before BT
+    had_bt = has_backtrack(tokenizer)
     bt_id = add_backtrack_token(tokenizer, model)
-    used = init_backtrack_embedding(model, tokenizer, bt_id, cfg.bt_init)
+    if had_bt and not cfg.reinit_bt:  # a halluc checkpoint trained again: its BT row is trained already
+        log.warning("model=%s already has %s (id %d): keeping its trained row (reinit_bt=true re-initialises it)",
+                    cfg.model, BACKTRACK_TOKEN, bt_id)
+        used = None
+    else:
+        used = init_backtrack_embedding(model, tokenizer, bt_id, cfg.bt_init)
     # generation reads attention/positions to pick its inference twin (keep / rewind)
     record_training(model, recipe="masked_sft", attention=cfg.attention, positions=cfg.positions,
                     backtrack_token_id=bt_id, lab=as_dict(cfg.lab), seed=cfg.seed)
@@ -127,11 +158,14 @@ def train(cfg: Config) -> dict | None:
         model = apply_lora(model, cfg.lora, bt_id)
 
     # (4) masked SFT with the default objective, token cross-entropy
-    data = build_sft_dataset(splits["sft"], tokenizer, cfg.errors, bt_id, masked=cfg.masked,
-                             max_len=cfg.max_len, overlong=cfg.overlong, seed=cfg.seed + 1,
-                             num_proc=cfg.num_proc)
+    if cfg.data:
+        data = load_prepared(cfg.data, tokenizer)
+    else:
+        data = build_sft_dataset(splits["sft"], tokenizer, cfg.errors, bt_id, masked=cfg.masked,
+                                 max_len=cfg.max_len, overlong=cfg.overlong, seed=cfg.seed + 1,
+                                 num_proc=cfg.num_proc)
     t1 = time.perf_counter()
-    trainer = train_stage(model, data, cfg.sft, str(out), run, cfg.attention, cfg.positions)
+    trainer = train_stage(model, data, cfg.sft, str(out), run, cfg.attention, cfg.positions, tokenizer=tokenizer)
     t_sft = time.perf_counter() - t1
     saved = out / ("adapter" if cfg.lora.enabled else "checkpoint")
     model = save_stage(trainer, model, tokenizer, saved, cfg.deepspeed, identity if cfg.lora.enabled else None)
@@ -152,6 +186,8 @@ def train(cfg: Config) -> dict | None:
     table = eval_table({"base": before, "masked SFT" if cfg.masked else "unmasked SFT": after})
     (out / "eval.md").write_text(table + "\n")
     print("\n" + table)
+    if examples := backtrack_samples(after):
+        print("\nsamples that backtracked (⌫ = one BT):\n" + examples)
     print(f"\n{'adapter' if cfg.lora.enabled else 'checkpoint'}: {saved}   eval: {out / 'eval.json'}   "
           f"tensorboard: {out / 'tb'}   total {report['seconds']['total']:.0f} s")
     return report

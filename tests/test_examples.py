@@ -100,8 +100,13 @@ def test_dataset_columns_and_overlong_log(bt_tokenizer, arith_problems, caplog):
                                max_len=70, overlong="drop")
     assert set(ds.column_names) >= {"input_ids", "labels", "roles"}
     assert ds.features["roles"].feature.names == ["prompt", "kept", "error", "backtrack", "correction"]
-    assert any("longer than 70 tokens" in r.message and "dropped" in r.message for r in caplog.records)
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "longer than max_len=70" in r.message]
+    assert warned and "dropped" in warned[0].message and "raise max_len or set overlong=truncate" in warned[0].message
     assert 0 < len(ds) < 100 and max(len(x) for x in ds["input_ids"]) <= 70
+    with pytest.raises(ValueError, match="all 100 examples are longer than max_len=10"):
+        build_sft_dataset(arith_problems[:100], bt_tokenizer, ErrorConfig(example_rate=1.0), bt, max_len=10)
+    with pytest.raises(ValueError, match="no problems"):
+        build_sft_dataset([], bt_tokenizer, ErrorConfig(example_rate=1.0), bt)
     for ids, labels, roles in zip(ds["input_ids"], ds["labels"], ds["roles"]):
         assert labels == labels_from_roles(ids, roles, masked=True)
 

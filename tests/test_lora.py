@@ -131,3 +131,22 @@ def test_merge_refuses_a_base_that_does_not_match(lab_tokenizer, arith_problems,
         assert not (tmp_path / f"merged-{name}").exists()
     with pytest.raises(SystemExit, match="refused: .*halluc_adapter.json"):
         merge.main(["--adapter", str(tmp_path / "base"), "--out", str(tmp_path / "merged-x")])
+
+
+def test_the_fingerprint_tells_apart_bases_that_differ_only_past_the_first_embedding_rows(lab_tokenizer, tmp_path):
+    """A base trained a little more keeps its first embedding rows (the lab never uses those
+    tokens) but moves its layers: the fingerprint must change (the old 16-row fingerprint did not),
+    and must not change with the dtype the same weights are stored in."""
+    from halluc.lora import fingerprint
+
+    base = tiny(len(lab_tokenizer))
+    trained = copy.deepcopy(base)
+    with torch.no_grad():
+        trained.model.layers[0].mlp.down_proj.weight.add_(1e-3)
+        trained.lm_head.weight[40:].add_(1e-3)
+    assert torch.equal(base.get_input_embeddings().weight[:16], trained.get_input_embeddings().weight[:16])
+    assert fingerprint(base) != fingerprint(trained)
+    base.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    as_bf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    as_fp32 = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    assert fingerprint(as_bf16) == fingerprint(as_fp32)

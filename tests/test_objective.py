@@ -82,3 +82,29 @@ def test_token_level_losses_weigh_micro_batches_by_their_tokens(lab_tokenizer, a
         loss[name] = trainer.state.log_history[-1]["train_loss"]
     assert loss["two"] == pytest.approx(loss["one"], rel=1e-5)
     assert abs(loss["two_unweighted"] - loss["one"]) > 1e-4
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_auto_picks_flex_and_the_objective_trains_in_bf16(lab_tokenizer, arith_problems, tmp_path):
+    """The backend is chosen for the device the Trainer trains on, and block_errors + rewound
+    trains through flex_attention in bf16 autocast (rows as plain dicts: no `datasets` needed)."""
+    import random
+
+    from halluc.data import labels_from_roles, make_example
+
+    tok = copy.deepcopy(lab_tokenizer)
+    model = tiny_llama(len(tok), hidden=64, layers=2, heads=4)
+    bt = add_backtrack_token(tok, model)
+    rng = random.Random(0)
+    rows = []
+    for p in arith_problems[:256]:
+        ex = make_example(p, tok, ErrorConfig(example_rate=0.5), bt, rng)
+        rows.append({"input_ids": ex.ids, "roles": ex.roles, "labels": labels_from_roles(ex.ids, ex.roles)})
+    args = training_args(str(tmp_path / "run"), steps=60, batch_size=32, lr=3e-3, log_every=10)
+    assert args.bf16
+    trainer = make_trainer(model, args, rows, tb_dir=str(tmp_path / "tb"), attention="block_errors",
+                           positions="rewound")
+    assert trainer.backend == "flex"
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < 0.7 * losses[0], losses

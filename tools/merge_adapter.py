@@ -5,7 +5,7 @@
 
 --base defaults to the base path the recipe recorded in the adapter folder. The base is the
 ORIGINAL model (without the BT token): it is checked against the adapter (architecture, sizes,
-vocabulary, a fingerprint of its embedding) and refused with the differences named, then
+vocabulary, a fingerprint of its weights) and refused with the differences named, then
 resized to the adapter's tokenizer; LoRA and the trained BT rows are merged in. The output
 (model + tokenizer with the BT token + config.halluc) loads with plain
 `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`.

@@ -1,6 +1,7 @@
 """Write a backtracking SFT dataset (input_ids, labels, roles) to disk with `datasets`.
 
     python tools/prepare_data.py --out runs/data/arith                      # embedded arith lab
+    python recipes/masked_sft.py data=runs/data/arith                        # train on it (the lab base)
     python tools/prepare_data.py --task gsm8k --input ../shared/data/gsm8k/train.jsonl \\
         --tokenizer path/to/tokenizer --errors random --sites 2 --tokens-per-site 3 --out runs/data/gsm8k
     python tools/prepare_data.py --task jsonl --input my.jsonl --prompt-field q --response-field a ...
@@ -14,14 +15,13 @@ import argparse
 import logging
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 from halluc.attention import edit_tree, position_ids
+from halluc.config import load_config
 from halluc.data import build_sft_dataset
 from halluc.errors import ErrorConfig
-from halluc.lab import LabConfig, lab_splits
+from halluc.lab import LabConfig, lab_splits, lab_tokenizer
 from halluc.tasks import get_task
-from halluc.tokens import add_backtrack_token, train_tokenizer
+from halluc.tokens import add_backtrack_token, load_tokenizer
 
 
 def parse_args(argv=None):
@@ -33,8 +33,11 @@ def parse_args(argv=None):
     p.add_argument("--response-field", default="response")
     p.add_argument("--answer-field", default=None)
     p.add_argument("--size", type=int, default=10000, help="arith: number of problems")
+    p.add_argument("--lab", action="append", default=[], metavar="KEY=VALUE",
+                   help="arith: a lab setting as the recipe takes it without 'lab.' (repeat), e.g. --lab prime=5; "
+                        "use the recipe's own, so the tokenizer and the held-out problems match its base")
     p.add_argument("--limit", type=int, default=None, help="read at most this many problems")
-    p.add_argument("--tokenizer", help="tokenizer folder; arith default: train the lab tokenizer")
+    p.add_argument("--tokenizer", help="the model's folder (its tokenizer); arith default: the lab base's tokenizer")
     p.add_argument("--errors", default="step", choices=["none", "random", "step"])
     p.add_argument("--example-rate", type=float, default=0.5)
     p.add_argument("--sites", type=int, default=1)
@@ -52,9 +55,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def arith_lab(a) -> LabConfig:
+    return load_config(LabConfig, [f"sft_size={a.size}", *a.lab])
+
+
 def load_problems(a):
     if a.task == "arith":
-        return lab_splits(LabConfig(sft_size=a.size, train_size=0), a.seed)["sft"]
+        return lab_splits(arith_lab(a), a.seed)["sft"]
     if not a.input:
         raise SystemExit(f"--task {a.task} needs --input")
     if a.task == "gsm8k":
@@ -76,9 +83,9 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     problems = load_problems(a)
     if a.tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
-    elif a.task == "arith":
-        tokenizer = train_tokenizer([p.prompt + p.solution for p in problems[:5000]])
+        tokenizer = load_tokenizer(a.tokenizer)
+    elif a.task == "arith":  # the lab base's own tokenizer (same lab settings and seed: the same ids)
+        tokenizer = lab_tokenizer(lab_splits(arith_lab(a), a.seed)["train"])
     else:
         raise SystemExit(f"--task {a.task} needs --tokenizer")
     bt_id = add_backtrack_token(tokenizer)

@@ -5,10 +5,10 @@
     python tools/sweep.py SWEEP.yaml --report-only                            # re-report finished runs
 
 A run is the recipe in its own process:
-    python RECIPE output_dir=OUT/SETTING/ARM/seed-S seed=S cache_dir=OUT/cache COMMON.. SETTING.. ARM..
+    python RECIPE output_dir=OUT/SETTING/ARM/seed-S seed=S cache_dir=OUT/cache overwrite=true COMMON.. SETTING.. ARM..
 Every run's settings are checked before anything starts (the recipe's `load`, about a second).
-A run whose folder holds eval.json is finished and skipped, so a killed sweep resumes where it
-stopped (an interrupted run starts again). Runs of one seed share the cached lab base, so the
+A run whose folder holds eval.json made with the run's settings is finished and skipped, so a
+killed sweep resumes where it stopped (an interrupted run, or an arm edited since, runs again). Runs of one seed share the cached lab base, so the
 first run of each seed goes first and the others of that seed wait for it. `--jobs` runs go at
 once, each with cores/jobs threads (a tiny model gains little from threads, a lot from processes).
 
@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from halluc.config import as_dict, flat_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 FINISHED = "eval.json"
@@ -56,6 +58,7 @@ class Run:
     seed: int
     out: Path
     args: list[str]
+    settings: dict | None = None  # the recipe's settings for `args` (flat), once checked
 
     @property
     def name(self) -> str:
@@ -63,7 +66,14 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return (self.out / FINISHED).exists()
+        """eval.json is there and was made with this run's settings (an arm edited since runs again)."""
+        path = self.out / FINISHED
+        if not path.exists():
+            return False
+        if self.settings is None:
+            return True
+        saved = flat_dict(json.loads(path.read_text()).get("config", {}))
+        return all(saved[k] == v for k, v in self.settings.items() if k in saved and k not in ("overwrite", "resume"))
 
 
 def read_sweep(path: str) -> Sweep:
@@ -79,6 +89,8 @@ def read_sweep(path: str) -> Sweep:
         for name, overrides in getattr(sweep, key).items():
             if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
                 raise SystemExit(f"{path}: {key}.{name} must be a list of key=value strings, got {overrides!r}")
+    if "base" in sweep.arms:
+        raise SystemExit(f"{path}: 'base' is the report's name for the model before SFT: rename that arm")
     if sweep.baseline not in sweep.arms:
         raise SystemExit(f"{path}: baseline {sweep.baseline!r} is not one of the arms {list(sweep.arms)}")
     return sweep
@@ -87,8 +99,9 @@ def read_sweep(path: str) -> Sweep:
 def plan(sweep: Sweep, out: Path) -> list[Run]:
     """Every (setting, arm, seed), leaders first: the first run of each seed trains its base."""
     runs = [Run(setting, arm, seed, out / setting / arm / f"seed-{seed}",
+                # overwrite: a run without eval.json was interrupted; it starts again from scratch
                 [f"output_dir={out / setting / arm / f'seed-{seed}'}", f"seed={seed}", f"cache_dir={out / 'cache'}",
-                 *sweep.common, *overrides, *sweep.arms[arm]])
+                 "overwrite=true", *sweep.common, *overrides, *sweep.arms[arm]])
             for seed in sweep.seeds for setting, overrides in sweep.settings.items() for arm in sweep.arms]
     leaders = {r.seed: r for r in reversed(runs)}
     return sorted(runs, key=lambda r: r is not leaders[r.seed])
@@ -103,7 +116,7 @@ def check_settings(sweep: Sweep, runs: list[Run]) -> None:
     spec.loader.exec_module(recipe)
     for run in runs:
         try:
-            recipe.load(run.args)
+            run.settings = flat_dict(json.loads(json.dumps(as_dict(recipe.load(run.args)))))
         except SystemExit as e:
             raise SystemExit(f"{run.name}: {e}") from None
 
@@ -171,8 +184,8 @@ def main(argv=None) -> int:
     out = Path(args.out or f"runs/sweeps/{sweep.name}").resolve()
     runs = plan(sweep, out)
     failed = []
+    check_settings(sweep, runs)
     if not args.report_only:
-        check_settings(sweep, runs)
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         failed = execute(sweep, runs, args.jobs or os.cpu_count() or 1)

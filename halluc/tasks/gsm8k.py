@@ -39,8 +39,8 @@ def read_jsonl(path, limit: int | None = None) -> list[Problem]:
     """Read a GSM8K jsonl file ({"question", "answer"} per line) into Problems."""
     problems = []
     for n, row in jsonl.iter_jsonl_rows(path, limit):
-        question = jsonl.get_field(row, "question", path, n)
-        answer_text = jsonl.get_field(row, "answer", path, n)
+        question = jsonl.get_text(row, "question", path, n)
+        answer_text = jsonl.get_text(row, "answer", path, n)
         answer = extract_answer(answer_text)
         if answer is None:
             raise ValueError(f"{path}:{n}: field 'answer' has no '#### <number>' final line")

@@ -22,8 +22,13 @@ def iter_jsonl_rows(path, limit: int | None = None) -> Iterator[tuple[int, dict]
     if limit is not None and limit <= 0:
         return
     seen = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line: "
+                                 f"{raw[max(0, e.start - 10):e.start + 10]!r})") from None
             if not line.strip():
                 continue
             try:
@@ -44,6 +49,15 @@ def get_field(row: dict, name: str, source, line: int):
     if row.get(name) is None:
         raise ValueError(f"{source}:{line}: missing field {name!r} (fields present: {sorted(row)})")
     return row[name]
+
+
+def get_text(row: dict, name: str, source, line: int) -> str:
+    """row[name] as text: a string as it is, a number converted, anything else an error naming
+    the field, file and line."""
+    value = get_field(row, name, source, line)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"{source}:{line}: field {name!r} must be text, got {type(value).__name__}")
+    return value if isinstance(value, str) else str(value)
 
 
 def split_steps(text: str, sep: str = "\n") -> list[str]:
@@ -122,7 +136,7 @@ def problem_from_row(
 ) -> Problem:
     """One row -> Problem. `prompt_template` may use any field of the row; `{prompt}` is
     the prompt field whatever its name."""
-    prompt = get_field(row, prompt_field, source, line)
+    prompt = get_text(row, prompt_field, source, line)
     response = get_field(row, response_field, source, line)
     try:
         prompt_text = prompt_template.format(**{**row, "prompt": prompt})
@@ -130,12 +144,12 @@ def problem_from_row(
         raise ValueError(f"{source}:{line}: missing field {e.args[0]!r} used by prompt_template") from None
     if isinstance(response, (list, tuple)):
         steps = steps_from_list(list(response), step_separator)
-    elif isinstance(response, str):
-        steps = split_steps(response, step_separator)
+    elif isinstance(response, (str, int, float)) and not isinstance(response, bool):
+        steps = split_steps(str(response), step_separator)
     else:
         raise ValueError(f"{source}:{line}: field {response_field!r} must be a string or a list of strings")
     if answer_field is not None:
-        answer = str(get_field(row, answer_field, source, line)).strip()
+        answer = get_text(row, answer_field, source, line).strip()
     else:
         answer = steps[-1].strip() if steps else ""
     meta = {"task": "jsonl", "source": str(source), "line": line, "step_separator": step_separator}

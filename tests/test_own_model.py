@@ -1,0 +1,247 @@
+"""Bring your own model and data: each class of failure a new user hit, as a test.
+
+Models here are tiny stand-ins saved to disk the way a user's model would be (a folder with
+config.json and tokenizer files); nothing is downloaded.
+"""
+import copy
+import json
+import logging
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, load_script
+from transformers import AutoModelForCausalLM
+
+from halluc.model import tiny_llama
+from halluc.tasks import arith, gsm8k, jsonl
+from halluc.tokens import BACKTRACK_TOKEN, train_tokenizer
+
+TINY = ["base.steps=20", "sft.steps=4", "base.batch_size=8", "sft.batch_size=8", "lab.train_size=200",
+        "lab.sft_size=64", "lab.test_size=8", "tiny.hidden=32", "eval_max_new_tokens=24"]
+
+
+def recipe():
+    return load_script("recipes/masked_sft.py")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("base-cache")
+
+
+@pytest.fixture
+def no_pad_model(arith_problems, tmp_path):
+    """A model folder whose tokenizer has no pad token (as GPT-2, Llama and Mistral ship)."""
+    tok = train_tokenizer([p.prompt + p.solution for p in arith_problems])
+    tok.pad_token = None
+    assert tok.pad_token_id is None
+    model = tiny_llama(len(tok), hidden=32, layers=1, heads=2, eos_token_id=tok.eos_token_id)
+    model.save_pretrained(tmp_path / "nopad")
+    tok.save_pretrained(tmp_path / "nopad")
+    return tmp_path / "nopad"
+
+
+# 1 -------------------------------------------------------------------------------------------
+def test_a_tokenizer_without_pad_token_trains_generates_and_evaluates(no_pad_model, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        report = recipe().main([f"model={no_pad_model}", f"output_dir={tmp_path}/out", *TINY])
+    assert any("no pad token: padding with its EOS token" in r.message for r in caplog.records)
+    assert report["after"]["test_id"]["n"] == 8
+    generate = load_script("recipes/generate.py")
+    out = generate.main(["--model", str(tmp_path / "out" / "checkpoint"), "--prompt", "a = 3 , b = a + 1 . b ?",
+                         "--max-new-tokens", "8"])
+    assert out[0]["stop"] in ("eos", "length") and out[0]["semantics"] == "keep"
+
+
+# 2 -------------------------------------------------------------------------------------------
+def test_an_earlier_run_is_never_overwritten_silently(tmp_path, cache, caplog):
+    args = [f"output_dir={tmp_path}/out", f"cache_dir={cache}", "save_steps=2", *TINY]
+    recipe().main(args)
+    first = json.loads((tmp_path / "out" / "eval.json").read_text())
+    with pytest.raises(SystemExit, match="already holds a finished run .*resume=true.*overwrite=true"):
+        recipe().main(args + ["sft.lr=0.01"])
+    assert json.loads((tmp_path / "out" / "eval.json").read_text()) == first  # untouched
+    with caplog.at_level(logging.WARNING):
+        recipe().main(args + ["overwrite=true", "sft.lr=0.01"])
+    assert any("overwrite=true: deleting the earlier run" in r.message for r in caplog.records)
+    assert json.loads((tmp_path / "out" / "eval.json").read_text())["config"]["sft"]["lr"] == 0.01
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        recipe().main([f"output_dir={tmp_path}/fresh", f"cache_dir={cache}", "resume=true", *TINY])
+    assert any("resume=true, but" in r.message and "starting from scratch" in r.message for r in caplog.records)
+    with pytest.raises(SystemExit, match="contradict"):
+        recipe().main([f"output_dir={tmp_path}/x", "resume=true", "overwrite=true"])
+
+
+# 3 -------------------------------------------------------------------------------------------
+def test_a_checkpoint_is_scored_on_its_own_lab_and_settings_that_cannot_apply_fail(tmp_path, cache):
+    recipe().main([f"output_dir={tmp_path}/p5", f"cache_dir={cache}", "lab.prime=5", "seed=3", *TINY])
+    evaluate = load_script("recipes/evaluate.py")
+    report = evaluate.main(["--model", str(tmp_path / "p5" / "checkpoint"), "--limit", "4", "--max-new-tokens", "8"])
+    from halluc.lab import LabConfig, lab_splits
+
+    expected = lab_splits(LabConfig(prime=5, train_size=200, sft_size=64, test_size=8), 3)["test_id"][:4]
+    assert [s["prompt"] for s in report["results"]["test_id"]["samples"][:4]] == [p.prompt for p in expected]
+    with pytest.raises(SystemExit, match="--data .* is read only by --task gsm8k or jsonl"):
+        evaluate.main(["--model", str(tmp_path / "p5" / "checkpoint"), "--data", "x.jsonl"])
+    with pytest.raises(SystemExit, match="lab.train_file is read only by lab.task=gsm8k or jsonl"):
+        recipe().load(["lab.train_file=train.jsonl"])
+    with pytest.raises(SystemExit, match="lab.prompt_field is read only by lab.task=jsonl"):
+        recipe().load(["lab.prompt_field=question"])
+
+
+# 4 -------------------------------------------------------------------------------------------
+def test_prepare_train_evaluate_on_arith_and_on_own_jsonl_fields(tmp_path, cache, arith_problems):
+    prepare = load_script("tools/prepare_data.py")
+    lab = ["--lab", "train_size=200", "--lab", "test_size=8"]  # the recipe's lab (TINY): the base's tokenizer
+    prepare.main(["--out", str(tmp_path / "data"), "--size", "64", "--seed", "0", *lab])
+    report = recipe().main([f"data={tmp_path / 'data'}", f"output_dir={tmp_path}/out", f"cache_dir={cache}", *TINY])
+    assert report["sft_train"]["steps"] == 4
+    # data made with another tokenizer is refused, naming the mismatch
+    other = train_tokenizer([p.prompt[::-1] for p in arith_problems], vocab_size=300)
+    other.save_pretrained(tmp_path / "other")
+    prepare.main(["--out", str(tmp_path / "bad"), "--size", "16", "--tokenizer", str(tmp_path / "other")])
+    with pytest.raises(SystemExit, match="another tokenizer than the model's"):
+        recipe().main([f"data={tmp_path / 'bad'}", f"output_dir={tmp_path}/bad-out", f"cache_dir={cache}", *TINY])
+    with pytest.raises(SystemExit, match="fixed when the data is prepared"):
+        recipe().load([f"data={tmp_path / 'data'}", "masked=false"])
+
+    # a user's jsonl with its own field names: train on it and evaluate the checkpoint on it
+    rows = [{"question": p.prompt, "solution": p.solution.replace(" ;", " ;\n"), "final": p.answer}
+            for p in arith_problems[:80]]
+    for name, part in (("train", rows[:64]), ("test", rows[64:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    fields = ["lab.task=jsonl", f"lab.train_file={tmp_path / 'train.jsonl'}", f"lab.test_file={tmp_path / 'test.jsonl'}",
+              "lab.prompt_field=question", "lab.response_field=solution", "lab.answer_field=final",
+              "errors.source=step"]
+    report = recipe().main([f"output_dir={tmp_path}/mine", f"cache_dir={cache}", *TINY, *fields])
+    assert report["after"]["test_id"]["n"] == 8
+    evaluate = load_script("recipes/evaluate.py")
+    again = evaluate.main(["--model", str(tmp_path / "mine" / "checkpoint"), "--max-new-tokens", "24"])
+    assert again["task"] == "jsonl" and again["results"]["test"]["n"] == 8
+
+
+# 5 is in tests/test_lora.py (the fingerprint) ---------------------------------------------
+
+# 6 -------------------------------------------------------------------------------------------
+def test_packing_drops_are_reported_and_nothing_left_fails_clearly(bt_tokenizer, arith_problems, tmp_path, caplog):
+    from halluc.config import Stage
+    from halluc.data import build_sft_dataset
+    from halluc.errors import ErrorConfig
+    from halluc.stages import RunSettings, train_stage
+    from halluc.tokens import backtrack_id
+
+    data = build_sft_dataset(arith_problems[:40], bt_tokenizer, ErrorConfig(example_rate=1.0), backtrack_id(bt_tokenizer))
+    lengths = sorted(len(x) for x in data["input_ids"])
+    model = tiny_llama(len(bt_tokenizer), hidden=32, layers=1, heads=2)
+    with caplog.at_level(logging.WARNING):
+        train_stage(model, data, Stage(steps=1, batch_size=4), str(tmp_path / "a"), RunSettings(pack=lengths[20]))
+    assert any("longer than pack=" in r.message and "dropped: raise pack" in r.message for r in caplog.records)
+    with pytest.raises(SystemExit, match="no training example left"):
+        train_stage(model, data, Stage(steps=1, batch_size=4), str(tmp_path / "b"), RunSettings(pack=lengths[0] - 1))
+
+
+# 7 -------------------------------------------------------------------------------------------
+def test_path_mistakes_get_errors_that_name_the_path(tmp_path, no_pad_model):
+    from halluc.checkpoint import load_trained
+    from halluc.model import load_causal_lm
+    from halluc.tokens import load_tokenizer
+
+    t0 = time.monotonic()
+    with pytest.raises(FileNotFoundError, match="runs/nope/checkpoint: no such folder"):
+        load_causal_lm("runs/nope/checkpoint")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load_trained(str(tmp_path / "missing"))
+    assert time.monotonic() - t0 < 2  # no hub retries
+    weights_only = tmp_path / "weights"
+    AutoModelForCausalLM.from_pretrained(no_pad_model).save_pretrained(weights_only)
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer files"):
+        load_tokenizer(weights_only)
+    (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "checkpoint-5" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="an intermediate checkpoint"):
+        load_tokenizer(tmp_path / "checkpoint-5")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_causal_lm(str(tmp_path))
+
+
+def test_intermediate_checkpoints_and_adapters_can_be_evaluated(tmp_path, cache):
+    recipe().main([f"output_dir={tmp_path}/full", f"cache_dir={cache}", "save_steps=2", *TINY])
+    recipe().main([f"output_dir={tmp_path}/lora", f"cache_dir={cache}", "lora.enabled=true", "lora.r=2", *TINY])
+    evaluate = load_script("recipes/evaluate.py")
+    for folder in ("full/checkpoint-4", "lora/adapter"):
+        report = evaluate.main(["--model", str(tmp_path / folder), "--limit", "3", "--max-new-tokens", "8",
+                                "--out", str(tmp_path / "eval" / folder)])
+        assert report["results"]["test_id"]["n"] == 3
+
+
+# 8 -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("setting, message", [
+    ("sft.steps=0", "sft.steps=0: must be in [1, inf]"),
+    ("attention=block_errors", "attention=block_errors needs positions=rewound"),
+    ("lab.task=gsm8k", "lab.task=gsm8k needs lab.test_file"),
+    ("lab.swap_rate=0.3", "lab.swap_rate=0.3 applies only to lab.listing=swapped"),
+])
+def test_bad_values_and_combinations_fail_at_load(setting, message):
+    t0 = time.monotonic()
+    result = subprocess.run([sys.executable, "recipes/masked_sft.py", setting], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and message in result.stderr and time.monotonic() - t0 < 5, result.stderr[-800:]
+
+
+# 9 -------------------------------------------------------------------------------------------
+def test_training_a_halluc_checkpoint_again_keeps_its_bt_row(tmp_path, cache, caplog):
+    recipe().main([f"output_dir={tmp_path}/first", f"cache_dir={cache}", *TINY])
+    first = tmp_path / "first" / "checkpoint"
+    trained = AutoModelForCausalLM.from_pretrained(first)
+    bt = trained.config.halluc["backtrack_token_id"]
+    row = trained.get_input_embeddings().weight[bt].detach().clone()
+    frozen = ["sft.lr=0"]  # no update: what reaches the checkpoint is the row as initialised
+    with caplog.at_level(logging.WARNING):
+        recipe().main([f"model={first}", f"output_dir={tmp_path}/again", *TINY, *frozen])
+    assert any("keeping its trained row" in r.message for r in caplog.records)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again" / "checkpoint")
+    torch.testing.assert_close(again.get_input_embeddings().weight[bt], row, rtol=0, atol=0)
+    recipe().main([f"model={first}", f"output_dir={tmp_path}/reinit", "reinit_bt=true", *TINY, *frozen])
+    reinit = AutoModelForCausalLM.from_pretrained(tmp_path / "reinit" / "checkpoint")
+    assert not torch.equal(reinit.get_input_embeddings().weight[bt], row)
+
+
+# 10 ------------------------------------------------------------------------------------------
+def test_data_file_edge_cases_name_the_file_and_line(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(SystemExit, match="empty.jsonl: no problems in it"):
+        recipe().main(["lab.task=gsm8k", f"lab.train_file={empty}", f"lab.test_file={empty}",
+                       f"output_dir={tmp_path}/o"])
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"question": "ok", "answer": "1\\n#### 1"}\n{"question": "caf\xe9", "answer": "#### 2"}\n')
+    with pytest.raises(ValueError, match=r"latin.jsonl:2: not UTF-8"):
+        gsm8k.read_jsonl(latin)
+    numeric = tmp_path / "numeric.jsonl"
+    numeric.write_text(json.dumps({"prompt": "2 + 2 =", "response": 4, "final": 4}) + "\n"
+                       + json.dumps({"prompt": "x", "response": {"a": 1}}) + "\n")
+    with pytest.raises(ValueError, match=r"numeric.jsonl:2: field 'response' must be a string or a list"):
+        jsonl.read_jsonl(numeric, answer_field="final")
+    assert jsonl.read_jsonl(numeric, answer_field="final", limit=1)[0].answer == "4"
+    bad_answer = tmp_path / "gsm_numeric.jsonl"
+    bad_answer.write_text(json.dumps({"question": "q", "answer": 18}) + "\n")
+    with pytest.raises(ValueError, match="gsm_numeric.jsonl:1: field 'answer' has no '#### <number>'"):
+        gsm8k.read_jsonl(bad_answer)
+
+
+def test_a_prompt_longer_than_the_model_positions_does_not_kill_the_evaluation(bt_tokenizer):
+    from halluc.evaluate import evaluate_problems
+
+    tok = copy.deepcopy(bt_tokenizer)
+    model = tiny_llama(len(tok), hidden=32, layers=1, heads=2, max_positions=48)
+    problems = arith.make_split(6, (2, 2), seed=1) + arith.make_split(2, (12, 12), seed=2)
+    assert max(len(tok(p.prompt)["input_ids"]) for p in problems) >= 48
+    result = evaluate_problems(model, tok, problems, arith, max_new_tokens=16)
+    assert result["n"] == 8 and result["stops"].get("prompt_too_long") == 2
+    with pytest.raises(ValueError, match="no problems to evaluate"):
+        evaluate_problems(model, tok, [], arith)
+    assert BACKTRACK_TOKEN in tok.get_vocab()

@@ -76,17 +76,19 @@ def load_splits(args, record: dict) -> dict:
             log.info("arith settings from the checkpoint: %s, seed %d", trained_lab, seed)
         splits = lab_splits(dataclasses.replace(lab, task="arith", train_file=None, test_file=None), seed)
         return {name: splits[name][:args.limit] for name in ("test_id", "test_ood")}
-    data = args.data or (trained_lab.get("test_file") if trained_lab.get("task") == task else None)
+    own = not args.data and trained_lab.get("task") == task  # the checkpoint's own test file, as in training
+    data = args.data or (trained_lab.get("test_file") if own else None)
+    limit = args.limit or (trained_lab.get("test_size") if own else None)
     if task == "jsonl":
         if not data:
             raise SystemExit("--task jsonl needs --data FILE.jsonl")
         path = Path(data)
         fields = {k: getattr(args, k) for k in ("prompt_field", "response_field", "answer_field", "step_separator")}
-        if not args.data and trained_lab.get("task") == "jsonl":  # the checkpoint's own test file and fields
+        if own:  # and its field names
             fields = {k: trained_lab.get(k, v) for k, v in fields.items()}
-        return {path.stem: jsonl.read_jsonl(path, **fields, limit=args.limit)}
+        return {path.stem: jsonl.read_jsonl(path, **fields, limit=limit)}
     path = Path(data) if data else DEFAULT_GSM8K
-    return {path.stem: gsm8k.read_jsonl(path, args.limit)}
+    return {path.stem: gsm8k.read_jsonl(path, limit)}
 
 
 def main(argv=None) -> dict:

@@ -24,8 +24,13 @@ def saved_model(tokenizer, folder: Path) -> Path:
     torch.manual_seed(0)
     model = tiny_llama(len(tok), hidden=32, layers=1, heads=2)
     bt = add_backtrack_token(tok, model)
-    with torch.no_grad():  # make BTs likely, so the visible text and the raw trace differ
-        model.lm_head.weight[bt] = model.lm_head.weight[:bt].mean(0) + 0.8 * model.lm_head.weight[:bt].std(0)
+    with torch.no_grad():  # make BTs likely, so the visible text and the raw trace differ: the BT row
+        # points along the mean final hidden state, scaled to win at about half the positions
+        ids = torch.tensor([tok(f"Question: {r['question']}\nAnswer:")["input_ids"] for r in ROWS[:1]])
+        out = model(ids, output_hidden_states=True)
+        h, logits = out.hidden_states[-1][0], out.logits[0]
+        m = h.mean(0)
+        model.lm_head.weight[bt] = m / m.dot(m) * logits.max(-1).values.median()
     model.config.halluc = {"attention": "causal", "positions": "original", "backtrack_token_id": bt}
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

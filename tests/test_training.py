@@ -78,7 +78,7 @@ def test_recipe_end_to_end_tiny(tmp_path):
     # the second run reuses the cached base
     again = recipe.main([f"output_dir={tmp_path}/out2", f"cache_dir={tmp_path}/cache", "base.steps=30",
                          "sft.steps=2", "lab.train_size=400", "lab.sft_size=200", "lab.test_size=16",
-                         "tiny.hidden=32", "eval_max_new_tokens=40"])
+                         "tiny.hidden=32", "eval_max_new_tokens=40", "pack=256"])  # the base's settings
     assert again["before"] == report["before"]
 
 

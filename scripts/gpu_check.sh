@@ -26,7 +26,7 @@ printf "%-12s %-8s %-10s %-10s %-10s %-10s\n" backend rc sft_s loss_first loss_l
 for backend in flex varlen_kv; do
   dir=/tmp/gpu_sft_$backend
   timeout 150 python3 recipes/masked_sft.py output_dir=$dir cache_dir=/tmp/gpu_cache base.steps=300 sft.steps=150 \
-    base.batch_size=64 sft.batch_size=64 lab.train_size=8000 lab.sft_size=4000 attention=block_errors positions=rewound \
+    base.batch_size=64 sft.batch_size=64 lab.train_size=8000 lab.sft_size=4000 lab.test_size=200 attention=block_errors positions=rewound \
     backend=$backend > "$OUT/sft_$backend.log" 2>&1
   rc=$?
   python3 - "$dir" "$backend" "$rc" "$OUT/sft_$backend.log" >> "$OUT/table.txt" <<'PY'
@@ -43,7 +43,7 @@ except (OSError, KeyError, ValueError):
 first, last = (f"{losses[0]:.3f}", f"{losses[-1]:.3f}") if losses else ("-", "-")
 print(f"{backend:<12} {rc:<8} {sft_s:<10} {first:<10} {last:<10} {acc:<10}")
 PY
-  grep -E "attention backend|setting attn_implementation|Error|error" "$OUT/sft_$backend.log" | head -4 | cut -c1-160
+  grep -E "attention backend|setting attn_implementation|Traceback|Error:" "$OUT/sft_$backend.log" | head -4 | cut -c1-160
 done
 echo "== summary"
 cat "$OUT/table.txt"

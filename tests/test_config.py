@@ -38,6 +38,10 @@ def test_unknown_key_and_bad_type_are_named(tmp_path):
     ("sft.steps=-5", "sft.steps=-5: must be in [1, inf]"),
     ("lab.swap_rate=1.5", "lab.swap_rate=1.5: must be in [0, 1]"),
     ("backend=fast", "backend='fast': choose one of auto, native, dense"),
+    ("sft.steps=0", "sft.steps=0: must be in [1, inf]"),
+    ("attention=block_errors", "attention=block_errors needs positions=rewound"),
+    ("lab.task=gsm8k", "lab.task=gsm8k needs lab.test_file"),
+    ("lab.swap_rate=0.3", "lab.swap_rate=0.3 applies only to lab.listing=swapped"),
 ])
 def test_a_bad_setting_fails_fast_naming_the_key_and_the_allowed_values(setting, message):
     import subprocess

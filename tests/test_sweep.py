@@ -6,7 +6,7 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 TINY = ["base.steps=20", "sft.steps=6", "base.batch_size=8", "sft.batch_size=8", "lab.train_size=200",
         "lab.sft_size=100", "lab.test_size=12", "tiny.hidden=32", "eval_max_new_tokens=30"]
@@ -61,6 +61,16 @@ def test_tiny_sweep_runs_reports_and_resumes(tmp_path):
     resumed = sweep(spec, "--out", out, "--jobs", "2")
     assert "8 runs: 7 finished already, 1 to run" in resumed.stdout and "done   swapped/masked/seed-1" in resumed.stdout
     assert len((out / "wall.jsonl").read_text().splitlines()) == 3
+    # an arm edited since is not finished: its runs would run again (the others stay finished)
+    runner = load_script("tools/sweep.py")
+    edited = runner.read_sweep(str(write_sweep(tmp_path / "edited.yaml", {"clean": ["errors.source=none"],
+                                                                          "masked": ["sft.lr=0.002"]},
+                                               settings={"default": [], "swapped": ["lab.listing=swapped",
+                                                                                    "lab.swap_rate=0.5"]})))
+    runs = runner.plan(edited, out)
+    runner.check_settings(edited, runs)
+    assert sorted(r.name for r in runs if not r.finished) == sorted(
+        f"{setting}/masked/seed-{seed}" for setting in ("default", "swapped") for seed in (0, 1))
 
 
 def test_a_bad_arm_fails_before_anything_runs(tmp_path):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from halluc.distributed import barrier, is_main, release_deepspeed_config, zero_stage
 
 log = logging.getLogger(__name__)
@@ -92,35 +94,63 @@ def save_stage(trainer, model, tokenizer, out_dir, deepspeed: str | None = None,
     return reload() if is_main() else None
 
 
-# What a recipe run leaves in its output folder (a sweep's own run.log is not one of them).
-RUN_ARTEFACTS = ("eval.json", "eval.md", "checkpoint", "adapter", "tb", "config.yaml")
+# What a recipe run leaves in its output folder (a sweep's own run.log is not one of them;
+# config.yaml alone is a run that failed before it trained anything).
+RUN_ARTEFACTS = ("eval.json", "eval.md", "checkpoint", "adapter", "tb")
+NOT_COMPARED = ("resume", "overwrite", "output_dir")  # may differ between a run and its resumption
 
 
-def claim_output_dir(out_dir, resume: bool, overwrite: bool) -> None:
+def claim_output_dir(cfg, delete: bool = True) -> None:
     """Refuse to run into a folder that holds an earlier run, unless told what to do with it.
 
-    resume=true continues it (from its newest complete checkpoint-N, said in the log; with none,
-    the log says the run starts from scratch); overwrite=true deletes the earlier run's files
-    first. Either way nothing of two runs is mixed (checkpoints, eval.json, TensorBoard).
+    resume=true continues it (from its newest complete checkpoint-N, said in the log) if it was
+    made with the same settings (config.yaml; the differences are named otherwise), and refuses a
+    finished run with nothing to resume from; overwrite=true deletes the earlier run's files
+    first (only with `delete`: under a launcher every rank checks, rank 0 deletes), but never a
+    folder the run reads (model=, data=). Nothing of two runs is ever mixed.
     """
     import shutil
 
-    out = Path(out_dir)
-    found = sorted(p.name for p in out.glob("*") if p.name in RUN_ARTEFACTS or p.name.startswith("checkpoint-")) \
+    import yaml
+
+    from halluc.config import as_dict, flat_dict
+
+    out = Path(cfg.output_dir)
+    found = sorted(p.name for p in out.glob("*")
+                   if p.name in RUN_ARTEFACTS or p.name.startswith(("checkpoint-", "round-", "phase-"))) \
         if out.is_dir() else []
     if not found:
-        if resume:
+        if cfg.resume:
             log.warning("resume=true, but %s holds no earlier run: starting from scratch", out)
         return
     finished = (out / "eval.json").exists()
-    if overwrite:
+    if cfg.overwrite:
+        for name in ("model", "data"):
+            source = getattr(cfg, name, None)
+            if source and Path(source).resolve().is_relative_to(out.resolve()):
+                raise SystemExit(f"overwrite=true would delete {name}={source}, which this run reads: "
+                                 "choose another output_dir")
         log.warning("overwrite=true: deleting the earlier run in %s (%s)", out, ", ".join(found))
-        for name in found:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if delete:
+            for name in found:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         return
-    if resume:
+    if cfg.resume:
+        saved = out / "config.yaml"
+        if saved.exists():
+            before = flat_dict(yaml.safe_load(saved.read_text()) or {})
+            now = flat_dict(as_dict(cfg))
+            changed = sorted(k for k in set(before) | set(now)
+                             if k not in NOT_COMPARED and _normal(before.get(k)) != _normal(now.get(k)))
+            if changed:
+                raise SystemExit(f"resume=true: {out} was made with other settings ("
+                                 + ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
+                                 + "): resume with the same settings, or overwrite=true")
         start = latest_checkpoint(out)
+        if finished and start is None and not any(n.startswith("round-") for n in found):
+            raise SystemExit(f"resume=true: {out} holds a finished run with no checkpoint-N to resume from; "
+                             "overwrite=true replaces it")
         log.warning("resume=true: continuing the %s run in %s from %s", "finished" if finished else "partial",
                     out, start or "its start (no complete checkpoint-N; save_steps=N writes them)")
         return
@@ -129,18 +159,52 @@ def claim_output_dir(out_dir, resume: bool, overwrite: bool) -> None:
                      f"or another output_dir")
 
 
-def load_trained(path, dtype=None):
-    """(model, tokenizer) of anything halluc saved: a full checkpoint folder (plain HF) or an
-    adapter folder (LoRA + BT rows on the base it records). Errors name the folder."""
+def _normal(value):
+    """Settings as YAML reads them back (tuples become lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def load_trained(path, dtype=None, base: str | None = None):
+    """(model, tokenizer) of anything halluc saved: a full checkpoint folder (plain HF), an
+    adapter folder or a LoRA run's checkpoint-N (LoRA + BT rows on the base it records, or on
+    `base`). Errors name the folder."""
     import torch
 
-    from halluc.lora import ADAPTER_INFO, load_adapter
+    from halluc.lora import ADAPTER_INFO, load_adapter, read_adapter_info
     from halluc.model import check_model_path, load_causal_lm
     from halluc.tokens import ensure_pad_token, load_tokenizer
 
     dtype = dtype or torch.float32
     check_model_path(str(path))
-    if (Path(path) / ADAPTER_INFO).exists():
-        model, tokenizer = load_adapter(path, dtype=dtype)
+    folder = Path(path)
+    if (folder / ADAPTER_INFO).exists():
+        recorded = read_adapter_info(folder).get("base_path")
+        base = base or recorded
+        if base and not Path(base).exists() and recorded == base and Path(str(base)).is_absolute():
+            raise FileNotFoundError(f"the adapter {path} was trained on {base}, which is not there any more: "
+                                    "give the base's folder (--base DIR)")
+        model, tokenizer = load_adapter(path, base_dir=base, dtype=dtype)
         return model, ensure_pad_token(tokenizer)
+    if (folder / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{path} holds a PEFT adapter without {ADAPTER_INFO} (not saved by halluc): "
+                                "load it with peft, or merge it first")
     return load_causal_lm(str(path), dtype=dtype), load_tokenizer(path)
+
+
+class AdapterInfoCallback(TrainerCallback):
+    """Writes halluc_adapter.json (the base it needs, how it was trained) into every checkpoint-N of
+    a LoRA run, so an intermediate checkpoint loads like the final adapter folder."""
+
+    def __init__(self, info: dict, model):
+        self.info, self.model = info, model
+
+    def on_save(self, args, state, control, **kwargs):
+        import json
+
+        from halluc.lora import ADAPTER_INFO
+
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if is_main() and folder.is_dir():
+            (folder / ADAPTER_INFO).write_text(json.dumps({**self.info, "halluc": training_record(self.model)},
+                                                          indent=2))
+        return control

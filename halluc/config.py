@@ -239,3 +239,23 @@ class Stage:
     steps: PositiveInt = 1000       # optimizer steps
     batch_size: PositiveInt = 32    # examples (or packed rows) per process and step
     lr: NonNegativeFloat = 3e-3     # peak learning rate (cosine schedule, 5% warmup)
+
+
+def check_model_path(path: str, what: str = "model") -> None:
+    """Fail at once, naming the path, when a local model folder is missing (instead of HF retrying
+    the hub for a minute or complaining about repo ids). `org/name` is left to the hub unless its
+    first part is a local folder (then `models/llama3` is a typo) or HF_HUB_OFFLINE=1."""
+    import os
+
+    p = Path(path).expanduser()
+    if p.exists():
+        if p.is_dir() and not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{what} folder {path} has no config.json: not a saved model "
+                                    f"(found: {sorted(x.name for x in p.iterdir())[:12]})")
+        return
+    text = str(path)
+    local = text.startswith((".", "/", "~")) or text.count("/") != 1 or Path(text.split("/")[0]).is_dir()
+    if local:
+        raise FileNotFoundError(f"{what} {path}: no such folder")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(f"{what} {path}: no such folder, and HF_HUB_OFFLINE=1 forbids the hub")

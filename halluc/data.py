@@ -123,9 +123,13 @@ def build_sft_dataset(problems: list[Problem], tokenizer, errors: ErrorConfig, b
 
 
 
-def load_prepared(folder, tokenizer) -> Dataset:
+PREPARED_INFO = "halluc_data.json"  # what tools/prepare_data.py made the data from (task, errors, lengths)
+
+
+def load_prepared(folder, tokenizer, task: str | None = None) -> Dataset:
     """A dataset written by tools/prepare_data.py, checked against the model's tokenizer (after
-    the BT token was added): its ids must mean the same tokens, or training would be garbage."""
+    the BT token was added: its ids must mean the same tokens, or training would be garbage) and
+    against the task it is evaluated on."""
     from pathlib import Path
 
     from datasets import load_from_disk
@@ -134,6 +138,13 @@ def load_prepared(folder, tokenizer) -> Dataset:
     folder = Path(folder)
     if not (folder / "dataset_info.json").exists():
         raise SystemExit(f"data={folder}: not a dataset folder written by tools/prepare_data.py (no dataset_info.json)")
+    if (folder / PREPARED_INFO).exists():
+        made = json.loads((folder / PREPARED_INFO).read_text())
+        if task is not None and made.get("task") not in (None, task):
+            raise SystemExit(f"data={folder} was prepared from {made['task']} problems, but lab.task={task} "
+                             f"(evaluation would score another task): set lab.task={made['task']}")
+        log.info("data=%s: made by tools/prepare_data.py with %s; errors, masking and lengths are fixed there "
+                 "(errors.*, masked, max_len and overlong do not apply)", folder, made)
     ds = load_from_disk(str(folder))
     missing = {"input_ids", "labels", "roles"} - set(ds.column_names)
     if missing:
@@ -145,7 +156,8 @@ def load_prepared(folder, tokenizer) -> Dataset:
             differ = sorted(t for t in set(theirs) | set(ours) if theirs.get(t) != ours.get(t))
             raise SystemExit(f"data={folder} was tokenized with another tokenizer than the model's "
                              f"({len(differ)} tokens differ, e.g. {differ[:5]}): prepare it with "
-                             "--tokenizer set to the model's folder (arith: the same lab settings and seed)")
+                             "--tokenizer set to the model's folder (arith: the same lab settings, seed and "
+                             "--vocab-size as the recipe's lab and tiny.vocab_size)")
     else:
         log.warning("data=%s has no tokenizer/ folder: cannot check that its ids match the model's", folder)
     extra = [c for c in ("attn_end", "position_ids") if c in ds.column_names]

@@ -7,7 +7,8 @@ the visible text, and local task definitions (halluc/harness_tasks/) over GSM8K 
 `python -m halluc.harness` is lm_eval's own command line with the `halluc` model registered
 (lm-eval 0.4.x finds models only by import; releases with plugin entry points find it through
 the `lm_eval.models` entry point in pyproject.toml, so there `lm_eval run --model halluc` works).
-The model takes `pretrained` (a checkpoint or adapter folder saved by halluc, or any HF model),
+The model takes `pretrained` (a checkpoint or adapter folder saved by halluc, or any HF model;
+`base` for an adapter whose base moved),
 `semantics` (keep / rewind, default: from the checkpoint), `batch_size` and `max_gen_toks`.
 Only `generate_until` tasks are supported: a likelihood of text that may contain backtracks is
 not defined by one forward pass, so the log-likelihood requests raise.
@@ -24,9 +25,10 @@ from halluc.generate import LoopGuards, Sampling, generate_text
 @register_model("halluc")
 class HallucLM(LM):
     def __init__(self, pretrained: str, semantics: str | None = None, batch_size: int | str = 64,
-                 max_gen_toks: int = 256, max_backtracks: int = LoopGuards.max_backtracks, **kwargs):
+                 max_gen_toks: int = 256, max_backtracks: int = LoopGuards.max_backtracks, base: str | None = None,
+                 **kwargs):
         super().__init__()
-        self.model, self.tokenizer = load_trained(pretrained)
+        self.model, self.tokenizer = load_trained(pretrained, base=base)
         self.model.eval()
         self.semantics = semantics
         self.batch_size = 64 if str(batch_size).startswith("auto") else int(batch_size)

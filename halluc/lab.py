@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from halluc.config import Fraction, NonNegativeFloat, PositiveInt, Range
 from halluc.tasks import Problem
 from halluc.tasks import arith
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,8 +111,11 @@ def file_splits(cfg: LabConfig) -> dict[str, list[Problem]]:
         "step_separator": cfg.step_separator}
     test = task.read_jsonl(cfg.test_file, limit=cfg.test_size, **fields)
     held_out = {p.prompt for p in test}
-    train = [p for p in task.read_jsonl(cfg.train_file, limit=max(cfg.train_size, cfg.sft_size), **fields)
-             if p.prompt not in held_out] if cfg.train_file else None
+    read = task.read_jsonl(cfg.train_file, limit=max(cfg.train_size, cfg.sft_size), **fields) if cfg.train_file else None
+    train = [p for p in read if p.prompt not in held_out] if read is not None else None
+    if read is not None and len(train) < len(read):
+        log.warning("lab.train_file=%s: %d of %d problems are also in lab.test_file and were left out of training",
+                    cfg.train_file, len(read) - len(train), len(read))
     for name, path, problems in (("test_file", cfg.test_file, test), ("train_file", cfg.train_file, train)):
         if problems is not None and not problems:
             raise SystemExit(f"lab.{name}={path}: no problems in it (an empty file"

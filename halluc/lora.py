@@ -102,7 +102,7 @@ def base_identity(model, path: str | None) -> dict:
             "architectures": list(cfg.architectures or [type(model).__name__]),
             "model_type": cfg.model_type, "hidden_size": cfg.hidden_size,
             "num_hidden_layers": cfg.num_hidden_layers, "base_vocab_size": cfg.vocab_size,
-            "fingerprint": fingerprint(model)}
+            "fingerprint": fingerprint(model), "fingerprint_version": 2}
 
 
 @torch.no_grad()
@@ -121,9 +121,20 @@ def fingerprint(model, samples: int = 4096) -> str:
     return digest.hexdigest()[:16]
 
 
+@torch.no_grad()
+def fingerprint_v1(model, rows: int = 16) -> str:
+    """The fingerprint of adapters saved before version 2: the first embedding rows only (it
+    cannot tell apart bases that differ past them; kept so those adapters still load)."""
+    emb = model.get_input_embeddings().weight[:rows].detach().to("cpu", torch.float32).contiguous()
+    return hashlib.sha256(emb.numpy().tobytes()).hexdigest()[:16]
+
+
 def check_base(model, info: dict) -> None:
     """Raise BaseMismatch naming every difference between `model` (unresized) and `info`."""
     here = base_identity(model, None)
+    if info.get("fingerprint_version", 1) == 1 and info.get("fingerprint"):
+        log.warning("the adapter records an old (v1, first-16-rows) fingerprint of its base: a weaker check")
+        here["fingerprint"] = fingerprint_v1(model)
     fields = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "base_vocab_size",
               "fingerprint")
     diffs = [f"{k}: adapter trained on {info.get(k)!r}, this base has {here[k]!r}"

@@ -26,20 +26,7 @@ def tiny_llama(vocab_size: int, hidden: int = 128, layers: int = 2, heads: int =
     return LlamaForCausalLM(config)
 
 
-def check_model_path(path: str, what: str = "model") -> None:
-    """Fail at once, naming the path, when a local folder is missing (instead of HF retrying the
-    hub for a minute or complaining about repo ids). A bare `org/name` may be a hub id: left to HF."""
-    from pathlib import Path
-
-    p = Path(path).expanduser()
-    if p.exists():
-        if p.is_dir() and not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
-            raise FileNotFoundError(f"{what} folder {path} has no config.json: not a saved model "
-                                    f"(found: {sorted(x.name for x in p.iterdir())[:12]})")
-        return
-    local = str(path).startswith((".", "/", "~")) or str(path).count("/") != 1
-    if local:
-        raise FileNotFoundError(f"{what} {path}: no such folder")
+from halluc.config import check_model_path  # noqa: E402 (re-exported: where loaders look for it)
 
 
 def load_causal_lm(path: str, dtype=torch.float32, attn_implementation: str = "sdpa"):

@@ -52,10 +52,11 @@ class RunSettings:
 
 
 def train_stage(model, data, stage: Stage, out_dir: str, run: RunSettings, attention: str = "causal",
-                positions: str = "original", objective=None, tokenizer=None):
+                positions: str = "original", objective=None, tokenizer=None, callbacks=(), adapter_info=None):
     """Train `model` on `data` (examples, packed into rows when run.pack > 0) for one stage;
     resumes from the stage's newest checkpoint when run.resume. Returns the trainer.
-    With `tokenizer`, every checkpoint-N folder holds it too (so it can be evaluated as is)."""
+    With `tokenizer`, every checkpoint-N folder holds it too (so it can be evaluated as is), and with
+    `adapter_info` (LoRA) its halluc_adapter.json; `callbacks` are added to the Trainer's."""
     packed = run.pack > 0
     if packed:
         rows = pack_examples(list(data), run.pack, attention, positions)
@@ -74,6 +75,12 @@ def train_stage(model, data, stage: Stage, out_dir: str, run: RunSettings, atten
     trainer = make_trainer(model, args, data, tb_dir=str(Path(out_dir) / "tb"), objective=objective,
                            attention=attention, positions=positions, backend=run.backend, packed=packed,
                            tokenizer=tokenizer)
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    if adapter_info is not None:
+        from halluc.checkpoint import AdapterInfoCallback
+
+        trainer.add_callback(AdapterInfoCallback(adapter_info, model))
     trainer.train(resume_from_checkpoint=resume_from(out_dir, run.resume))
     return trainer
 
@@ -155,3 +162,98 @@ def evaluate_on_main(model, tokenizer, splits: dict, task, max_new_tokens: int, 
                 os.replace(tmp, cache_file)
     barrier()
     return results
+
+
+# --------------------------------------------------------------------------- the steps every SFT recipe shares
+# They read the recipe's settings by the names every halluc recipe config uses (output_dir,
+# cache_dir, model, seed, lab, tiny, base, max_len, num_proc, bt_init, reinit_bt, attention,
+# positions, lora, resume, overwrite, eval_max_new_tokens).
+
+def start_run(cfg) -> Path:
+    """Claim output_dir (never over an earlier run unless resume/overwrite), save and log the
+    effective settings. Every rank calls it."""
+    import yaml
+
+    from halluc.checkpoint import claim_output_dir
+    from halluc.config import describe
+
+    out = Path(cfg.output_dir)
+    claim_output_dir(cfg, delete=is_main())  # every rank checks (and refuses alike); rank 0 deletes
+    barrier()
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
+        log.info("settings (also in %s):\n%s", out / "config.yaml", describe(cfg))
+    barrier()
+    return out
+
+
+def base_and_evaluation(cfg, run: RunSettings, splits: dict, tests: dict, task):
+    """(model, tokenizer, base folder, its evaluation on `tests`): model=DIR, or the tiny lab base
+    (trained once and cached with its evaluation, which every arm of a sweep shares)."""
+    from halluc.lab import eval_table
+    from halluc.tokens import load_tokenizer
+
+    if cfg.model:
+        if (Path(cfg.model) / "halluc_adapter.json").exists():
+            raise SystemExit(f"model={cfg.model} is a LoRA adapter: merge it first (tools/merge_adapter.py) "
+                             "and train from the merged folder")
+        log.info("model=%s: the tiny.* and base.* settings do not apply (they shape the lab base)", cfg.model)
+        model, tokenizer, base_path = load_causal_lm(cfg.model), load_tokenizer(cfg.model), cfg.model
+    else:
+        model, tokenizer, base_path = lab_base_model(cfg.lab, cfg.tiny, cfg.base, splits["train"], cfg.cache_dir,
+                                                     run, cfg.max_len, cfg.num_proc)
+    before = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, "base",
+                              cache_dir=None if cfg.model else base_path)
+    if is_main():
+        print("\n" + eval_table({"base": before}) + "\n", flush=True)
+    return model, tokenizer, base_path, before
+
+
+def add_backtrack(model, tokenizer, cfg, recipe: str, base_path):
+    """Technique 2 and the record: add <|BACKTRACK|> (a model that has it keeps its trained row
+    unless reinit_bt), initialise its rows, record how the model is trained (config.halluc), and
+    wrap it in LoRA if asked. Returns (model, BT id, the words the init used, the base identity)."""
+    from transformers import set_seed
+
+    from halluc.checkpoint import record_training
+    from halluc.lora import apply_lora, base_identity
+    from halluc.model import init_backtrack_embedding
+    from halluc.tokens import BACKTRACK_TOKEN, add_backtrack_token, has_backtrack
+
+    # The SFT stage's random draws (a random BT row, LoRA's init) must not depend on whether the
+    # base was trained in this process or read from the cache (a resumed run reads it).
+    set_seed(cfg.seed + 1)
+    identity = base_identity(model, str(base_path))  # what an adapter's base must match, before BT
+    had_bt = has_backtrack(tokenizer)
+    bt_id = add_backtrack_token(tokenizer, model)
+    used = None
+    if had_bt and not cfg.reinit_bt:  # a halluc checkpoint trained again: its BT row is trained already
+        log.warning("model=%s already has %s (id %d): keeping its trained row (reinit_bt=true re-initialises it)",
+                    cfg.model, BACKTRACK_TOKEN, bt_id)
+    else:
+        used = init_backtrack_embedding(model, tokenizer, bt_id, cfg.bt_init)
+    # generation reads attention/positions to pick its inference twin (keep / rewind)
+    record_training(model, recipe=recipe, attention=cfg.attention, positions=cfg.positions,
+                    backtrack_token_id=bt_id, lab=as_dict(cfg.lab), seed=cfg.seed)
+    if cfg.lora.enabled:  # after the BT row is initialised: PEFT starts the trained row from it
+        model = apply_lora(model, cfg.lora, bt_id)
+    return model, bt_id, used, identity
+
+
+def finish_run(out: Path, cfg, report: dict, step: int, label: str) -> dict:
+    """eval.json, eval.md, TensorBoard (evaluation scalars and the settings), the console table
+    and a few samples that backtracked. `report` holds "before" and "after"."""
+    from halluc.config import flat_dict
+    from halluc.evaluate import backtrack_samples, log_to_tensorboard
+    from halluc.lab import eval_table
+
+    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    log_to_tensorboard(out / "tb", report["before"], "base", step)
+    log_to_tensorboard(out / "tb", report["after"], "sft", step, hparams=flat_dict(as_dict(cfg)))
+    table = eval_table({"base": report["before"], label: report["after"]})
+    (out / "eval.md").write_text(table + "\n")
+    print("\n" + table)
+    if examples := backtrack_samples(report["after"]):
+        print("\nsamples that backtracked (⌫ = one BT):\n" + examples)
+    return report

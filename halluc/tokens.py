@@ -49,11 +49,12 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerB
     """Give a tokenizer without a pad token (GPT-2, Llama, Mistral) one, and say which: its EOS
     (pad positions are never attended or trained, so any id works; EOS adds no new row)."""
     if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise ValueError("the tokenizer has neither a pad nor an EOS token: set one before training")
-        tokenizer.pad_token = tokenizer.eos_token
-        log.warning("the tokenizer has no pad token: padding with its EOS token %r (id %d)",
-                    tokenizer.eos_token, tokenizer.pad_token_id)
+        # any id works (pad positions are never attended or trained): EOS if there is one, else id 0
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None \
+            else tokenizer.convert_ids_to_tokens(0)
+        log.warning("the tokenizer has no pad token: padding with %s %r (id %d)",
+                    "its EOS token" if tokenizer.eos_token is not None else "token", tokenizer.pad_token,
+                    tokenizer.pad_token_id)
     return tokenizer
 
 

@@ -35,6 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="a checkpoint or adapter folder saved by halluc, or any local "
                    "HF causal-LM folder with its tokenizer")
+    p.add_argument("--base", default=None, help="an adapter's base folder, if not where it was at training")
     p.add_argument("--task", choices=["arith", "gsm8k", "jsonl"], default=None,
                    help="default: the task the checkpoint was trained on (arith for other models)")
     p.add_argument("--data", default=None, help="gsm8k / jsonl: a jsonl file (gsm8k default: the shared GSM8K test set)")
@@ -54,19 +55,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-backtracks-per-position", type=int, default=LoopGuards.max_backtracks_per_position)
     p.add_argument("--ban-erased", action="store_true", help="ban the just-erased token right after a rewind")
     args = p.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        p.error("--limit must be at least 1")
-    jsonl_only = [f for f, default in (("prompt_field", "prompt"), ("response_field", "response"),
-                                       ("answer_field", None), ("step_separator", "\n"))
-                  if getattr(args, f) != default]
-    if jsonl_only and args.task != "jsonl":
-        p.error(f"--{jsonl_only[0].replace('_', '-')} applies only to --task jsonl")
+    for name in ("limit", "max_new_tokens", "batch_size", "max_backtracks", "max_backtracks_per_position"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name.startswith("max_backtracks") else 1):
+            p.error(f"--{name.replace('_', '-')} must be at least {0 if name.startswith('max_backtracks') else 1}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        p.error("--temperature must be >= 0 and --top-p in (0, 1]")
     return args
+
+
+JSONL_FLAGS = {"prompt_field": "prompt", "response_field": "response", "answer_field": None, "step_separator": "\n"}
 
 
 def load_splits(args, record: dict) -> dict:
     trained_lab = record.get("lab") or {}
     task = args.task or trained_lab.get("task") or "arith"
+    given = [f for f, default in JSONL_FLAGS.items() if getattr(args, f) != default]
+    if given and task != "jsonl":
+        raise SystemExit(f"--{given[0].replace('_', '-')} applies only to the jsonl task (this evaluates {task})")
+    if trained_lab.get("task") and task != trained_lab["task"]:
+        log.warning("the checkpoint was trained on %s; evaluating it on %s", trained_lab["task"], task)
     if task == "arith":
         if args.data:
             raise SystemExit(f"--data {args.data} is read only by --task gsm8k or jsonl (this would evaluate arith)")
@@ -83,9 +91,9 @@ def load_splits(args, record: dict) -> dict:
         if not data:
             raise SystemExit("--task jsonl needs --data FILE.jsonl")
         path = Path(data)
-        fields = {k: getattr(args, k) for k in ("prompt_field", "response_field", "answer_field", "step_separator")}
-        if own:  # and its field names
-            fields = {k: trained_lab.get(k, v) for k, v in fields.items()}
+        # the flags given, else the checkpoint's own field names (a jsonl checkpoint), else the defaults
+        trained = {k: trained_lab[k] for k in JSONL_FLAGS if trained_lab.get("task") == "jsonl" and k in trained_lab}
+        fields = {k: getattr(args, k) if getattr(args, k) != d else trained.get(k, d) for k, d in JSONL_FLAGS.items()}
         return {path.stem: jsonl.read_jsonl(path, **fields, limit=limit)}
     path = Path(data) if data else DEFAULT_GSM8K
     return {path.stem: gsm8k.read_jsonl(path, limit)}
@@ -95,7 +103,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     t0 = time.perf_counter()
-    model, tokenizer = load_trained(args.model)
+    model, tokenizer = load_trained(args.model, base=args.base)
     model.eval()
     record = training_record(model)
     splits = load_splits(args, record)

@@ -24,6 +24,7 @@ SHOWN_BT = "⌫"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="a checkpoint or adapter folder saved by halluc (or any HF model)")
+    p.add_argument("--base", default=None, help="an adapter's base folder, if not where it was at training")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     p.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
     p.add_argument("--max-new-tokens", type=int, default=192)
@@ -39,13 +40,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         if line.strip()]
     if not args.prompt:
         p.error("give --prompt TEXT (one or more) or --prompts-file FILE")
+    if args.max_new_tokens < 1 or args.max_backtracks < 0:
+        p.error("--max-new-tokens must be at least 1 and --max-backtracks at least 0")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        p.error("--temperature must be >= 0 and --top-p in (0, 1]")
     return args
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    model, tokenizer = load_trained(args.model)
+    model, tokenizer = load_trained(args.model, base=args.base)
     gens = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, semantics=args.semantics,
                          sampling=Sampling(args.temperature, args.top_p, args.seed),
                          guards=LoopGuards(max_backtracks=args.max_backtracks))

@@ -18,7 +18,6 @@ Every setting is checked before the ML libraries load, so a bad one fails in abo
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from halluc.config import NonNegativeInt, PositiveInt, Stage, as_dict, describe, flat_dict, load_config
+from halluc.config import NonNegativeInt, PositiveInt, Stage, as_dict, check_model_path, load_config
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
 from halluc.lora import LoraSettings
@@ -79,6 +78,22 @@ class Config:
                              "examples are built from it), or model=DIR with a prepared data=DIR")
         if self.resume and self.overwrite:
             raise ValueError("resume=true and overwrite=true contradict each other: choose one")
+        check_paths_and_backend(self)
+
+
+def check_paths_and_backend(cfg) -> None:
+    """What a recipe reads must exist, and backend=native only realises plain causal rows: checked
+    at load, not after the base stage."""
+    if cfg.model:
+        try:
+            check_model_path(cfg.model)
+        except FileNotFoundError as e:
+            raise ValueError(f"model={cfg.model}: {e}") from None
+    if getattr(cfg, "data", None) and not (Path(cfg.data) / "dataset_info.json").exists():
+        raise ValueError(f"data={cfg.data}: not a dataset folder written by tools/prepare_data.py")
+    if cfg.backend == "native" and (cfg.attention != "causal" or cfg.positions != "original" or cfg.pack):
+        raise ValueError("backend=native runs the model's own causal kernel: it needs attention=causal, "
+                         "positions=original and pack=0 (backend=auto picks an edit-tree backend otherwise)")
 
 
 def load(argv: list[str]) -> Config:
@@ -96,76 +111,41 @@ def main(argv=None):
 
 def train(cfg: Config) -> dict | None:
     # The ML libraries load here, after every setting was checked.
-    import yaml
     from transformers import set_seed
 
-    from halluc.checkpoint import claim_output_dir, record_training, save_stage
+    from halluc.checkpoint import save_stage
     from halluc.data import build_sft_dataset, load_prepared
-    from halluc.distributed import barrier, is_main, world_size
-    from halluc.evaluate import backtrack_samples, log_to_tensorboard
-    from halluc.lab import eval_table, lab_splits
-    from halluc.lora import apply_lora, base_identity
-    from halluc.model import init_backtrack_embedding, load_causal_lm
-    from halluc.stages import RunSettings, evaluate_on_main, lab_base_model, train_history, train_stage
+    from halluc.distributed import is_main, world_size
+    from halluc.lab import lab_splits
+    from halluc.stages import (RunSettings, add_backtrack, base_and_evaluation, evaluate_on_main, finish_run,
+                               start_run, train_history, train_stage)
     from halluc.tasks import get_task
-    from halluc.tokens import BACKTRACK_TOKEN, add_backtrack_token, has_backtrack, load_tokenizer
 
     set_seed(cfg.seed)
     run = RunSettings.of(cfg)
-    out = Path(cfg.output_dir)
-    if is_main():
-        claim_output_dir(out, cfg.resume, cfg.overwrite)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
-        log.info("settings (also in %s):\n%s", out / "config.yaml", describe(cfg))
-    barrier()
+    out = start_run(cfg)
     t0 = time.perf_counter()
     task = get_task(cfg.lab.task)
     splits = lab_splits(cfg.lab, cfg.seed)
     tests = {name: splits[name] for name in ("test_id", "test_ood") if name in splits}
 
     # (1) + (2): the base and its evaluation (cached with a cached lab base: every arm of a sweep shares it)
-    if cfg.model:
-        if (Path(cfg.model) / "halluc_adapter.json").exists():
-            raise SystemExit(f"model={cfg.model} is a LoRA adapter: merge it first (tools/merge_adapter.py) "
-                             "and train from the merged folder")
-        model, tokenizer, base_path = load_causal_lm(cfg.model), load_tokenizer(cfg.model), cfg.model
-    else:
-        model, tokenizer, base_path = lab_base_model(cfg.lab, cfg.tiny, cfg.base, splits["train"], cfg.cache_dir,
-                                                     run, cfg.max_len, cfg.num_proc)
+    model, tokenizer, base_path, before = base_and_evaluation(cfg, run, splits, tests, task)
     t_base = time.perf_counter() - t0
-    before = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, "base",
-                              cache_dir=None if cfg.model else base_path)
-    if is_main():
-        print("\n" + eval_table({"base": before}) + "\n", flush=True)
 
-    # (3) the BT token. The SFT stage's random draws (a random BT row, LoRA's init) must not depend
-    # on whether the base was trained in this process or read from the cache (a resumed run reads it).
-    set_seed(cfg.seed + 1)
-    identity = base_identity(model, str(base_path))  # what an adapter's base must match, before BT
-    had_bt = has_backtrack(tokenizer)
-    bt_id = add_backtrack_token(tokenizer, model)
-    if had_bt and not cfg.reinit_bt:  # a halluc checkpoint trained again: its BT row is trained already
-        log.warning("model=%s already has %s (id %d): keeping its trained row (reinit_bt=true re-initialises it)",
-                    cfg.model, BACKTRACK_TOKEN, bt_id)
-        used = None
-    else:
-        used = init_backtrack_embedding(model, tokenizer, bt_id, cfg.bt_init)
-    # generation reads attention/positions to pick its inference twin (keep / rewind)
-    record_training(model, recipe="masked_sft", attention=cfg.attention, positions=cfg.positions,
-                    backtrack_token_id=bt_id, lab=as_dict(cfg.lab), seed=cfg.seed)
-    if cfg.lora.enabled:  # after the BT row is initialised: PEFT starts the trained row from it
-        model = apply_lora(model, cfg.lora, bt_id)
+    # (3) the BT token, its initialisation (technique 2) and the record of how the model is trained
+    model, bt_id, used, identity = add_backtrack(model, tokenizer, cfg, "masked_sft", base_path)
 
     # (4) masked SFT with the default objective, token cross-entropy
     if cfg.data:
-        data = load_prepared(cfg.data, tokenizer)
+        data = load_prepared(cfg.data, tokenizer, task=cfg.lab.task)
     else:
         data = build_sft_dataset(splits["sft"], tokenizer, cfg.errors, bt_id, masked=cfg.masked,
                                  max_len=cfg.max_len, overlong=cfg.overlong, seed=cfg.seed + 1,
                                  num_proc=cfg.num_proc)
     t1 = time.perf_counter()
-    trainer = train_stage(model, data, cfg.sft, str(out), run, cfg.attention, cfg.positions, tokenizer=tokenizer)
+    trainer = train_stage(model, data, cfg.sft, str(out), run, cfg.attention, cfg.positions, tokenizer=tokenizer,
+                          adapter_info=identity if cfg.lora.enabled else None)
     t_sft = time.perf_counter() - t1
     saved = out / ("adapter" if cfg.lora.enabled else "checkpoint")
     model = save_stage(trainer, model, tokenizer, saved, cfg.deepspeed, identity if cfg.lora.enabled else None)
@@ -179,15 +159,7 @@ def train(cfg: Config) -> dict | None:
               "sft_train": train_history(trainer),
               "seconds": {"base": round(t_base, 1), "sft": round(t_sft, 1),
                           "total": round(time.perf_counter() - t0, 1)}}
-    (out / "eval.json").write_text(json.dumps(report, indent=2))
-    step = trainer.state.global_step
-    log_to_tensorboard(out / "tb", before, "base", step)
-    log_to_tensorboard(out / "tb", after, "sft", step, hparams=flat_dict(as_dict(cfg)))
-    table = eval_table({"base": before, "masked SFT" if cfg.masked else "unmasked SFT": after})
-    (out / "eval.md").write_text(table + "\n")
-    print("\n" + table)
-    if examples := backtrack_samples(after):
-        print("\nsamples that backtracked (⌫ = one BT):\n" + examples)
+    finish_run(out, cfg, report, trainer.state.global_step, "masked SFT" if cfg.masked else "unmasked SFT")
     print(f"\n{'adapter' if cfg.lora.enabled else 'checkpoint'}: {saved}   eval: {out / 'eval.json'}   "
           f"tensorboard: {out / 'tb'}   total {report['seconds']['total']:.0f} s")
     return report

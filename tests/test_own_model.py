@@ -72,6 +72,19 @@ def test_an_earlier_run_is_never_overwritten_silently(tmp_path, cache, caplog):
     assert any("resume=true, but" in r.message and "starting from scratch" in r.message for r in caplog.records)
     with pytest.raises(SystemExit, match="contradict"):
         recipe().main([f"output_dir={tmp_path}/x", "resume=true", "overwrite=true"])
+    # resuming is for the same settings; a finished run without checkpoint-N has nothing to resume
+    with pytest.raises(SystemExit, match=r"made with other settings \(sft.lr: 0.01 -> 0.02"):
+        recipe().main(args + ["resume=true", "sft.lr=0.02"])
+    with pytest.raises(SystemExit, match="finished run with no checkpoint-N"):
+        recipe().main([f"output_dir={tmp_path}/fresh", f"cache_dir={cache}", "resume=true", *TINY])
+    # overwrite never deletes what the run reads
+    with pytest.raises(SystemExit, match="would delete model="):
+        recipe().main([f"output_dir={tmp_path}/out", f"model={tmp_path}/out/checkpoint", "overwrite=true", *TINY])
+    assert (tmp_path / "out" / "checkpoint" / "config.json").exists()
+    # a run that failed before training left only config.yaml: the same command runs again
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "config.yaml").write_text("seed: 0\n")
+    recipe().main([f"output_dir={tmp_path}/failed", f"cache_dir={cache}", *TINY])
 
 
 # 3 -------------------------------------------------------------------------------------------
@@ -106,6 +119,12 @@ def test_prepare_train_evaluate_on_arith_and_on_own_jsonl_fields(tmp_path, cache
         recipe().main([f"data={tmp_path / 'bad'}", f"output_dir={tmp_path}/bad-out", f"cache_dir={cache}", *TINY])
     with pytest.raises(SystemExit, match="fixed when the data is prepared"):
         recipe().load([f"data={tmp_path / 'data'}", "masked=false"])
+    # the folder knows its task: arith data with a GSM8K test file would score another task
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text(json.dumps({"question": "q", "answer": "1 + 1 = <<1+1=2>>2\n#### 2"}) + "\n")
+    with pytest.raises(SystemExit, match="prepared from arith problems, but lab.task=gsm8k"):
+        recipe().main([f"data={tmp_path / 'data'}", f"model={tmp_path}/out/checkpoint", "lab.task=gsm8k",
+                       f"lab.test_file={gsm}", f"output_dir={tmp_path}/gsm-out", *TINY])
 
     # a user's jsonl with its own field names: train on it and evaluate the checkpoint on it
     rows = [{"question": p.prompt, "solution": p.solution.replace(" ;", " ;\n"), "final": p.answer}
@@ -143,7 +162,7 @@ def test_packing_drops_are_reported_and_nothing_left_fails_clearly(bt_tokenizer,
 
 
 # 7 -------------------------------------------------------------------------------------------
-def test_path_mistakes_get_errors_that_name_the_path(tmp_path, no_pad_model):
+def test_path_mistakes_get_errors_that_name_the_path(tmp_path, no_pad_model, monkeypatch):
     from halluc.checkpoint import load_trained
     from halluc.model import load_causal_lm
     from halluc.tokens import load_tokenizer
@@ -164,16 +183,48 @@ def test_path_mistakes_get_errors_that_name_the_path(tmp_path, no_pad_model):
         load_tokenizer(tmp_path / "checkpoint-5")
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         load_causal_lm(str(tmp_path))
+    (tmp_path / "models").mkdir()  # `models/llama3` is a local typo when models/ is a local folder
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="models/llama3: no such folder"):
+        load_trained("models/llama3")
 
 
 def test_intermediate_checkpoints_and_adapters_can_be_evaluated(tmp_path, cache):
+    import shutil
+
     recipe().main([f"output_dir={tmp_path}/full", f"cache_dir={cache}", "save_steps=2", *TINY])
-    recipe().main([f"output_dir={tmp_path}/lora", f"cache_dir={cache}", "lora.enabled=true", "lora.r=2", *TINY])
+    recipe().main([f"output_dir={tmp_path}/lora", f"cache_dir={cache}", "lora.enabled=true", "lora.r=2",
+                   "save_steps=2", *TINY])
     evaluate = load_script("recipes/evaluate.py")
-    for folder in ("full/checkpoint-4", "lora/adapter"):
+    for folder in ("full/checkpoint-4", "lora/adapter", "lora/checkpoint-4"):
         report = evaluate.main(["--model", str(tmp_path / folder), "--limit", "3", "--max-new-tokens", "8",
                                 "--out", str(tmp_path / "eval" / folder)])
         assert report["results"]["test_id"]["n"] == 3
+    # an adapter whose base moved: the error says so, and --base finds it
+    info = json.loads((tmp_path / "lora" / "adapter" / "halluc_adapter.json").read_text())
+    moved = tmp_path / "moved-base"
+    shutil.move(info["base_path"], moved)
+    with pytest.raises(FileNotFoundError, match="not there any more: give the base's folder"):
+        evaluate.main(["--model", str(tmp_path / "lora" / "adapter"), "--limit", "2", "--out", str(tmp_path / "e2")])
+    report = evaluate.main(["--model", str(tmp_path / "lora" / "adapter"), "--base", str(moved), "--limit", "2",
+                            "--max-new-tokens", "8", "--out", str(tmp_path / "e3")])
+    assert report["results"]["test_id"]["n"] == 2
+    shutil.move(moved, info["base_path"])  # the module's cached base, for the other tests
+
+
+def test_adapters_saved_with_the_old_fingerprint_still_load(tmp_path, cache):
+    from halluc.lora import fingerprint_v1, load_adapter
+
+    recipe().main([f"output_dir={tmp_path}/lora", f"cache_dir={cache}", "lora.enabled=true", "lora.r=2", *TINY])
+    path = tmp_path / "lora" / "adapter" / "halluc_adapter.json"
+    info = json.loads(path.read_text())
+    base = AutoModelForCausalLM.from_pretrained(info["base_path"])
+    old = {k: v for k, v in info.items() if k != "fingerprint_version"}
+    path.write_text(json.dumps({**old, "fingerprint": fingerprint_v1(base)}))
+    load_adapter(tmp_path / "lora" / "adapter")  # v1: checked the old way
+    path.write_text(json.dumps({**old, "fingerprint": "0" * 16}))
+    with pytest.raises(ValueError, match="fingerprint"):
+        load_adapter(tmp_path / "lora" / "adapter")
 
 
 # 8 is in tests/test_config.py (bad values and combinations fail at load, in under 5 s) ---------
@@ -213,6 +264,12 @@ def test_data_file_edge_cases_name_the_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"numeric.jsonl:2: field 'response' must be a string or a list"):
         jsonl.read_jsonl(numeric, answer_field="final")
     assert jsonl.read_jsonl(numeric, answer_field="final", limit=1)[0].answer == "4"
+    steps = tmp_path / "steps.jsonl"  # a list of steps; the last item holds two lines
+    steps.write_text(json.dumps({"prompt": "p", "response": ["a", "b\n42"]}) + "\n"
+                     + json.dumps({"prompt": "p", "response": []}) + "\n")
+    assert jsonl.read_jsonl(steps, limit=1)[0].answer == "42"  # as evaluation reads the answer
+    with pytest.raises(ValueError, match=r"steps.jsonl:2: field 'response' is empty"):
+        jsonl.read_jsonl(steps)
     bad_answer = tmp_path / "gsm_numeric.jsonl"
     bad_answer.write_text(json.dumps({"question": "q", "answer": 18}) + "\n")
     with pytest.raises(ValueError, match="gsm_numeric.jsonl:1: field 'answer' has no '#### <number>'"):

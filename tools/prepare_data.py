@@ -12,12 +12,13 @@ ids in the dataset always match the tokenizer that made them.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
 from halluc.attention import edit_tree, position_ids
 from halluc.config import load_config
-from halluc.data import build_sft_dataset
+from halluc.data import PREPARED_INFO, build_sft_dataset
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, lab_splits, lab_tokenizer
 from halluc.tasks import get_task
@@ -38,6 +39,8 @@ def parse_args(argv=None):
                         "use the recipe's own, so the tokenizer and the held-out problems match its base")
     p.add_argument("--limit", type=int, default=None, help="read at most this many problems")
     p.add_argument("--tokenizer", help="the model's folder (its tokenizer); arith default: the lab base's tokenizer")
+    p.add_argument("--vocab-size", type=int, default=384, help="arith without --tokenizer: the lab tokenizer's size "
+                   "(the recipe's tiny.vocab_size)")
     p.add_argument("--errors", default="step", choices=["none", "random", "step"])
     p.add_argument("--example-rate", type=float, default=0.5)
     p.add_argument("--sites", type=int, default=1)
@@ -52,7 +55,15 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-proc", type=int, default=None)
     p.add_argument("--out", required=True)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    for name, low in (("size", 1), ("sites", 1), ("tokens_per_site", 1), ("max_error_tokens", 0), ("max_len", 1),
+                      ("vocab_size", 260), ("limit", 1), ("num_proc", 1)):
+        value = getattr(a, name)
+        if value is not None and value < low:
+            p.error(f"--{name.replace('_', '-')} must be at least {low}")
+    if not 0 <= a.example_rate <= 1:
+        p.error("--example-rate must be in [0, 1]")
+    return a
 
 
 def arith_lab(a) -> LabConfig:
@@ -85,7 +96,7 @@ def main(argv=None):
     if a.tokenizer:
         tokenizer = load_tokenizer(a.tokenizer)
     elif a.task == "arith":  # the lab base's own tokenizer (same lab settings and seed: the same ids)
-        tokenizer = lab_tokenizer(lab_splits(arith_lab(a), a.seed)["train"])
+        tokenizer = lab_tokenizer(lab_splits(arith_lab(a), a.seed)["train"], a.vocab_size)
     else:
         raise SystemExit(f"--task {a.task} needs --tokenizer")
     bt_id = add_backtrack_token(tokenizer)
@@ -98,6 +109,10 @@ def main(argv=None):
                     num_proc=a.num_proc, desc=f"edit tree ({a.attention}, {a.positions} positions)")
     ds.save_to_disk(a.out)
     tokenizer.save_pretrained(Path(a.out) / "tokenizer")
+    made = {"task": a.task, "input": a.input, "errors": a.errors, "example_rate": a.example_rate, "sites": a.sites,
+            "masked": not a.unmasked, "max_len": a.max_len, "overlong": a.overlong, "seed": a.seed,
+            "lab": a.lab if a.task == "arith" else None}
+    (Path(a.out) / PREPARED_INFO).write_text(json.dumps(made, indent=1))
     print(f"wrote {len(ds)} examples to {a.out} (tokenizer in {Path(a.out) / 'tokenizer'}, BT id {bt_id})")
     return ds
 

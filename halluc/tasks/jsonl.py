@@ -148,10 +148,12 @@ def problem_from_row(
         steps = split_steps(str(response), step_separator)
     else:
         raise ValueError(f"{source}:{line}: field {response_field!r} must be a string or a list of strings")
+    if not steps or not "".join(steps).strip():
+        raise ValueError(f"{source}:{line}: field {response_field!r} is empty")
     if answer_field is not None:
         answer = get_text(row, answer_field, source, line).strip()
-    else:
-        answer = steps[-1].strip() if steps else ""
+    else:  # as evaluation reads it: the last step of the text (a list item may hold several lines)
+        answer = extract_answer("".join(steps), step_separator) or ""
     meta = {"task": "jsonl", "source": str(source), "line": line, "step_separator": step_separator}
     return Problem(prompt=prompt_text, steps=steps, answer=answer, meta=meta)
 

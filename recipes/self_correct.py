@@ -1,0 +1,262 @@
+"""Technique 5: the model's own mistakes as training data, round after round.
+
+    python recipes/self_correct.py                                  # the lab: 1 round from the lab base
+    python recipes/self_correct.py rounds=3 sampler.k=4 mix.own=0.5 mix.clean=0.5
+    python recipes/self_correct.py model=runs/masked_sft/checkpoint rounds=2   # start from a trained model
+    python recipes/self_correct.py lab.task=gsm8k lab.train_file=... lab.test_file=... model=DIR
+    python recipes/self_correct.py resume=true ...                  # after a kill: the round it was in
+
+Each round (halluc/own_errors.py):
+1. sample `sampler.k` solutions for `sampler.problems` SFT problems from the current model;
+2. judge them with the task's step verifier and cut each wrong one at its first wrong step;
+3. correct it, preferably with the model's own resample from the same prefix that verifies,
+   else with the reference; build an example (prefix, the wrong step's divergent tail as ERROR,
+   BTs, correction, rest) and a preference pair from the model's own token ids;
+4. train one SFT stage on a mix (`mix.own` of the model's error examples, `mix.synthetic` of
+   synthetic-error examples, `mix.clean` of clean ones, as fractions of `round_examples`),
+   masked as in technique 1, then evaluate; the next round samples from the new model.
+`OUT/round-N/` holds the round's data (`data/sft`, `data/pairs`, `data/stats.json`), its
+checkpoint and evaluation; a killed run resumes at the round it was in (resume=true).
+`mix.own=0` trains on synthetic errors only (masked SFT through the same code).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from halluc.config import Fraction, NonNegativeFloat, NonNegativeInt, PositiveInt, Stage, as_dict, load_config
+from halluc.errors import ErrorConfig
+from halluc.lab import LabConfig, ModelConfig
+from halluc.lora import LoraSettings
+
+log = logging.getLogger("self_correct")
+
+
+@dataclass
+class Sampler:
+    problems: PositiveInt = 4000       # SFT problems sampled per round (a new draw each round)
+    k: PositiveInt = 4                 # samples per problem
+    temperature: NonNegativeFloat = 0.8
+    top_p: Fraction = 0.95
+    max_new_tokens: PositiveInt = 192
+    correction_tries: NonNegativeInt = 4  # own resamples tried per error before the reference
+    per_problem: PositiveInt = 1       # examples kept per problem and round
+
+
+@dataclass
+class Mix:
+    own: Fraction = 0.5                # examples built from the model's own errors
+    synthetic: Fraction = 0.0          # examples with synthetic errors (errors.*)
+    clean: Fraction = 0.5              # clean examples
+
+    def check(self) -> None:
+        total = self.own + self.synthetic + self.clean
+        if not 0 < total <= 1 + 1e-9:
+            raise ValueError(f"mix.own + mix.synthetic + mix.clean = {total:g}: must be in (0, 1]")
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/self_correct"  # round-N/ (data, checkpoint, eval), tb/, eval.json, config.yaml
+    cache_dir: str = "runs/cache"          # trained lab bases (shared with masked_sft)
+    model: str | None = None               # a local HF causal-LM folder to start from; None = tiny lab base
+    seed: int = 0                          # data, splits, sampling, initialisation, order
+    lab: LabConfig = field(default_factory=LabConfig)
+    tiny: ModelConfig = field(default_factory=ModelConfig)
+    base: Stage = field(default_factory=lambda: Stage(steps=1800, batch_size=32, lr=3e-3))
+    sft: Stage = field(default_factory=lambda: Stage(steps=600, batch_size=32, lr=1e-3))  # per round
+    rounds: PositiveInt = 1
+    round_examples: PositiveInt = 10000    # training examples per round (the mix's fractions of it)
+    sampler: Sampler = field(default_factory=Sampler)
+    mix: Mix = field(default_factory=Mix)
+    errors: ErrorConfig = field(default_factory=ErrorConfig)  # the synthetic errors (mix.synthetic)
+    masked: bool = True                    # False: train on the error tokens too (ablation)
+    bt_init: Literal["semantic", "mean", "random"] = "semantic"
+    attention: Literal["causal", "block_errors"] = "causal"
+    positions: Literal["original", "rewound"] = "original"
+    backend: Literal["auto", "native", "dense", "dense_units", "flex", "varlen", "varlen_kv"] = "auto"
+    pack: NonNegativeInt = 0
+    max_len: PositiveInt = 256
+    overlong: Literal["drop", "truncate"] = "drop"
+    num_proc: PositiveInt | None = None
+    deepspeed: str | None = None
+    lora: LoraSettings = field(default_factory=LoraSettings)  # not for rounds: each round samples a full model
+    save_steps: NonNegativeInt = 0
+    save_total_limit: PositiveInt = 2
+    resume: bool = False                   # continue at the round (and checkpoint-N) a killed run was in
+    overwrite: bool = False
+    reinit_bt: bool = False
+    eval_max_new_tokens: PositiveInt = 192
+
+    def check(self) -> None:
+        if self.attention == "block_errors" and self.positions != "rewound":
+            raise ValueError("attention=block_errors needs positions=rewound (the twin of KV-rewinding generation)")
+        if self.lora.enabled:
+            raise ValueError("lora.enabled: each round samples from the full model it trained; merge adapters "
+                             "between rounds is not supported here (train with masked_sft for LoRA)")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=true and overwrite=true contradict each other: choose one")
+        if self.lab.task != "arith" and not self.lab.train_file:
+            raise ValueError(f"lab.task={self.lab.task} needs lab.train_file (the problems to sample)")
+
+
+def load(argv: list[str]) -> Config:
+    return load_config(Config, argv, default_file=str(Path(__file__).parent / "configs/self_correct.yaml"))
+
+
+def main(argv=None):
+    from halluc.distributed import strip_launcher_args
+
+    cfg = load(strip_launcher_args(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return train(cfg)
+
+
+def train(cfg: Config) -> dict | None:
+    # The ML libraries load here, after every setting was checked.
+    import json
+
+    from transformers import set_seed
+
+    from halluc.checkpoint import save_stage
+    from halluc.distributed import is_main
+    from halluc.lab import lab_splits
+    from halluc.model import load_causal_lm
+    from halluc.stages import (RunSettings, add_backtrack, base_and_evaluation, evaluate_on_main, finish_run,
+                               start_run, train_history, train_stage)
+    from halluc.tasks import get_task
+
+    set_seed(cfg.seed)
+    run = RunSettings.of(cfg)
+    out = start_run(cfg)
+    t0 = time.perf_counter()
+    task = get_task(cfg.lab.task)
+    splits = lab_splits(cfg.lab, cfg.seed)
+    tests = {name: splits[name] for name in ("test_id", "test_ood") if name in splits}
+    model, tokenizer, base_path, before = base_and_evaluation(cfg, run, splits, tests, task)
+    model, bt_id, used, _ = add_backtrack(model, tokenizer, cfg, "self_correct", base_path)
+
+    rounds, trainer, after = [], None, before
+    for r in range(1, cfg.rounds + 1):
+        rdir = out / f"round-{r}"
+        if (rdir / "round.json").exists():  # finished before a kill: continue from its model
+            log.info("round %d finished already: continuing from %s", r, rdir / "checkpoint")
+            rounds.append(json.loads((rdir / "round.json").read_text()))
+            model, after = load_causal_lm(str(rdir / "checkpoint")), rounds[-1]["eval"]
+            continue
+        t_round = time.perf_counter()
+        own, stats = own_examples(cfg, r, rdir / "data", model, tokenizer, task, splits["sft"], bt_id)
+        data, counts = round_mix(cfg, r, own, splits["sft"], tokenizer, bt_id)
+        trainer = train_stage(model, data, cfg.sft, str(rdir), run, cfg.attention, cfg.positions, tokenizer=tokenizer)
+        model = save_stage(trainer, model, tokenizer, rdir / "checkpoint", cfg.deepspeed)
+        after = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, f"round {r}")
+        if is_main():
+            summary = {"round": r, "stats": stats, "mix": counts, "eval": after, "train": train_history(trainer),
+                       "seconds": round(time.perf_counter() - t_round, 1)}
+            (rdir / "round.json").write_text(json.dumps(summary, indent=1))
+            log_round(out / "tb", summary)
+            rounds.append(summary)
+            log.info("round %d: %s; ID answer acc %.1f%%, BT recall %s", r, counts,
+                     100 * after["test_id"]["answer_acc"], after["test_id"]["bt_recall"])
+    if not is_main():
+        return None
+    report = {"config": as_dict(cfg), "backtrack_id": bt_id, "bt_init_words": used, "before": before,
+              "after": after, "saved": str(out / f"round-{cfg.rounds}" / "checkpoint"),
+              "rounds": [{k: v for k, v in x.items() if k != "eval"} for x in rounds],
+              "sft_train": rounds[-1]["train"] if rounds else None,
+              "seconds": {"total": round(time.perf_counter() - t0, 1)}}
+    finish_run(out, cfg, report, cfg.rounds, f"after {cfg.rounds} round(s)")
+    print(f"\ncheckpoint: {report['saved']}   eval: {out / 'eval.json'}   total {report['seconds']['total']:.0f} s")
+    return report
+
+
+def own_examples(cfg: Config, r: int, folder: Path, model, tokenizer, task, problems, bt_id):
+    """The round's examples from the model's own errors: made here, or read back after a kill."""
+    import json
+
+    from datasets import load_from_disk
+
+    from halluc.generate import Sampling
+    from halluc.own_errors import make_round, save_round
+
+    if cfg.mix.own == 0:
+        return [], {}
+    if (folder / "stats.json").exists():
+        log.info("round %d: reading its data back from %s", r, folder)
+        return list(load_from_disk(str(folder / "sft"))), json.loads((folder / "stats.json").read_text())
+    pick = random.Random(cfg.seed * 1_000 + r).sample(range(len(problems)), min(cfg.sampler.problems, len(problems)))
+    chosen = [problems[i] for i in pick]
+    s = cfg.sampler
+    model.eval()
+    rows, pairs, stats = make_round(model, tokenizer, task, chosen, k=s.k,
+                                    sampling=Sampling(s.temperature, s.top_p, cfg.seed * 1_000 + r),
+                                    max_new_tokens=s.max_new_tokens, correction_tries=s.correction_tries,
+                                    per_problem=s.per_problem, bt_id=bt_id, masked=cfg.masked)
+    for row in rows + pairs:  # problem index -> index in the SFT split
+        row["problem"] = pick[row["problem"]]
+    save_round(folder, rows, pairs, stats)
+    log.info("round %d data: %s", r, json.dumps(stats.as_dict()))
+    return rows, stats.as_dict()
+
+
+def round_mix(cfg: Config, r: int, own: list, problems, tokenizer, bt_id):
+    """The round's training set: `mix` fractions of `round_examples` (own examples are not repeated:
+    with fewer than their share the set is smaller, and the log says so)."""
+    from datasets import concatenate_datasets
+
+    from halluc.data import build_sft_dataset
+
+    n = cfg.round_examples
+    rng = random.Random(cfg.seed * 1_000 + r + 500)
+    want = {"own": round(cfg.mix.own * n), "synthetic": round(cfg.mix.synthetic * n), "clean": round(cfg.mix.clean * n)}
+    own = [{k: x[k] for k in ("input_ids", "roles", "labels")} for x in own]
+    rng.shuffle(own)
+    own = own[:want["own"]]
+    if len(own) < want["own"]:
+        log.warning("round %d: %d examples from the model's own errors, fewer than mix.own asks (%d)",
+                    r, len(own), want["own"])
+    parts, counts = [], {"own": len(own)}
+    order = rng.sample(range(len(problems)), len(problems))
+    start = 0
+    for name, errors in (("synthetic", ErrorConfig(**{**as_dict(cfg.errors), "example_rate": 1.0})),
+                         ("clean", ErrorConfig(source="none"))):
+        if want[name]:
+            chosen = [problems[i] for i in order[start:start + want[name]]]
+            start += want[name]
+            built = build_sft_dataset(chosen, tokenizer, errors, bt_id, masked=cfg.masked, max_len=cfg.max_len,
+                                      overlong=cfg.overlong, seed=cfg.seed * 1_000 + r, num_proc=cfg.num_proc)
+            parts.append(built.select_columns(["input_ids", "roles", "labels"]))
+            counts[name] = len(parts[-1])
+    if own:
+        from datasets import Dataset
+
+        parts.append(Dataset.from_list(own).cast(parts[0].features) if parts else Dataset.from_list(own))
+    data = concatenate_datasets(parts).shuffle(seed=cfg.seed * 1_000 + r) if len(parts) > 1 else parts[0]
+    return data, counts
+
+
+def log_round(tb_dir: Path, summary: dict) -> None:
+    """Per round: what the sampler found and kept, the mix trained on, the evaluation."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    stats, r = summary["stats"], summary["round"]
+    with SummaryWriter(str(tb_dir)) as w:
+        for key in ("samples", "right", "wrong", "located", "unlocated", "unaligned", "corrected_by_model",
+                    "corrected_by_reference", "no_correction", "kept"):
+            if key in stats:
+                w.add_scalar(f"round/{key}", stats[key], r)
+        for name, count in summary["mix"].items():
+            w.add_scalar(f"round/mix_{name}", count, r)
+        for split, m in summary["eval"].items():
+            for key in ("answer_acc", "bt_precision", "bt_recall"):
+                if m.get(key) is not None:
+                    w.add_scalar(f"round/{split}/{key}", m[key], r)
+
+
+if __name__ == "__main__":
+    main()

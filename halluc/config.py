@@ -79,8 +79,9 @@ def _check(cfg, where: str, prefix: str = "") -> None:
     raising ValueError; every one in the tree runs, innermost first, after all values are set."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            _check(value, where, f"{prefix}{f.name}.")
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if dataclasses.is_dataclass(item):
+                _check(item, where, f"{prefix}{f.name}{f'[{i}]' if isinstance(value, list) else ''}.")
     if hasattr(cfg, "check"):
         try:
             cfg.check()
@@ -124,6 +125,18 @@ def _coerce(value, hint):
             if value is not None and isinstance(check, Range):
                 check.check(value)
         return value
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):  # e.g. one phase of a list of phases
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping of {hint.__name__} settings, got {value!r}")
+        made, hints = hint(), typing.get_type_hints(hint, include_extras=True)
+        for key, item in value.items():
+            if key not in hints:
+                raise ValueError(f"unknown key {key!r} (valid: {sorted(hints)})")
+            try:
+                setattr(made, key, _coerce(item, hints[key]))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{key}={item!r}: {e}") from None
+        return made
     if origin is typing.Literal:
         if value not in args:
             raise ValueError(f"choose one of {', '.join(map(str, args))}")

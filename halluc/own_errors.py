@@ -276,8 +276,9 @@ def build(err: OwnError, fix: Correction, bt_id: int, eos_id: int | None) -> tup
 
 def make_round(model, tokenizer, task, problems: list[Problem], *, k: int, sampling: Sampling,
                max_new_tokens: int, correction_tries: int, per_problem: int, bt_id: int, masked: bool = True,
-               batch_size: int = 64) -> tuple[list[dict], list[dict], RoundStats]:
-    """Sample, judge, correct and build one round: (SFT rows, pair rows, statistics)."""
+               batch_size: int = 256) -> tuple[list[dict], list[dict], RoundStats]:
+    """Sample, judge, correct and build one round: (SFT rows, pair rows, statistics). Batch 256
+    samples 1.4x faster than 64 on 2 CPU cores (benchmarks/own_errors.py)."""
     from tqdm.auto import tqdm
 
     from halluc.data import labels_from_roles

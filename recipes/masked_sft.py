@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 from halluc.config import NonNegativeInt, PositiveInt, Stage, as_dict, check_model_path, load_config
+from halluc.curriculum import Curriculum
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
 from halluc.lora import LoraSettings
@@ -45,6 +46,7 @@ class Config:
     base: Stage = field(default_factory=lambda: Stage(steps=1800, batch_size=32, lr=3e-3))
     sft: Stage = field(default_factory=lambda: Stage(steps=600, batch_size=32, lr=1e-3))
     errors: ErrorConfig = field(default_factory=ErrorConfig)
+    curriculum: Curriculum = field(default_factory=Curriculum)  # technique 3: SFT in phases, easy to hard
     masked: bool = True                 # False: train on the error tokens too (ablation)
     bt_init: Literal["semantic", "mean", "random"] = "semantic"  # technique 2: how the new BT row starts
     # Technique 4. Default causal: errors stay visible to what follows (Physics-of-LM "retry"
@@ -78,6 +80,10 @@ class Config:
                              "examples are built from it), or model=DIR with a prepared data=DIR")
         if self.resume and self.overwrite:
             raise ValueError("resume=true and overwrite=true contradict each other: choose one")
+        if any(p.source == "own" for p in self.curriculum.phases):
+            raise ValueError("curriculum phases with source=own need the model's own errors: recipes/self_correct.py")
+        if self.curriculum.phases and self.data:
+            raise ValueError("a curriculum builds its phases' data itself: drop data=DIR")
         check_paths_and_backend(self)
 
 
@@ -114,6 +120,7 @@ def train(cfg: Config) -> dict | None:
     from transformers import set_seed
 
     from halluc.checkpoint import save_stage
+    from halluc.curriculum import phase_datasets, train_phases
     from halluc.data import build_sft_dataset, load_prepared
     from halluc.distributed import is_main, world_size
     from halluc.lab import lab_splits
@@ -137,15 +144,24 @@ def train(cfg: Config) -> dict | None:
     model, bt_id, used, identity = add_backtrack(model, tokenizer, cfg, "masked_sft", base_path)
 
     # (4) masked SFT with the default objective, token cross-entropy
-    if cfg.data:
-        data = load_prepared(cfg.data, tokenizer, task=cfg.lab.task)
-    else:
-        data = build_sft_dataset(splits["sft"], tokenizer, cfg.errors, bt_id, masked=cfg.masked,
-                                 max_len=cfg.max_len, overlong=cfg.overlong, seed=cfg.seed + 1,
-                                 num_proc=cfg.num_proc)
     t1 = time.perf_counter()
-    trainer = train_stage(model, data, cfg.sft, str(out), run, cfg.attention, cfg.positions, tokenizer=tokenizer,
-                          adapter_info=identity if cfg.lora.enabled else None)
+    if cfg.curriculum.phases:  # technique 3: phases from easy to hard (order=shuffled: the control)
+        cur = cfg.curriculum
+        pool, probe = splits["sft"][:len(splits["sft"]) - cur.probe_size], splits["sft"][-cur.probe_size:]
+        datasets, counts = phase_datasets(cur, pool, tokenizer, bt_id, cfg.errors, examples=len(pool),
+                                          masked=cfg.masked, max_len=cfg.max_len, overlong=cfg.overlong,
+                                          seed=cfg.seed + 1, num_proc=cfg.num_proc)
+        trainer = train_phases(model, datasets, cur, counts, out, run, cfg.sft, cfg.attention, cfg.positions,
+                               tokenizer, probe=(probe, task, cfg.eval_max_new_tokens))
+    else:
+        if cfg.data:
+            data = load_prepared(cfg.data, tokenizer, task=cfg.lab.task)
+        else:
+            data = build_sft_dataset(splits["sft"], tokenizer, cfg.errors, bt_id, masked=cfg.masked,
+                                     max_len=cfg.max_len, overlong=cfg.overlong, seed=cfg.seed + 1,
+                                     num_proc=cfg.num_proc)
+        trainer = train_stage(model, data, cfg.sft, str(out), run, cfg.attention, cfg.positions, tokenizer=tokenizer,
+                              adapter_info=identity if cfg.lora.enabled else None)
     t_sft = time.perf_counter() - t1
     saved = out / ("adapter" if cfg.lora.enabled else "checkpoint")
     model = save_stage(trainer, model, tokenizer, saved, cfg.deepspeed, identity if cfg.lora.enabled else None)

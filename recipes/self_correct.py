@@ -17,7 +17,9 @@ Each round (halluc/own_errors.py):
    masked as in technique 1, then evaluate; the next round samples from the new model.
 `OUT/round-N/` holds the round's data (`data/sft`, `data/pairs`, `data/stats.json`), its
 checkpoint and evaluation; a killed run resumes at the round it was in (resume=true).
-`mix.own=0` trains on synthetic errors only (masked SFT through the same code).
+`mix.own=0` trains on synthetic errors only (masked SFT through the same code). With
+`curriculum.phases` (technique 3, halluc/curriculum.py) a round trains its phases in order
+instead of one mix: error length, sites, rate, difficulty and source (synthetic, then own).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from halluc.config import Fraction, NonNegativeFloat, NonNegativeInt, PositiveInt, Stage, as_dict, load_config
+from halluc.curriculum import Curriculum
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
 from halluc.lora import LoraSettings
@@ -73,7 +76,8 @@ class Config:
     rounds: PositiveInt = 1
     round_examples: PositiveInt = 10000    # training examples per round (the mix's fractions of it)
     sampler: Sampler = field(default_factory=Sampler)
-    mix: Mix = field(default_factory=Mix)
+    mix: Mix = field(default_factory=Mix)  # without a curriculum: what one round trains on
+    curriculum: Curriculum = field(default_factory=Curriculum)  # technique 3: the round's data in phases
     errors: ErrorConfig = field(default_factory=ErrorConfig)  # the synthetic errors (mix.synthetic)
     masked: bool = True                    # False: train on the error tokens too (ablation)
     bt_init: Literal["semantic", "mean", "random"] = "semantic"
@@ -124,6 +128,7 @@ def train(cfg: Config) -> dict | None:
     from transformers import set_seed
 
     from halluc.checkpoint import save_stage
+    from halluc.curriculum import phase_datasets, train_phases
     from halluc.distributed import is_main
     from halluc.lab import lab_splits
     from halluc.model import load_causal_lm
@@ -150,9 +155,20 @@ def train(cfg: Config) -> dict | None:
             model, after = load_causal_lm(str(rdir / "checkpoint")), rounds[-1]["eval"]
             continue
         t_round = time.perf_counter()
-        own, stats = own_examples(cfg, r, rdir / "data", model, tokenizer, task, splits["sft"], bt_id)
-        data, counts = round_mix(cfg, r, own, splits["sft"], tokenizer, bt_id)
-        trainer = train_stage(model, data, cfg.sft, str(rdir), run, cfg.attention, cfg.positions, tokenizer=tokenizer)
+        cur = cfg.curriculum
+        # with a competence-based curriculum the last probe_size SFT problems are its held-out probe
+        pool = splits["sft"][:len(splits["sft"]) - cur.probe_size] if cur.phases else splits["sft"]
+        own, stats = own_examples(cfg, r, rdir / "data", model, tokenizer, task, pool, bt_id)
+        if cur.phases:  # technique 3: the round's data in phases, easy to hard (or shuffled: the control)
+            datasets, counts = phase_datasets(cur, pool, tokenizer, bt_id, cfg.errors, examples=cfg.round_examples,
+                                              masked=cfg.masked, max_len=cfg.max_len, overlong=cfg.overlong,
+                                              seed=cfg.seed * 1_000 + r, num_proc=cfg.num_proc, own_rows=own)
+            trainer = train_phases(model, datasets, cur, counts, rdir, run, cfg.sft, cfg.attention, cfg.positions,
+                                   tokenizer, probe=(splits["sft"][len(pool):], task, cfg.eval_max_new_tokens))
+        else:
+            data, counts = round_mix(cfg, r, own, pool, tokenizer, bt_id)
+            trainer = train_stage(model, data, cfg.sft, str(rdir), run, cfg.attention, cfg.positions,
+                                  tokenizer=tokenizer)
         model = save_stage(trainer, model, tokenizer, rdir / "checkpoint", cfg.deepspeed)
         after = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, f"round {r}")
         if is_main():
@@ -184,7 +200,7 @@ def own_examples(cfg: Config, r: int, folder: Path, model, tokenizer, task, prob
     from halluc.generate import Sampling
     from halluc.own_errors import make_round, save_round
 
-    if cfg.mix.own == 0:
+    if cfg.mix.own == 0 and not any(p.source == "own" for p in cfg.curriculum.phases):
         return [], {}
     if (folder / "stats.json").exists():
         log.info("round %d: reading its data back from %s", r, folder)
@@ -250,8 +266,10 @@ def log_round(tb_dir: Path, summary: dict) -> None:
                     "corrected_by_reference", "no_correction", "kept"):
             if key in stats:
                 w.add_scalar(f"round/{key}", stats[key], r)
-        for name, count in summary["mix"].items():
-            w.add_scalar(f"round/mix_{name}", count, r)
+        mixes = summary["mix"] if isinstance(summary["mix"], list) else [summary["mix"]]  # a list per phase
+        for i, mix in enumerate(mixes):
+            for name, count in mix.items():
+                w.add_scalar(f"round/mix_{name}" + (f"_phase{i + 1}" if len(mixes) > 1 else ""), float(count), r)
         for split, m in summary["eval"].items():
             for key in ("answer_acc", "bt_precision", "bt_recall"):
                 if m.get(key) is not None:

@@ -1,4 +1,4 @@
-"""recipes/masked_sft.py, unchanged, except that one stage stops at a chosen step and waits.
+"""A recipe (masked_sft.py, or PAUSE_RECIPE), unchanged, except that one stage stops at a chosen step and waits.
 
     PAUSE_DIR=runs/x PAUSE_AT_STEP=13 python tests/helpers/pausing_recipe.py output_dir=runs/x ...
 
@@ -16,7 +16,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "masked_sft.py"
+# the recipe to run: recipes/masked_sft.py unless PAUSE_RECIPE names another
+RECIPE = Path(__file__).resolve().parents[2] / os.environ.get("PAUSE_RECIPE", "recipes/masked_sft.py")
 
 
 class PauseAt(TrainerCallback):
@@ -32,9 +33,9 @@ class PauseAt(TrainerCallback):
 def main():
     import halluc.stages
 
-    spec = importlib.util.spec_from_file_location("masked_sft", RECIPE)
+    spec = importlib.util.spec_from_file_location(RECIPE.stem, RECIPE)
     recipe = importlib.util.module_from_spec(spec)
-    sys.modules["masked_sft"] = recipe  # dataclasses resolve string annotations through sys.modules
+    sys.modules[RECIPE.stem] = recipe  # dataclasses resolve string annotations through sys.modules
     spec.loader.exec_module(recipe)
     pause_dir = Path(os.environ["PAUSE_DIR"]).resolve()
     step = int(os.environ["PAUSE_AT_STEP"])

@@ -1,0 +1,190 @@
+"""recipes/self_correct.py end to end (rounds, the saved data, resume after kill -9, GSM8K files)
+and the curriculum (technique 3): phases that are what they say, the shuffled control, the probe."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, load_script
+
+from halluc.example import Role, apply_backtrack
+from halluc.tasks import arith
+
+TINY = ["base.steps=150", "sft.steps=8", "base.batch_size=16", "sft.batch_size=16", "lab.train_size=400",
+        "lab.sft_size=200", "lab.test_size=16", "tiny.hidden=32", "eval_max_new_tokens=40", "sampler.problems=48",
+        "sampler.max_new_tokens=48", "sampler.k=2", "round_examples=96"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("base-cache")
+
+
+def recipe():
+    return load_script("recipes/self_correct.py")
+
+
+def check_round_data(folder, problems_by_index, tok, bt):
+    from datasets import load_from_disk
+
+    rows = list(load_from_disk(str(folder / "sft")))
+    stats = json.loads((folder / "stats.json").read_text())
+    assert stats["kept"] == len(rows) and stats["samples"] == 48 * 2
+    assert stats["located"] + stats["unlocated"] + stats["unaligned"] == stats["wrong"]
+    for row in rows:
+        p = problems_by_index[row["problem"]]
+        prompt = tok(p.prompt)["input_ids"]
+        assert row["input_ids"][:len(prompt)] == prompt
+        clean = apply_backtrack(row["input_ids"][len(prompt):], bt)
+        assert arith.verify_steps(p, arith.split_steps(tok.decode(clean, skip_special_tokens=True))).all_ok
+        assert Role.ERROR in row["roles"] and Role.BACKTRACK in row["roles"]
+    return rows, stats
+
+
+def test_two_rounds_on_arith_write_valid_data_and_an_evaluation(tmp_path, cache):
+    from transformers import AutoTokenizer
+
+    from halluc.lab import LabConfig, lab_splits
+    from halluc.tokens import backtrack_id
+
+    report = recipe().main([f"output_dir={tmp_path}/out", f"cache_dir={cache}", "rounds=2", *TINY])
+    out = tmp_path / "out"
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    tok = AutoTokenizer.from_pretrained(out / "round-2" / "checkpoint")
+    sft = lab_splits(LabConfig(train_size=400, sft_size=200, test_size=16), 0)["sft"]
+    for r in (1, 2):
+        rows, stats = check_round_data(out / f"round-{r}" / "data", sft, tok, backtrack_id(tok))
+        assert stats["kept"] > 0
+        pairs = json.loads((out / f"round-{r}" / "round.json").read_text())["mix"]
+        assert pairs["own"] == min(stats["kept"], 48)  # half of round_examples=96 may be own
+    saved = json.loads((out / "eval.json").read_text())
+    assert set(saved["after"]) == {"test_id", "test_ood"} and saved["rounds"][1]["stats"]["samples"] == 96
+
+
+@pytest.mark.slow
+def test_kill_9_in_round_2_then_resume_continues_at_round_2(tmp_path, cache):
+    args = [f"output_dir={tmp_path}/out", f"cache_dir={cache}", "rounds=2", "save_steps=2", *TINY]
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PAUSE_DIR": str(out / "round-2"), "PAUSE_AT_STEP": "5",
+           "PAUSE_RECIPE": "recipes/self_correct.py"}
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, "tests/helpers/pausing_recipe.py", *args], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "round-2" / "paused-at-5").exists():
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached round 2, step 5"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    data_before = (out / "round-2" / "data" / "stats.json").read_text()
+    resumed = subprocess.run([sys.executable, "recipes/self_correct.py", *args, "resume=true"], cwd=ROOT,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    text = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, text[-4000:]
+    assert "round 1 finished already" in text and "round 2: reading its data back" in text
+    assert f"resuming from {out / 'round-2' / 'checkpoint-4'}" in text
+    assert (out / "round-2" / "data" / "stats.json").read_text() == data_before
+    assert json.loads((out / "eval.json").read_text())["rounds"][1]["round"] == 2
+
+
+def test_gsm8k_files_run_and_unplaceable_errors_are_counted(tmp_path, gsm8k_test_file):
+    from halluc.tasks import gsm8k
+    from halluc.model import tiny_llama
+    from halluc.tokens import train_tokenizer
+
+    problems = gsm8k.read_jsonl(gsm8k_test_file, limit=120)
+    tok = train_tokenizer([p.prompt + p.solution for p in problems], vocab_size=500)
+    torch.manual_seed(0)
+    model = tiny_llama(len(tok), hidden=32, layers=1, heads=2, pad_token_id=tok.pad_token_id,
+                       eos_token_id=tok.eos_token_id)
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    report = recipe().main([f"model={tmp_path / 'base'}", "lab.task=gsm8k", f"lab.train_file={gsm8k_test_file}",
+                            f"lab.test_file={gsm8k_test_file.parent / 'train.jsonl'}", "lab.test_size=4",
+                            "lab.sft_size=40", "lab.train_size=40", "sampler.problems=10", "sampler.k=2",
+                            "sampler.max_new_tokens=24", "sampler.correction_tries=1", "sft.steps=2",
+                            "sft.batch_size=4", "round_examples=16", "max_len=512", "eval_max_new_tokens=16",
+                            f"output_dir={tmp_path}/out"])
+    stats = report["rounds"][0]["stats"]
+    assert stats["samples"] == 20 and stats["right"] + stats["wrong"] == 20
+    assert stats["located"] + stats["unlocated"] + stats["unaligned"] == stats["wrong"]
+    assert report["after"]["test_id"]["n"] == 4
+
+
+# ---- curriculum ---------------------------------------------------------------------------
+
+def test_phases_are_what_they_say_and_shuffled_deals_the_same_examples(bt_tokenizer):
+    from halluc.curriculum import Curriculum, Phase, phase_datasets
+    from halluc.errors import ErrorConfig
+    from halluc.tokens import backtrack_id
+
+    problems = arith.make_split(400, (2, 4), seed=11)
+    phases = [Phase(steps=100, error_rate=1.0, max_error_tokens=1, ops_max=2),
+              Phase(steps=100, error_rate=0.5, ops_min=3)]
+    bt = backtrack_id(bt_tokenizer)
+    kw = dict(examples=200, masked=True, max_len=256, overlong="drop", seed=3)
+    ordered, counts = phase_datasets(Curriculum(phases), problems, bt_tokenizer, bt, ErrorConfig(), **kw)
+    assert [c["examples"] for c in counts] == [len(d) for d in ordered] == [100, 100]
+    first, second = ordered
+    runs = [r.count(Role.ERROR) for r in first["roles"]]
+    assert all(n == 1 for n in runs)  # every example one error token
+    assert all(len(bt_tokenizer.decode(ids).split(" ; ")) <= 4 for ids in first["input_ids"])  # <= 2 quantities
+    assert 0.3 < sum(Role.ERROR in r for r in second["roles"]) / len(second) < 0.7
+    assert max(r.count(Role.ERROR) for r in second["roles"]) > 1  # whole wrong tails there
+    shuffled, _ = phase_datasets(Curriculum(phases, order="shuffled"), problems, bt_tokenizer, bt, ErrorConfig(), **kw)
+    pool = sorted(map(tuple, list(first["input_ids"]) + list(second["input_ids"])))
+    dealt = sorted(map(tuple, list(shuffled[0]["input_ids"]) + list(shuffled[1]["input_ids"])))
+    assert dealt == pool  # the same examples
+    assert any(Role.ERROR in r and r.count(Role.ERROR) > 1 for r in shuffled[0]["roles"])  # hard ones come early
+
+
+def test_a_competence_phase_ends_when_the_probe_passes(bt_tokenizer, arith_problems, tmp_path):
+    import copy
+
+    from halluc.config import Stage
+    from halluc.curriculum import Curriculum, Phase, phase_datasets, train_phases
+    from halluc.errors import ErrorConfig
+    from halluc.model import tiny_llama
+    from halluc.stages import RunSettings
+    from halluc.tokens import backtrack_id
+
+    tok = copy.deepcopy(bt_tokenizer)
+    bt = backtrack_id(tok)
+    steps = {}
+    for name, threshold in (("passes", 0.0), ("never", 1.0)):
+        torch.manual_seed(0)
+        model = tiny_llama(len(tok), hidden=32, layers=1, heads=2)
+        cur = Curriculum([Phase(steps=12, until_recall=threshold)], probe_every=4)
+        data, counts = phase_datasets(cur, arith_problems[:200], tok, bt, ErrorConfig(), examples=64, masked=True,
+                                      max_len=256, overlong="drop", seed=0)
+        trainer = train_phases(model, data, cur, counts, tmp_path / name, RunSettings(), Stage(12, 8, 1e-3), "causal",
+                               "original", tok, probe=(arith_problems[200:216], arith, 24))
+        steps[name] = trainer.state.global_step
+    assert steps == {"passes": 4, "never": 12}  # recall >= 0 at the first probe; never >= 1 on a tiny model
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in (tmp_path / "passes" / "tb").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"curriculum/phase", "curriculum/phase_end", "curriculum/probe_bt_recall", "curriculum/examples"} <= tags
+
+
+def test_a_curriculum_with_an_own_errors_phase_runs_in_a_round(tmp_path, cache):
+    phases = "[{steps: 4, error_rate: 0.5, max_error_tokens: 1}, {steps: 4, source: own, error_rate: 0.5}]"
+    report = recipe().main([f"output_dir={tmp_path}/out", f"cache_dir={cache}", f"curriculum.phases={phases}",
+                            "curriculum.probe_size=16", *TINY])
+    mix = report["rounds"][0]["mix"]
+    assert len(mix) == 2 and mix[1]["own_errors"] > 0 and "synthetic_errors" in mix[0]
+    assert (tmp_path / "out" / "round-1" / "phase-2").is_dir()

@@ -233,6 +233,7 @@ def plots(results: dict, baseline: str, out: Path) -> list[Path]:
 
 def write_report(sweep, runs, out: Path) -> dict[str, Path]:
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     results = analyse(sweep, runs)
     wall_file = out / "wall.jsonl"
     wall = [json.loads(line) for line in wall_file.read_text().splitlines()] if wall_file.exists() else []

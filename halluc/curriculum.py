@@ -71,18 +71,24 @@ def phase_datasets(cur: Curriculum, problems: list, tokenizer, bt_id: int, error
     rng = random.Random(seed)
     total_steps = sum(p.steps for p in cur.phases)
     order = rng.sample(range(len(problems)), len(problems))
-    used, parts, counts = 0, [], []
+    taken: set[int] = set()  # problems are not reused across phases
+    parts, counts = [], []
     own_rows = list(own_rows or [])
     rng.shuffle(own_rows)
+    taken |= {r["problem"] for r in own_rows}  # nor are the problems the own examples come from
+    used_own: set[int] = set()
     for i, phase in enumerate(cur.phases):
         n = max(1, round(examples * phase.steps / total_steps))
-        fits = [j for j in order[used:] if _difficulty_fits(problems[j], phase)]
+        fits = [j for j in order if j not in taken and _difficulty_fits(problems[j], phase)]
         n_err = round(n * phase.error_rate)
-        chosen = [problems[j] for j in fits[:n - (n_err if phase.source == "own" else 0)]]
-        used += len(chosen)  # problems are not reused across phases (own examples are drawn apart)
+        picked = fits[:n - (n_err if phase.source == "own" else 0)]
+        taken |= set(picked)
+        chosen = [problems[j] for j in picked]
         if phase.source == "own":
-            own = [r for r in own_rows if _difficulty_fits(problems[r["problem"]], phase)][:n_err]
-            own_rows = [r for r in own_rows if r not in own]
+            picked_own = [k for k, r in enumerate(own_rows)
+                          if k not in used_own and _difficulty_fits(problems[r["problem"]], phase)][:n_err]
+            used_own |= set(picked_own)
+            own = [own_rows[k] for k in picked_own]
             clean = build_sft_dataset(chosen, tokenizer, ErrorConfig(source="none"), bt_id, masked=masked,
                                       max_len=max_len, overlong=overlong, seed=seed + i, num_proc=num_proc)
             clean = clean.select_columns(["input_ids", "roles", "labels"])
@@ -110,7 +116,8 @@ def phase_datasets(cur: Curriculum, problems: list, tokenizer, bt_id: int, error
             dealt.append(pooled.select(range(start, start + size)))
             start += size
         parts = dealt
-        counts = [{"examples": len(p), "shuffled": True} for p in parts]
+        counts = [{"examples": len(p), "with_errors": sum(2 in roles for roles in p["roles"]),
+                   "shuffled": True} for p in parts]
     return parts, counts
 
 
@@ -171,7 +178,8 @@ def recall_probe(tokenizer, probe, threshold: float, every: int, writer, offset:
             model.eval()
             m = evaluate_problems(model, tokenizer, problems, task, max_new, desc="probe")
             model.train()
-            recall = m["bt_recall"] or 0.0
+            # no error made on the probe: nothing left to catch, the phase has done its work
+            recall = 1.0 if m["bt_recall"] is None else m["bt_recall"]
             if writer:
                 writer.add_scalar("curriculum/probe_bt_recall", recall, offset + state.global_step)
             log.info("probe at step %d: BT recall %.3f (the phase ends at %.3f)", state.global_step, recall, threshold)

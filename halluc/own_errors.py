@@ -3,7 +3,7 @@
 One round (recipes/self_correct.py runs several):
 1. `sample`: K solutions per problem from the current model (batched, temperature / top-p / seed),
    with the semantics it was trained for.
-2. `locate`: the step judge (halluc.judge) finds each sample's first wrong step; the sample's
+2. `locate`: the step judge (halluc.judge) finds each finished sample's first wrong step; the sample's
    visible tokens are cut there: `prefix` (every step before it is right), `wrong` (the wrong
    step's tokens), `after` (what the model wrote next). Where the verifier cannot place the
    error (GSM8K: every annotation consistent but the final answer wrong) the sample is skipped
@@ -24,7 +24,9 @@ One round (recipes/self_correct.py runs several):
 Data layout on disk (`save_round`): `sft/` is a `datasets` folder with `input_ids`, `labels`,
 `roles` (the format tools/prepare_data.py writes and recipes read with data=DIR); `pairs/` has
 `prompt_ids`, `prompt_roles`, `chosen_ids`, `chosen_roles`, `rejected_ids`, `rejected_roles`
-(token ids + roles; the DPO recipe lays them out with halluc.packing.layout_two_branch); both
+(token ids + roles; the prompt ends with the error, which the chosen branch's BTs erase, so a
+layout that blocks errors must move the error tail into both branches: `layout_two_branch` keeps
+a PROMPT prefix unpoppable); both
 with `problem` (index) and `kind` (the error kind) columns. `stats.json` counts every step.
 """
 from __future__ import annotations
@@ -68,6 +70,9 @@ class RoundStats:
     corrected_by_model: int = 0     # the correction is the model's own resample
     corrected_by_reference: int = 0
     no_correction: int = 0
+    unfinished: int = 0             # stopped by the length limit: the last step may be cut, not wrong
+    not_built: int = 0              # the wrong step is a prefix of the correction: no error tokens
+    too_long: int = 0               # longer than max_len, or an error run longer than the loop guard allows
     kept: int = 0                   # examples (and pairs) written
     kinds: Counter = field(default_factory=Counter)       # located errors by kind
     kept_kinds: Counter = field(default_factory=Counter)  # kept examples by kind
@@ -80,14 +85,14 @@ class RoundStats:
 
 def char_ends(tokenizer, ids: list[int]) -> list[int]:
     """len(decode(ids[:i + 1])) for every i: where each token's text ends."""
-    pieces = [tokenizer.decode([t]) for t in ids]
-    if "".join(pieces) == tokenizer.decode(ids):  # byte-level BPE on plain text: tokens decode alone
+    pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in ids]
+    if "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True):  # byte-level BPE: tokens decode alone
         ends, n = [], 0
         for p in pieces:
             n += len(p)
             ends.append(n)
         return ends
-    return [len(tokenizer.decode(ids[:i + 1])) for i in range(len(ids))]  # e.g. sentencepiece spaces
+    return [len(tokenizer.decode(ids[:i + 1], skip_special_tokens=True)) for i in range(len(ids))]  # sentencepiece
 
 
 def token_cut(ends: list[int], char: int) -> int | None:
@@ -141,6 +146,9 @@ def locate(task, problem: Problem, tokenizer, index: int, prompt: list[int], gen
         stats.right += 1
         return None
     stats.wrong += 1
+    if gen.stop != "eos":  # cut off by the length limit: its last step may be unfinished, not wrong
+        stats.unfinished += 1
+        return None
     if err is None or (err[2] == "wrong_answer" and not _canonical_steps(problem)):
         stats.unlocated += 1  # e.g. GSM8K: all annotations consistent, the answer wrong
         return None
@@ -276,7 +284,7 @@ def build(err: OwnError, fix: Correction, bt_id: int, eos_id: int | None) -> tup
 
 def make_round(model, tokenizer, task, problems: list[Problem], *, k: int, sampling: Sampling,
                max_new_tokens: int, correction_tries: int, per_problem: int, bt_id: int, masked: bool = True,
-               batch_size: int = 256) -> tuple[list[dict], list[dict], RoundStats]:
+               max_len: int = 256, batch_size: int = 256) -> tuple[list[dict], list[dict], RoundStats]:
     """Sample, judge, correct and build one round: (SFT rows, pair rows, statistics). Batch 256
     samples 1.4x faster than 64 on 2 CPU cores (benchmarks/own_errors.py)."""
     from tqdm.auto import tqdm
@@ -294,11 +302,18 @@ def make_round(model, tokenizer, task, problems: list[Problem], *, k: int, sampl
     fixes = corrections(model, tokenizer, task, problems, errors, correction_tries, sampling, max_new_tokens,
                         stats, batch_size)
     rows, pairs = [], []
+    longest_run = LoopGuards().max_backtracks  # generation never writes a longer BT run: nor may training
     for err, fix in zip(errors, fixes):
-        built = build(err, fix, bt_id, tokenizer.eos_token_id) if fix is not None else None
+        if fix is None:
+            continue
+        built = build(err, fix, bt_id, tokenizer.eos_token_id)
         if built is None:
+            stats.not_built += 1
             continue
         ex, pair = built
+        if len(ex.ids) > max_len or ex.roles.count(Role.BACKTRACK) > longest_run:
+            stats.too_long += 1
+            continue
         rows.append({"input_ids": ex.ids, "roles": ex.roles, "labels": labels_from_roles(ex.ids, ex.roles, masked),
                      "problem": err.problem, "kind": err.kind, "correction": fix.source})
         pairs.append({**pair, "problem": err.problem, "kind": err.kind, "correction": fix.source})

@@ -200,7 +200,8 @@ def own_examples(cfg: Config, r: int, folder: Path, model, tokenizer, task, prob
     from halluc.generate import Sampling
     from halluc.own_errors import make_round, save_round
 
-    if cfg.mix.own == 0 and not any(p.source == "own" for p in cfg.curriculum.phases):
+    phases = cfg.curriculum.phases
+    if not (any(p.source == "own" for p in phases) if phases else cfg.mix.own > 0):
         return [], {}
     if (folder / "stats.json").exists():
         log.info("round %d: reading its data back from %s", r, folder)
@@ -209,10 +210,13 @@ def own_examples(cfg: Config, r: int, folder: Path, model, tokenizer, task, prob
     chosen = [problems[i] for i in pick]
     s = cfg.sampler
     model.eval()
+    import torch
+
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # where training left it, also after a resume
     rows, pairs, stats = make_round(model, tokenizer, task, chosen, k=s.k,
                                     sampling=Sampling(s.temperature, s.top_p, cfg.seed * 1_000 + r),
                                     max_new_tokens=s.max_new_tokens, correction_tries=s.correction_tries,
-                                    per_problem=s.per_problem, bt_id=bt_id, masked=cfg.masked)
+                                    per_problem=s.per_problem, bt_id=bt_id, masked=cfg.masked, max_len=cfg.max_len)
     for row in rows + pairs:  # problem index -> index in the SFT split
         row["problem"] = pick[row["problem"]]
     save_round(folder, rows, pairs, stats)
@@ -221,23 +225,29 @@ def own_examples(cfg: Config, r: int, folder: Path, model, tokenizer, task, prob
 
 
 def round_mix(cfg: Config, r: int, own: list, problems, tokenizer, bt_id):
-    """The round's training set: `mix` fractions of `round_examples` (own examples are not repeated:
-    with fewer than their share the set is smaller, and the log says so)."""
+    """The round's training set: `mix` fractions of `round_examples`. Own examples are not
+    repeated: with fewer than their share, every part shrinks in proportion (the set is smaller,
+    the shares stay what `mix` says, and the log says so). Clean and synthetic examples come from
+    other problems than the own ones."""
     from datasets import concatenate_datasets
 
     from halluc.data import build_sft_dataset
 
-    n = cfg.round_examples
     rng = random.Random(cfg.seed * 1_000 + r + 500)
-    want = {"own": round(cfg.mix.own * n), "synthetic": round(cfg.mix.synthetic * n), "clean": round(cfg.mix.clean * n)}
-    own = [{k: x[k] for k in ("input_ids", "roles", "labels")} for x in own]
+    own = list(own)
     rng.shuffle(own)
-    own = own[:want["own"]]
-    if len(own) < want["own"]:
-        log.warning("round %d: %d examples from the model's own errors, fewer than mix.own asks (%d)",
-                    r, len(own), want["own"])
+    n = cfg.round_examples
+    if cfg.mix.own and not own:
+        log.warning("round %d: no example from the model's own errors: it trains on the rest of the mix", r)
+    elif cfg.mix.own and len(own) < round(cfg.mix.own * n):
+        log.warning("round %d: %d examples from the model's own errors, fewer than mix.own asks (%d): every "
+                    "part of the mix shrinks in proportion", r, len(own), round(cfg.mix.own * n))
+        n = int(len(own) / cfg.mix.own)
+    want = {"own": round(cfg.mix.own * n), "synthetic": round(cfg.mix.synthetic * n), "clean": round(cfg.mix.clean * n)}
+    taken = {x["problem"] for x in own[:want["own"]]}
+    own = [{k: x[k] for k in ("input_ids", "roles", "labels")} for x in own[:want["own"]]]
     parts, counts = [], {"own": len(own)}
-    order = rng.sample(range(len(problems)), len(problems))
+    order = [i for i in rng.sample(range(len(problems)), len(problems)) if i not in taken]
     start = 0
     for name, errors in (("synthetic", ErrorConfig(**{**as_dict(cfg.errors), "example_rate": 1.0})),
                          ("clean", ErrorConfig(source="none"))):

@@ -67,6 +67,9 @@ def test_right_unlocated_and_unaligned_samples_are_counted_not_built(bt_tokenize
     stats = RoundStats()
     assert locate(arith, p, tok, 0, [1], generation(tok, p.solution), stats) is None
     assert (stats.right, stats.wrong) == (1, 0)
+    # cut off by the length limit mid-step: not an error of the model's, counted and skipped
+    assert locate(arith, p, tok, 0, [1], generation(tok, p.steps[0] + " x = d +", stop="length"), stats) is None
+    assert stats.unfinished == 1
     # GSM8K: every annotation right but the final answer wrong -> the verifier cannot say where
     row = {"question": "Tom has 3 apples and buys 4 more. How many?",
            "answer": "He has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"}
@@ -116,9 +119,10 @@ def test_a_round_from_a_tiny_model_keeps_every_invariant(bt_tokenizer, arith_pro
     rows, pairs, stats = make_round(model, tok, arith, problems, k=2, sampling=Sampling(1.0, 1.0, 3),
                                     max_new_tokens=40, correction_tries=1, per_problem=1, bt_id=bt)
     assert stats.samples == 48 and stats.right + stats.wrong == 48
-    assert stats.located + stats.unlocated + stats.unaligned == stats.wrong
+    assert stats.located + stats.unlocated + stats.unaligned + stats.unfinished == stats.wrong
     assert len(rows) == len(pairs) == stats.kept > 0
     for row, pair in zip(rows, pairs):
+        assert len(row["input_ids"]) <= 256 and row["roles"].count(Role.BACKTRACK) <= 32  # as generation allows
         p = problems[row["problem"]]
         prompt = tok(p.prompt)["input_ids"]
         response = row["input_ids"][len(prompt):]

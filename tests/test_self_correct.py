@@ -34,7 +34,7 @@ def check_round_data(folder, problems_by_index, tok, bt):
     rows = list(load_from_disk(str(folder / "sft")))
     stats = json.loads((folder / "stats.json").read_text())
     assert stats["kept"] == len(rows) and stats["samples"] == 48 * 2
-    assert stats["located"] + stats["unlocated"] + stats["unaligned"] == stats["wrong"]
+    assert stats["located"] + stats["unlocated"] + stats["unaligned"] + stats["unfinished"] == stats["wrong"]
     for row in rows:
         p = problems_by_index[row["problem"]]
         prompt = tok(p.prompt)["input_ids"]
@@ -117,7 +117,7 @@ def test_gsm8k_files_run_and_unplaceable_errors_are_counted(tmp_path, gsm8k_test
                             f"output_dir={tmp_path}/out"])
     stats = report["rounds"][0]["stats"]
     assert stats["samples"] == 20 and stats["right"] + stats["wrong"] == 20
-    assert stats["located"] + stats["unlocated"] + stats["unaligned"] == stats["wrong"]
+    assert stats["located"] + stats["unlocated"] + stats["unaligned"] + stats["unfinished"] == stats["wrong"]
     assert report["after"]["test_id"]["n"] == 4
 
 
@@ -141,6 +141,11 @@ def test_phases_are_what_they_say_and_shuffled_deals_the_same_examples(bt_tokeni
     assert all(len(bt_tokenizer.decode(ids).split(" ; ")) <= 4 for ids in first["input_ids"])  # <= 2 quantities
     assert 0.3 < sum(Role.ERROR in r for r in second["roles"]) / len(second) < 0.7
     assert max(r.count(Role.ERROR) for r in second["roles"]) > 1  # whole wrong tails there
+
+    def prompts(data):
+        return {tuple(i for i, r in zip(ids, roles) if r == Role.PROMPT) for ids, roles in zip(data["input_ids"],
+                                                                                               data["roles"])}
+    assert not prompts(first) & prompts(second)  # no problem is used by two phases
     shuffled, _ = phase_datasets(Curriculum(phases, order="shuffled"), problems, bt_tokenizer, bt, ErrorConfig(), **kw)
     pool = sorted(map(tuple, list(first["input_ids"]) + list(second["input_ids"])))
     dealt = sorted(map(tuple, list(shuffled[0]["input_ids"]) + list(shuffled[1]["input_ids"])))
@@ -188,3 +193,23 @@ def test_a_curriculum_with_an_own_errors_phase_runs_in_a_round(tmp_path, cache):
     mix = report["rounds"][0]["mix"]
     assert len(mix) == 2 and mix[1]["own_errors"] > 0 and "synthetic_errors" in mix[0]
     assert (tmp_path / "out" / "round-1" / "phase-2").is_dir()
+
+
+def test_a_short_own_share_shrinks_every_part_of_the_mix(bt_tokenizer, arith_problems):
+    """Fewer own examples than mix.own asks: the set shrinks so the shares stay as set (the own arm
+    keeps the error share of the synthetic arm), and clean examples come from other problems."""
+    from halluc.data import build_sft_dataset
+    from halluc.errors import ErrorConfig
+    from halluc.tokens import backtrack_id
+
+    module = recipe()
+    cfg = module.load(["mix.own=0.5", "mix.clean=0.5", "round_examples=100"])
+    bt = backtrack_id(bt_tokenizer)
+    own = [{**row, "problem": i} for i, row in
+           enumerate(build_sft_dataset(arith_problems[:10], bt_tokenizer, ErrorConfig(example_rate=1.0), bt))]
+    data, counts = module.round_mix(cfg, 1, own, arith_problems, bt_tokenizer, bt)
+    assert counts == {"own": 10, "clean": 10} and len(data) == 20
+    own_prompts = {p.prompt for p in arith_problems[:10]}
+    decoded = [bt_tokenizer.decode([i for i, r in zip(ids, roles) if r == Role.PROMPT], skip_special_tokens=True)
+               for ids, roles in zip(data["input_ids"], data["roles"]) if Role.ERROR not in roles]
+    assert len(decoded) == 10 and not own_prompts & set(decoded)

@@ -254,6 +254,19 @@ class Stage:
     lr: NonNegativeFloat = 3e-3     # peak learning rate (cosine schedule, 5% warmup)
 
 
+@dataclass
+class Sampler:
+    """How a round samples the model's own errors (recipes/self_correct.py, recipes/dpo.py)."""
+
+    problems: PositiveInt = 4000       # SFT problems sampled per round (a new draw each round)
+    k: PositiveInt = 4                 # samples per problem
+    temperature: NonNegativeFloat = 0.8
+    top_p: Fraction = 0.95
+    max_new_tokens: PositiveInt = 192
+    correction_tries: NonNegativeInt = 4  # own resamples tried per error before the reference
+    per_problem: PositiveInt = 1       # examples kept per problem and round
+
+
 def check_model_path(path: str, what: str = "model") -> None:
     """Fail at once, naming the path, when a local model folder is missing (instead of HF retrying
     the hub for a minute or complaining about repo ids). `org/name` is left to the hub unless its

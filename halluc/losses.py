@@ -33,3 +33,46 @@ def sum_per_branch(values: torch.Tensor, unit: torch.Tensor, branch: torch.Tenso
         raise ValueError(f"branch ids must be in [0, {n_branches}), got {branch.unique().tolist()}")
     out = torch.zeros(n_units * n_branches, dtype=values.dtype, device=values.device)
     return out.index_add(0, unit * n_branches + branch, values).view(n_units, n_branches)
+
+
+# --------------------------------------------------------------------------- preferences (technique 6)
+# Per pair: `policy` and `reference` are (P, 2) tables of log-prob sums over the completion tokens,
+# column 0 the chosen completion, column 1 the rejected one (sum_per_branch of target_log_probs).
+
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "tdpo1", "tdpo2")
+
+
+def sequential_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """Per target, KL(pi_ref || pi_theta) over the vocabulary at that position (TDPO's sequential
+    KL, summed over a branch's tokens by `sum_per_branch`): (N, V), (N, V) -> (N,), in fp32."""
+    ref = F.log_softmax(reference_logits.float(), dim=-1)
+    pol = F.log_softmax(policy_logits.float(), dim=-1)
+    return (ref.exp() * (ref - pol)).sum(-1)
+
+
+def preference_loss(kind: str, policy: torch.Tensor, reference: torch.Tensor, beta: float = 0.1,
+                    alpha: float = 0.5, kl: torch.Tensor | None = None,
+                    lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pair loss (P,) of `kind`, with u = (c - ref_c) - (r - ref_r):
+
+    sigmoid  -logsigmoid(beta * u)                                   (DPO; TRL's "sigmoid")
+    ipo      ((c - ref_c) / n_c - (r - ref_r) / n_r - 1 / (2 beta))^2 (TRL's IPO: per-token means,
+             `lengths` (P, 2) = completion tokens)
+    tdpo1    -logsigmoid(beta * (u - (kl_r - kl_c)))                 (Zeng et al. 2024)
+    tdpo2    -logsigmoid(beta * (u - alpha * (kl_r - sg(kl_c))))     (stop-gradient on the chosen KL)
+    where `kl` (P, 2) is the sequential KL(ref || policy) summed over each completion."""
+    ratios = policy - reference
+    if kind == "sigmoid":
+        return -F.logsigmoid(beta * (ratios[:, 0] - ratios[:, 1]))
+    if kind == "ipo":
+        if lengths is None:
+            raise ValueError("ipo needs the completion lengths")
+        means = ratios / lengths.clamp(min=1)
+        return (means[:, 0] - means[:, 1] - 1 / (2 * beta)) ** 2
+    if kind in ("tdpo1", "tdpo2"):
+        if kl is None:
+            raise ValueError(f"{kind} needs the sequential KL of each completion (a live reference)")
+        if kind == "tdpo1":
+            return -F.logsigmoid(beta * (ratios[:, 0] - ratios[:, 1] - (kl[:, 1] - kl[:, 0])))
+        return -F.logsigmoid(beta * (ratios[:, 0] - ratios[:, 1] - alpha * (kl[:, 1] - kl[:, 0].detach())))
+    raise ValueError(f"loss must be one of {', '.join(PREFERENCE_LOSSES)}, not {kind!r}")

@@ -98,7 +98,7 @@ def layout_two_branch(prompt: dict, chosen: dict, rejected: dict, mode: str = "b
 
 @dataclass
 class PackResult:
-    rows: list[dict]          # numpy arrays per row, see `_concat_row`
+    rows: list[dict]          # numpy arrays per row, see `concat_row`
     n_units: int              # units packed
     n_dropped: int            # units longer than max_len, dropped
     n_tokens: int             # real tokens packed
@@ -110,7 +110,7 @@ class PackResult:
         return self.n_tokens / max(len(self.rows) * self.max_len, 1)
 
 
-def _best_fit_decreasing(lengths: list[int], max_len: int) -> list[list[int]]:
+def best_fit_decreasing(lengths: list[int], max_len: int) -> list[list[int]]:
     """Unit indices per row: longest first, each into the row it fills most tightly."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     free: list[int] = []      # sorted remaining capacities
@@ -130,7 +130,7 @@ def _best_fit_decreasing(lengths: list[int], max_len: int) -> list[list[int]]:
     return rows
 
 
-def _concat_row(units: list[Layout]) -> dict:
+def concat_row(units: list[Layout]) -> dict:
     """One packed row: ends, pred_pos and branch spans shifted by each unit's offset."""
     offsets = np.cumsum([0] + [len(u) for u in units])[:-1]
     labels = []
@@ -155,8 +155,8 @@ def pack(layouts: list[Layout], max_len: int) -> PackResult:
     """Best-fit-decreasing packing of laid-out units into rows of at most max_len tokens."""
     kept = [u for u in layouts if 0 < len(u) <= max_len]
     n_dropped = sum(1 for u in layouts if len(u) > max_len)
-    groups = _best_fit_decreasing([len(u) for u in kept], max_len)
-    rows = [_concat_row([kept[i] for i in g]) for g in groups]
+    groups = best_fit_decreasing([len(u) for u in kept], max_len)
+    rows = [concat_row([kept[i] for i in g]) for g in groups]
     return PackResult(rows, len(kept), n_dropped, sum(len(u) for u in kept), max_len)
 
 

@@ -52,12 +52,15 @@ class RunSettings:
 
 
 def train_stage(model, data, stage: Stage, out_dir: str, run: RunSettings, attention: str = "causal",
-                positions: str = "original", objective=None, tokenizer=None, callbacks=(), adapter_info=None):
+                positions: str = "original", objective=None, tokenizer=None, callbacks=(), adapter_info=None,
+                collator=None, laid_out: bool = False):
     """Train `model` on `data` (examples, packed into rows when run.pack > 0) for one stage;
     resumes from the stage's newest checkpoint when run.resume. Returns the trainer.
     With `tokenizer`, every checkpoint-N folder holds it too (so it can be evaluated as is), and with
-    `adapter_info` (LoRA) its halluc_adapter.json; `callbacks` are added to the Trainer's."""
-    packed = run.pack > 0
+    `adapter_info` (LoRA) its halluc_adapter.json; `callbacks` are added to the Trainer's.
+    `laid_out`: `data` are rows laid out already (e.g. preference pairs, halluc.pairs), batched by
+    `collator`: never packed again, never given to the plain causal backend."""
+    packed = run.pack > 0 and not laid_out
     if packed:
         rows = pack_examples(list(data), run.pack, attention, positions)
         log.info("packed %d examples into %d rows of %d tokens: %.1f%% real tokens", rows.n_units,
@@ -73,8 +76,8 @@ def train_stage(model, data, stage: Stage, out_dir: str, run: RunSettings, atten
                          save_total_limit=run.save_total_limit,
                          drop_last=len(data) >= stage.batch_size * world_size())
     trainer = make_trainer(model, args, data, tb_dir=str(Path(out_dir) / "tb"), objective=objective,
-                           attention=attention, positions=positions, backend=run.backend, packed=packed,
-                           tokenizer=tokenizer)
+                           attention=attention, positions=positions, backend=run.backend,
+                           packed=packed or laid_out, collator=collator, tokenizer=tokenizer)
     for callback in callbacks:
         trainer.add_callback(callback)
     if adapter_info is not None:
@@ -102,7 +105,7 @@ def lab_base_model(lab: LabConfig, tiny: ModelConfig, stage: Stage, train_proble
                      sort_keys=True)
     cached = Path(cache_dir) / f"base-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     cached.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(cached.with_suffix(".lock")):
+    with file_lock(cached.with_suffix(".lock")):
         if (cached / "train.json").exists():  # written last: a base killed while saving is trained again
             log.info("reusing the cached base model %s", cached)
             return load_causal_lm(str(cached)), AutoTokenizer.from_pretrained(cached), cached
@@ -122,7 +125,7 @@ def lab_base_model(lab: LabConfig, tiny: ModelConfig, stage: Stage, train_proble
 
 
 @contextlib.contextmanager
-def _lock(path: Path):
+def file_lock(path: Path):
     """An exclusive file lock (one process; under a launcher every rank trains together instead)."""
     if world_size() > 1:
         yield

@@ -31,24 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from halluc.config import Fraction, NonNegativeFloat, NonNegativeInt, PositiveInt, Stage, as_dict, load_config
+from halluc.config import Fraction, NonNegativeInt, PositiveInt, Sampler, Stage, as_dict, load_config
 from halluc.curriculum import Curriculum
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
 from halluc.lora import LoraSettings
 
 log = logging.getLogger("self_correct")
-
-
-@dataclass
-class Sampler:
-    problems: PositiveInt = 4000       # SFT problems sampled per round (a new draw each round)
-    k: PositiveInt = 4                 # samples per problem
-    temperature: NonNegativeFloat = 0.8
-    top_p: Fraction = 0.95
-    max_new_tokens: PositiveInt = 192
-    correction_tries: NonNegativeInt = 4  # own resamples tried per error before the reference
-    per_problem: PositiveInt = 1       # examples kept per problem and round
 
 
 @dataclass

@@ -70,3 +70,39 @@ def test_sbatch_masked_sft_with_two_tasks_then_requeue_resumes(cluster, tmp_path
     assert f"resuming from {out / 'checkpoint-10'}" in log
     again = json.loads((out / "eval.json").read_text())
     assert again["sft_train"]["final_loss"] == report["sft_train"]["final_loss"]
+
+
+def test_sbatch_dpo_with_two_tasks(cluster, tmp_path):
+    """slurm/dpo.sh as written: two torchrun agents, ZeRO-3, preference pairs from a jsonl file."""
+    import copy
+
+    import torch
+
+    from halluc.model import tiny_llama
+    from halluc.tasks import arith
+    from halluc.tokens import add_backtrack_token, train_tokenizer
+
+    problems = arith.make_split(64, (2, 3), seed=5)
+    tok = train_tokenizer([p.prompt + p.solution for p in problems], vocab_size=300)
+    add_backtrack_token(tok)
+    torch.manual_seed(0)
+    tiny_llama(len(tok), hidden=32, layers=1, heads=2, pad_token_id=tok.pad_token_id,
+               eos_token_id=tok.eos_token_id).save_pretrained(tmp_path / "sft")
+    tok.save_pretrained(tmp_path / "sft")
+    pairs = [{"prompt": p.prompt, "chosen": p.solution, "rejected": copy.copy(p.solution)[::-1]} for p in problems[:8]]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (tmp_path / "logs").mkdir()
+    out = tmp_path / "out"
+    env = {"HALLUC_ROOT": str(ROOT), "PYTHON": sys.executable, "OUTPUT_DIR": str(out), "SAVE_STEPS": "2",
+           "NPROC_PER_NODE": "1", "DEEPSPEED_CONFIG": "ds_configs/zero3.json",
+           "RECIPE_ARGS": f"model={tmp_path / 'sft'} data={tmp_path / 'pairs.jsonl'} steps=4 batch_size=2 "
+                          "lab.test_size=4 eval_max_new_tokens=8"}
+    job = cluster.submit("--partition=debug", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
+                         "--time=10", str(ROOT / "slurm" / "dpo.sh"), env=env, cwd=tmp_path)
+    record = cluster.wait(job, timeout=300)
+    log_file = tmp_path / "logs" / f"slurm-{job}.out"
+    log = log_file.read_text(errors="replace") if log_file.exists() else "(no log)"
+    assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
+    report = json.loads((out / "eval.json").read_text())
+    assert report["world_size"] == 2 and report["dpo_train"]["steps"] == 4
+    assert (out / "checkpoint-4" / "trainer_state.json").exists() and (out / "train.json").exists()

@@ -1,0 +1,197 @@
+"""Technique 6: prefer backtracking and correcting over continuing an error (DPO, IPO, TDPO).
+
+`PreferenceObjective` plugs into the shared trainer (halluc.train's objective seam). One forward
+of the policy over a batch of laid-out pairs (halluc.pairs: the prompt once, two branches) gives
+every completion token's log-prob; `sum_per_branch` turns them into per-pair chosen / rejected
+sums, and `halluc.losses.preference_loss` into the loss (mean over pairs, as TRL). The reference
+gives the same sums from the same batch layout without gradients:
+- an explicit reference model (`ref_model=DIR`), on each process, or sharded by a ZeRO-3
+  inference engine when the policy trains under ZeRO-3 (as TRL prepares it);
+- under LoRA without one, the policy itself with its adapter disabled (no copy);
+- for sigmoid / ipo, optionally log-probs computed once before training (`ref_logps` travelling
+  with each pair's unit), cached on disk by data and reference weights. TDPO needs the reference's
+  whole next-token distribution at every completion token: always live.
+
+Logged per step (TRL's names): rewards/chosen, rewards/rejected (beta * log-ratio), rewards/accuracies,
+rewards/margins, logps/chosen, logps/rejected, and for TDPO kl/chosen, kl/rejected.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from halluc.backends import TargetModel, use_backend
+from halluc.losses import preference_loss, sequential_kl, sum_per_branch, target_log_probs
+from halluc.train import TreeCollator
+
+log = logging.getLogger(__name__)
+
+
+class PreferenceObjective:
+    """Pairs -> mean per-pair preference loss (+ sft_weight x the token-mean NLL of the chosen
+    completions, TRL's "sft" term). `reference`: a causal LM, or None for a PEFT policy's
+    disabled adapter. loss="sft" trains the chosen completions alone (the control with the same
+    data and no rejected side)."""
+
+    token_level = False  # a mean over pairs: micro-batches weigh the same
+
+    def __init__(self, loss: str = "sigmoid", beta: float = 0.1, alpha: float = 0.5, sft_weight: float = 0.0,
+                 reference=None):
+        self.loss, self.beta, self.alpha, self.sft_weight = loss, beta, alpha, sft_weight
+        self.reference = reference
+        self._reference: TargetModel | None = None
+
+    def __call__(self, model: TargetModel, batch: dict) -> tuple[torch.Tensor, dict]:
+        t = model.targets(batch)
+        logps = target_log_probs(t.logits, t.ids)
+        n_pairs = int(batch["unit_id"].max()) + 1
+        policy = sum_per_branch(logps, t.unit, t.branch, n_pairs)
+        lengths = sum_per_branch(torch.ones_like(logps), t.unit, t.branch, n_pairs)
+        if bool((lengths == 0).any()):
+            raise ValueError("a pair has no scored token in one branch (empty or unlabelled completion)")
+        chosen_nll = -logps[t.branch == 0].mean()
+        if self.loss == "sft":
+            return chosen_nll, {"logps/chosen": policy[:, 0].mean().detach(),
+                                "logps/rejected": policy[:, 1].mean().detach()}
+        kl = None
+        if "ref_logps" in batch and not self.loss.startswith("tdpo"):
+            reference = batch["ref_logps"].to(policy)
+        else:
+            with torch.no_grad():
+                r = self.reference_targets(model, batch)
+            if r.ids.shape != t.ids.shape or not torch.equal(r.ids, t.ids):
+                raise RuntimeError("the reference scored other tokens than the policy (different backends?)")
+            reference = sum_per_branch(target_log_probs(r.logits, r.ids), r.unit, r.branch, n_pairs)
+            if self.loss.startswith("tdpo"):
+                kl = sum_per_branch(sequential_kl(t.logits, r.logits), t.unit, t.branch, n_pairs)
+        loss = preference_loss(self.loss, policy, reference, self.beta, self.alpha, kl=kl, lengths=lengths).mean()
+        if self.sft_weight:
+            loss = loss + self.sft_weight * chosen_nll
+        return loss, preference_metrics(policy.detach(), reference, self.beta, kl)
+
+    def reference_targets(self, model: TargetModel, batch: dict):
+        if self.reference is None:  # LoRA: the policy with its adapter (and trained BT rows) off
+            if not hasattr(model.inner, "disable_adapter"):
+                raise ValueError("no reference model: only a PEFT (LoRA) policy can be its own reference")
+            with model.inner.disable_adapter():
+                return model.targets(batch)
+        if self._reference is None:
+            self._reference = prepare_reference(self.reference, model)
+        return self._reference.targets(batch)
+
+
+def preference_metrics(policy: torch.Tensor, reference: torch.Tensor, beta: float, kl=None) -> dict:
+    """TRL's DPO metrics for one batch of pairs ((P, 2) log-prob sums)."""
+    rewards = beta * (policy - reference)
+    metrics = {"rewards/chosen": rewards[:, 0].mean(), "rewards/rejected": rewards[:, 1].mean(),
+               "rewards/accuracies": (rewards[:, 0] > rewards[:, 1]).float().mean(),
+               "rewards/margins": (rewards[:, 0] - rewards[:, 1]).mean(),
+               "logps/chosen": policy[:, 0].mean(), "logps/rejected": policy[:, 1].mean()}
+    if kl is not None:
+        metrics.update({"kl/chosen": kl[:, 0].mean().detach(), "kl/rejected": kl[:, 1].mean().detach()})
+    return metrics
+
+
+def prepare_reference(reference, policy: TargetModel) -> TargetModel:
+    """The reference, frozen, on the policy's device, with the policy's attention backend. When the
+    policy trains under ZeRO-3, the reference is sharded too (a DeepSpeed inference engine, as TRL
+    does); otherwise every process holds a copy."""
+    reference.eval().requires_grad_(False)
+    reference.to(policy.device)
+    use_backend(reference, policy.backend)
+    module = reference
+    engine_stage = getattr(policy.module, "zero_optimization_stage", None)
+    if callable(engine_stage) and engine_stage() == 3:
+        import copy
+
+        import deepspeed
+        from accelerate.state import AcceleratorState
+
+        config = copy.deepcopy(AcceleratorState().deepspeed_plugin.deepspeed_config)
+        for key in ("optimizer", "scheduler"):
+            config.pop(key, None)
+        config["zero_optimization"].pop("offload_optimizer", None)
+        module, *_ = deepspeed.initialize(model=reference, config=config)
+        module.eval()
+        log.info("reference model sharded with ZeRO-3 like the policy")
+    return TargetModel(module, policy.backend, reference)
+
+
+class PairCollator(TreeCollator):
+    """Laid-out pair rows (halluc.pairs.pair_rows) -> a batch; precomputed reference log-probs,
+    when the rows have them, as `ref_logps` (pairs, 2) in the batch's unit order."""
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(rows)
+        if "ref_logps" in rows[0]:
+            batch["ref_logps"] = torch.cat([torch.as_tensor(r["ref_logps"]).reshape(-1, 2) for r in rows])
+        return batch
+
+
+def disable_dropout(model) -> None:
+    """Dropout off (TRL's disable_dropout): the policy and reference log-probs of a pair are then
+    deterministic, and lr=0 logs exactly the loss of the batch."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    if hasattr(model, "config") and hasattr(model.config, "attention_dropout"):
+        model.config.attention_dropout = 0.0
+
+
+@torch.no_grad()
+def reference_log_probs(reference, rows: list[dict], backend: str, batch_size: int = 16,
+                        device=None) -> list[list[float]]:
+    """Per pair (in row order, units in order), the reference's [chosen, rejected] log-prob sums."""
+    from tqdm.auto import tqdm
+
+    reference.eval()
+    if device is not None:
+        reference.to(device)
+    backend = use_backend(reference, backend)
+    model = TargetModel(reference, backend)
+    collate = TreeCollator()
+    out = []
+    for start in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", unit="batch", leave=False):
+        batch = collate(rows[start:start + batch_size])
+        t = model.targets(batch)
+        n = int(batch["unit_id"].max()) + 1
+        out.extend(sum_per_branch(target_log_probs(t.logits, t.ids), t.unit, t.branch, n).cpu().tolist())
+    return out
+
+
+def precomputed_reference(reference, rows: list[dict], backend: str, cache_dir, batch_size: int = 16) -> list[dict]:
+    """`rows` with `ref_logps` added, computed once and cached under cache_dir by the rows' tokens
+    and the reference's weights (halluc.lora.fingerprint)."""
+    import numpy as np
+
+    from halluc.distributed import is_main
+    from halluc.lora import fingerprint
+
+    digest = hashlib.sha256(fingerprint(reference).encode())
+    for r in rows:
+        for key in ("input_ids", "labels", "attn_end", "position_ids", "pred_pos", "branch_ids", "unit_starts"):
+            digest.update(np.asarray(r[key], dtype=np.int64).tobytes())
+    cache = Path(cache_dir) / f"ref-logps-{digest.hexdigest()[:16]}.json"
+    if cache.exists():
+        log.info("reference log-probs from %s", cache)
+        values = json.loads(cache.read_text())
+    else:
+        values = reference_log_probs(reference, rows, backend, batch_size,
+                                     "cuda" if torch.cuda.is_available() else "cpu")
+        if is_main():
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(values))
+            tmp.replace(cache)
+    out, i = [], 0
+    for r in rows:
+        n = len(r["unit_starts"])
+        out.append({**r, "ref_logps": np.asarray(values[i:i + n], dtype=np.float32)})
+        i += n
+    return out

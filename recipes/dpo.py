@@ -1,0 +1,290 @@
+"""Technique 6: token-level preference training, backtrack + correction over continuing an error.
+
+    python recipes/dpo.py                          # the lab: masked SFT (cached), its own errors as pairs, DPO
+    python recipes/dpo.py loss=tdpo2 beta=0.1 alpha=0.5
+    python recipes/dpo.py model=runs/masked_sft/checkpoint data=runs/self_correct/round-1/data/pairs
+    python recipes/dpo.py model=DIR ref_model=DIR data=pairs.jsonl loss=sigmoid beta=0.1 lr=0 steps=1 batch_size=8
+    deepspeed --num_gpus 8 recipes/dpo.py model=DIR data=DIR deepspeed=ds_configs/zero3.json
+    torchrun --nproc_per_node 2 recipes/dpo.py lora.enabled=true ...  ;  sbatch slurm/dpo.sh
+(docs/dpo.md: losses, data format, reference model, packing, scale.)
+
+Steps: (1) the policy to start from: model=DIR, or the lab's masked SFT model (the lab base +
+technique 1, trained once and cached like the base); (2) the pairs: data=FILE.jsonl|DIR, or the
+policy's own errors sampled and judged here (technique 5's round, cached): prompt = question +
+right steps + the wrong step, chosen = BTs + correction + rest, rejected = the model's own
+continuation; (3) the reference: ref_model=DIR, else the starting model (under LoRA: the adapter
+disabled); (4) `steps` of the preference loss on pairs laid out with the prompt once (packed with
+pack=N); (5) evaluate, write checkpoint (or adapter), train.json (the log history), eval.json.
+steps=0 evaluates the starting model only (the baseline arm of a sweep).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+from halluc.config import (NonNegativeFloat, NonNegativeInt, PositiveInt, Range, Sampler, Stage, as_dict,
+                           check_model_path, load_config)
+from halluc.errors import ErrorConfig
+from halluc.lab import LabConfig, ModelConfig
+from halluc.lora import LoraSettings
+
+log = logging.getLogger("dpo")
+Beta = Annotated[float, Range(1e-6)]  # > 0: IPO divides by it
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/dpo"          # checkpoint/ (or adapter/), tb/, train.json, eval.json, config.yaml
+    cache_dir: str = "runs/cache"         # lab bases, lab SFT models, sampled pairs, reference log-probs
+    model: str | None = None              # the policy to start from; None = the lab's masked SFT model
+    ref_model: str | None = None          # the reference; None = the starting model (LoRA: adapter disabled)
+    data: str | None = None               # pairs: .jsonl (prompt/chosen/rejected text) or a datasets folder; None = own errors
+    seed: int = 0
+    loss: Literal["sigmoid", "ipo", "tdpo1", "tdpo2", "sft"] = "sigmoid"  # sft: the chosen side alone (control)
+    beta: Beta = 0.1
+    alpha: NonNegativeFloat = 0.5         # tdpo2: weight of the sequential-KL difference
+    sft_weight: NonNegativeFloat = 0.0    # + this x the NLL of the chosen completions (TRL's "sft" loss)
+    steps: NonNegativeInt = 300           # preference steps; 0 = evaluate the starting model only
+    batch_size: PositiveInt = 16          # pairs (or packed rows) per process and step
+    lr: NonNegativeFloat = 2e-4
+    precompute_ref: bool = False          # sigmoid/ipo: reference log-probs once, cached (no live reference)
+    lab: LabConfig = field(default_factory=LabConfig)
+    tiny: ModelConfig = field(default_factory=ModelConfig)
+    base: Stage = field(default_factory=lambda: Stage(steps=1800, batch_size=32, lr=3e-3))
+    sft: Stage = field(default_factory=lambda: Stage(steps=600, batch_size=32, lr=1e-3))  # the lab SFT model
+    errors: ErrorConfig = field(default_factory=ErrorConfig)  # the lab SFT model's synthetic errors
+    sampler: Sampler = field(default_factory=lambda: Sampler(problems=2500, per_problem=2))
+    attention: Literal["causal", "block_errors"] = "causal"
+    positions: Literal["original", "rewound"] = "original"
+    backend: Literal["auto", "dense", "dense_units", "flex", "varlen", "varlen_kv"] = "auto"
+    pack: NonNegativeInt = 0              # >0: pairs packed best-fit into rows of this many tokens
+    max_len: PositiveInt = 512            # prompt + chosen + rejected; longer pairs are dropped
+    num_proc: PositiveInt | None = None
+    deepspeed: str | None = None
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    save_steps: NonNegativeInt = 0
+    save_total_limit: PositiveInt = 2
+    resume: bool = False
+    overwrite: bool = False
+    eval_max_new_tokens: PositiveInt = 192
+
+    def check(self) -> None:
+        if self.attention == "block_errors" and self.positions != "rewound":
+            raise ValueError("attention=block_errors needs positions=rewound (the twin of KV-rewinding generation)")
+        if self.precompute_ref and self.loss.startswith("tdpo"):
+            raise ValueError(f"loss={self.loss} needs the reference's whole distribution at every token: "
+                             "precompute_ref=true only stores log-prob sums (sigmoid, ipo)")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=true and overwrite=true contradict each other: choose one")
+        if self.lab.task != "arith" and not self.lab.train_file and not (self.model and self.data):
+            raise ValueError(f"lab.task={self.lab.task} needs lab.train_file (problems to sample errors from), "
+                             "or model=DIR with data=pairs")
+        for name in ("model", "ref_model"):
+            if getattr(self, name):
+                try:
+                    check_model_path(getattr(self, name))
+                except FileNotFoundError as e:
+                    raise ValueError(f"{name}={getattr(self, name)}: {e}") from None
+        if self.data and not Path(self.data).exists():
+            raise ValueError(f"data={self.data}: no such file or folder")
+
+
+def load(argv: list[str]) -> Config:
+    return load_config(Config, argv, default_file=str(Path(__file__).parent / "configs/dpo.yaml"))
+
+
+def main(argv=None):
+    from halluc.distributed import strip_launcher_args
+
+    cfg = load(strip_launcher_args(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return train(cfg)
+
+
+def train(cfg: Config) -> dict | None:
+    from transformers import set_seed
+
+    from halluc.checkpoint import record_training, save_stage
+    from halluc.distributed import is_main, world_size
+    from halluc.dpo import PairCollator, PreferenceObjective, disable_dropout, precomputed_reference
+    from halluc.lab import lab_splits
+    from halluc.lora import apply_lora, base_identity
+    from halluc.model import load_causal_lm
+    from halluc.pairs import load_pairs, pair_rows
+    from halluc.stages import RunSettings, evaluate_on_main, finish_run, start_run, train_history, train_stage
+    from halluc.tasks import get_task
+    from halluc.tokens import backtrack_id, has_backtrack, load_tokenizer
+
+    set_seed(cfg.seed)
+    run = RunSettings.of(cfg)
+    out = start_run(cfg)
+    t0 = time.perf_counter()
+    task = get_task(cfg.lab.task)
+    splits = lab_splits(cfg.lab, cfg.seed) if (cfg.lab.task == "arith" or cfg.lab.train_file) else {}
+    tests = {name: splits[name] for name in ("test_id", "test_ood") if name in splits}
+
+    # (1) the policy to start from, and its evaluation
+    start, before = (cfg.model, None) if cfg.model else lab_sft_model(cfg)
+    tokenizer = load_tokenizer(start)
+    if not has_backtrack(tokenizer):
+        raise SystemExit(f"model={start} has no <|BACKTRACK|> token: preference training starts from a model that "
+                         "has it (masked SFT, recipes/masked_sft.py)")
+    bt_id = backtrack_id(tokenizer)
+    model = load_causal_lm(start)
+    if before is None and tests:
+        before = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, "start")
+    t_start = time.perf_counter() - t0
+
+    # (2) the pairs
+    pairs_from = cfg.data or own_pairs(cfg, start, model, tokenizer, task, splits["sft"], bt_id)
+    pairs = load_pairs(pairs_from, tokenizer, bt_id)
+    rows = pair_rows(pairs, cfg.attention, cfg.positions, cfg.max_len, cfg.pack)
+
+    # (3) the reference: never reloaded from the policy's name (the BT row would be missing)
+    reference = None
+    if cfg.steps and cfg.loss != "sft" and (cfg.ref_model or not cfg.lora.enabled):
+        reference = load_reference(cfg.ref_model or start, tokenizer)
+        disable_dropout(reference)
+        if cfg.precompute_ref:
+            rows = precomputed_reference(reference, rows, run.backend if run.backend != "auto" else "dense_units",
+                                         cfg.cache_dir)
+            reference = None
+    record_training(model, recipe="dpo", attention=cfg.attention, positions=cfg.positions,
+                    backtrack_token_id=bt_id, loss=cfg.loss, seed=cfg.seed)
+    disable_dropout(model)
+    identity = base_identity(model, start) if cfg.lora.enabled else None
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, bt_id)
+        disable_dropout(model)
+        if cfg.precompute_ref and cfg.ref_model is None:
+            with model.disable_adapter():
+                rows = precomputed_reference(model, rows, run.backend if run.backend != "auto" else "dense_units",
+                                             cfg.cache_dir)
+
+    # (4) preference training
+    t1 = time.perf_counter()
+    trainer = None
+    if cfg.steps:
+        objective = PreferenceObjective(cfg.loss, cfg.beta, cfg.alpha, cfg.sft_weight, reference)
+        trainer = train_stage(model, rows, Stage(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr), str(out),
+                              dataclasses.replace(run, pack=0), cfg.attention, cfg.positions, objective=objective,
+                              tokenizer=tokenizer, adapter_info=identity, collator=PairCollator(cfg.attention),
+                              laid_out=True)
+        if is_main():
+            (out / "train.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        saved = out / ("adapter" if cfg.lora.enabled else "checkpoint")
+        model = save_stage(trainer, model, tokenizer, saved, cfg.deepspeed, identity)
+    else:
+        saved = Path(start)
+    t_dpo = time.perf_counter() - t1
+
+    # (5) evaluate, report
+    after = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, cfg.loss) if cfg.steps else before
+    if not is_main():
+        return None
+    report = {"config": as_dict(cfg), "backtrack_id": bt_id, "start": str(start), "pairs": len(pairs),
+              "pairs_from": str(pairs_from), "rows": len(rows), "before": before or {}, "after": after or {},
+              "saved": str(saved), "world_size": world_size(),
+              "dpo_train": train_history(trainer) if trainer else None,
+              "seconds": {"start": round(t_start, 1), "dpo": round(t_dpo, 1),
+                          "total": round(time.perf_counter() - t0, 1)}}
+    finish_run(out, cfg, report, trainer.state.global_step if trainer else 0,
+               f"{cfg.loss}" if cfg.steps else "start (steps=0)")
+    print(f"\n{'adapter' if cfg.lora.enabled else 'checkpoint'}: {saved}   eval: {out / 'eval.json'}   "
+          f"total {report['seconds']['total']:.0f} s")
+    return report
+
+
+def lab_sft_model(cfg: Config) -> tuple[str, dict]:
+    """(folder, evaluation) of the lab's masked SFT model (recipes/masked_sft.py with this run's
+    lab, tiny, base, sft, errors and layout settings), trained once per settings under cache_dir."""
+    import importlib.util
+
+    from halluc.stages import file_lock
+
+    spec = importlib.util.spec_from_file_location("masked_sft", Path(__file__).parent / "masked_sft.py")
+    masked_sft = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("masked_sft", masked_sft)
+    spec.loader.exec_module(masked_sft)
+    shared = ("seed", "lab", "tiny", "base", "sft", "errors", "attention", "positions", "backend", "max_len",
+              "num_proc", "deepspeed", "eval_max_new_tokens")
+    settings = {name: as_dict(getattr(cfg, name)) if dataclasses.is_dataclass(getattr(cfg, name))
+                else getattr(cfg, name) for name in shared}
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    folder = Path(cfg.cache_dir) / f"sft-{key}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder.with_suffix(".lock")):
+        if not (folder / "eval.json").exists():  # written last
+            log.info("training the lab's masked SFT model into %s", folder)
+            sft_cfg = masked_sft.Config(output_dir=str(folder), cache_dir=cfg.cache_dir, overwrite=True)
+            for name in shared:
+                setattr(sft_cfg, name, getattr(cfg, name))
+            masked_sft.train(sft_cfg)
+        else:
+            log.info("reusing the lab's masked SFT model %s", folder)
+    from halluc.distributed import barrier
+
+    barrier()
+    return str(folder / "checkpoint"), json.loads((folder / "eval.json").read_text())["after"]
+
+
+def own_pairs(cfg: Config, start: str, model, tokenizer, task, problems, bt_id) -> str:
+    """A folder of pairs from the starting model's own errors (technique 5's sampler and judge),
+    made once per (model weights, sampler settings, seed) under cache_dir."""
+    import random
+
+    import torch
+
+    from halluc.distributed import barrier, is_main
+    from halluc.generate import Sampling
+    from halluc.lora import fingerprint
+    from halluc.own_errors import make_round, save_round
+    from halluc.stages import file_lock
+
+    s = cfg.sampler
+    key = json.dumps([fingerprint(model), as_dict(s), cfg.seed, cfg.max_len, [p.prompt for p in problems[:50]]])
+    folder = Path(cfg.cache_dir) / f"pairs-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    with file_lock(folder.with_suffix(".lock")):
+        if is_main() and not (folder / "stats.json").exists():
+            pick = random.Random(cfg.seed).sample(range(len(problems)), min(s.problems, len(problems)))
+            model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
+            rows, pairs, stats = make_round(model, tokenizer, task, [problems[i] for i in pick], k=s.k,
+                                            sampling=Sampling(s.temperature, s.top_p, cfg.seed),
+                                            max_new_tokens=s.max_new_tokens, correction_tries=s.correction_tries,
+                                            per_problem=s.per_problem, bt_id=bt_id, max_len=cfg.max_len)
+            if not pairs:
+                raise SystemExit(f"{start} made no pair from {s.problems} problems x {s.k} samples: it makes no "
+                                 f"located error ({json.dumps(stats.as_dict())}); give data=pairs")
+            save_round(folder, rows, pairs, stats)
+            log.info("pairs from the model's own errors: %s", json.dumps(stats.as_dict()))
+        elif is_main():
+            log.info("reusing the pairs in %s", folder)
+    barrier()
+    return str(folder / "pairs")
+
+
+def load_reference(path: str, tokenizer):
+    """The reference model from `path`; it must have the BT row the policy's tokenizer names."""
+    from halluc.model import load_causal_lm
+    from halluc.tokens import has_backtrack, load_tokenizer
+
+    theirs = load_tokenizer(path)
+    if not has_backtrack(theirs) or theirs.get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"ref_model={path}: its tokenizer {'lacks <|BACKTRACK|>' if not has_backtrack(theirs) else 'differs from the policy'}"
+                         "'s; a reference must score the same token ids (give the SFT checkpoint the policy came from)")
+    reference = load_causal_lm(path)
+    if reference.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        raise SystemExit(f"ref_model={path}: its embedding has {reference.get_input_embeddings().weight.shape[0]} rows, "
+                         f"fewer than the tokenizer's {len(tokenizer)}: the BT row is missing")
+    return reference
+
+
+if __name__ == "__main__":
+    main()

@@ -66,3 +66,31 @@ def load_script(relative: str):
     sys.modules[path.stem] = module  # dataclasses resolve string annotations through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+def kill_when_paused(args: list[str], pause_dir: Path, step: int, log_path: Path, recipe: str = "recipes/masked_sft.py",
+                     timeout: float = 180) -> None:
+    """Run `recipe args` through tests/helpers/pausing_recipe.py until the stage training in
+    `pause_dir` ends step `step`, then `kill -9` it: no cleanup, no final save."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PAUSE_DIR": str(pause_dir), "PAUSE_AT_STEP": str(step),
+           "PAUSE_RECIPE": recipe}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "tests/helpers/pausing_recipe.py", *args], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout
+            while not (pause_dir / f"paused-at-{step}").exists():
+                assert proc.poll() is None, Path(log_path).read_text()[-3000:]
+                assert time.monotonic() < deadline, f"the run never reached step {step}"
+                time.sleep(0.2)
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()

@@ -397,34 +397,17 @@ def _more_pairs(n=8):
 @pytest.mark.slow
 def test_kill_9_mid_dpo_then_resume_continues_from_the_checkpoint(tmp_path, sft_dir):
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
-    from conftest import ROOT
+    from conftest import ROOT, kill_when_paused
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _more_pairs(16)))
     out = tmp_path / "out"
     args = [f"model={sft_dir}", f"data={data}", "steps=8", "batch_size=4", "save_steps=2", "lab.test_size=4",
             "eval_max_new_tokens=8", f"output_dir={out}", "lr=1e-2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PAUSE_DIR": str(out), "PAUSE_AT_STEP": "5",
-           "PAUSE_RECIPE": "recipes/dpo.py"}
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "tests/helpers/pausing_recipe.py", *args], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 120
-            while not (out / "paused-at-5").exists():
-                assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "never reached step 5"
-                time.sleep(0.2)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    kill_when_paused(args, out, 5, tmp_path / "killed.log", recipe="recipes/dpo.py", timeout=120)
     resumed = subprocess.run([sys.executable, "recipes/dpo.py", *args, "resume=true"], cwd=ROOT, capture_output=True,
                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]

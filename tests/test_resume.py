@@ -10,14 +10,12 @@ process (no launcher: halluc.distributed sets the env DeepSpeed needs).
 """
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import ROOT, load_script
+from conftest import ROOT, kill_when_paused, load_script
 
 SETTINGS = ["base.steps=20", "sft.steps=20", "base.batch_size=16", "sft.batch_size=16", "save_steps=5",
             "lab.train_size=300", "lab.sft_size=160", "lab.test_size=8", "tiny.hidden=32",
@@ -47,23 +45,8 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_loss(tmp_path, cache, va
         torch.set_num_threads(threads)
 
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PAUSE_DIR": str(out), "PAUSE_AT_STEP": str(KILL_AFTER_STEP)}
     args = [f"output_dir={out}", *settings, *variant]
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen([sys.executable, "tests/helpers/pausing_recipe.py", *args], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while not (out / f"paused-at-{KILL_AFTER_STEP}").exists():
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the run never reached the kill step"
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
+    kill_when_paused(args, out, KILL_AFTER_STEP, tmp_path / "killed.log")
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-5", "checkpoint-10"}
     assert not (out / "eval.json").exists()
 

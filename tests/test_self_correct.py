@@ -2,14 +2,12 @@
 and the curriculum (technique 3): phases that are what they say, the shuffled control, the probe."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import ROOT, load_script
+from conftest import ROOT, kill_when_paused, load_script
 
 from halluc.example import Role, apply_backtrack
 from halluc.tasks import arith
@@ -69,23 +67,7 @@ def test_two_rounds_on_arith_write_valid_data_and_an_evaluation(tmp_path, cache)
 def test_kill_9_in_round_2_then_resume_continues_at_round_2(tmp_path, cache):
     args = [f"output_dir={tmp_path}/out", f"cache_dir={cache}", "rounds=2", "save_steps=2", *TINY]
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PAUSE_DIR": str(out / "round-2"), "PAUSE_AT_STEP": "5",
-           "PAUSE_RECIPE": "recipes/self_correct.py"}
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen([sys.executable, "tests/helpers/pausing_recipe.py", *args], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 240
-        while not (out / "round-2" / "paused-at-5").exists():
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the run never reached round 2, step 5"
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
+    kill_when_paused(args, out / "round-2", 5, tmp_path / "killed.log", recipe="recipes/self_correct.py", timeout=240)
     data_before = (out / "round-2" / "data" / "stats.json").read_text()
     resumed = subprocess.run([sys.executable, "recipes/self_correct.py", *args, "resume=true"], cwd=ROOT,
                              env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)

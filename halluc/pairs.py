@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-
 from halluc.example import IGNORE_INDEX, Role
 from halluc.packing import Layout, best_fit_decreasing, concat_row, layout_two_branch
 

@@ -204,7 +204,8 @@ def train(cfg: Config) -> dict | None:
 
 def lab_sft_model(cfg: Config) -> tuple[str, dict]:
     """(folder, evaluation) of the lab's masked SFT model (recipes/masked_sft.py with this run's
-    lab, tiny, base, sft, errors and layout settings), trained once per settings under cache_dir."""
+    lab, tiny, base, sft, errors and layout settings, the rest its defaults), trained once per
+    settings under cache_dir."""
     import importlib.util
 
     from halluc.stages import file_lock
@@ -213,8 +214,10 @@ def lab_sft_model(cfg: Config) -> tuple[str, dict]:
     masked_sft = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("masked_sft", masked_sft)
     spec.loader.exec_module(masked_sft)
-    shared = ("seed", "lab", "tiny", "base", "sft", "errors", "attention", "positions", "backend", "max_len",
-              "num_proc", "deepspeed", "eval_max_new_tokens")
+    # max_len is the pairs' (prompt + chosen + rejected): the SFT model keeps masked_sft's own, so
+    # the lab default starts from the main job's model (and shares its cached base)
+    shared = ("seed", "lab", "tiny", "base", "sft", "errors", "attention", "positions", "backend", "num_proc",
+              "deepspeed", "eval_max_new_tokens")
     settings = {name: as_dict(getattr(cfg, name)) if dataclasses.is_dataclass(getattr(cfg, name))
                 else getattr(cfg, name) for name in shared}
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]

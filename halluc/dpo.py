@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from halluc.backends import TargetModel, use_backend
+from halluc.example import IGNORE_INDEX
 from halluc.losses import preference_loss, sequential_kl, sum_per_branch, target_log_probs
 from halluc.train import TreeCollator
 
@@ -37,13 +38,19 @@ class PreferenceObjective:
     disabled adapter. loss="sft" trains the chosen completions alone (the control with the same
     data and no rejected side)."""
 
-    token_level = False  # a mean over pairs: micro-batches weigh the same
+    # a mean over pairs: PairCollator marks one item per pair, so micro-batches with more pairs
+    # (packed rows hold different numbers) weigh more, and the step's loss is the mean over its pairs
+    item_mean = True
 
     def __init__(self, loss: str = "sigmoid", beta: float = 0.1, alpha: float = 0.5, sft_weight: float = 0.0,
                  reference=None):
         self.loss, self.beta, self.alpha, self.sft_weight = loss, beta, alpha, sft_weight
         self.reference = reference
         self._reference: TargetModel | None = None
+        self._accelerator = None
+
+    def attach(self, trainer) -> None:
+        self._accelerator = trainer.accelerator
 
     def __call__(self, model: TargetModel, batch: dict) -> tuple[torch.Tensor, dict]:
         t = model.targets(batch)
@@ -60,6 +67,8 @@ class PreferenceObjective:
         kl = None
         if "ref_logps" in batch and not self.loss.startswith("tdpo"):
             reference = batch["ref_logps"].to(policy)
+            if reference.shape != policy.shape:
+                raise ValueError(f"ref_logps has shape {tuple(reference.shape)}, the batch has {n_pairs} pairs")
         else:
             with torch.no_grad():
                 r = self.reference_targets(model, batch)
@@ -80,7 +89,7 @@ class PreferenceObjective:
             with model.inner.disable_adapter():
                 return model.targets(batch)
         if self._reference is None:
-            self._reference = prepare_reference(self.reference, model)
+            self._reference = prepare_reference(self.reference, model, self._accelerator)
         return self._reference.targets(batch)
 
 
@@ -96,37 +105,47 @@ def preference_metrics(policy: torch.Tensor, reference: torch.Tensor, beta: floa
     return metrics
 
 
-def prepare_reference(reference, policy: TargetModel) -> TargetModel:
-    """The reference, frozen, on the policy's device, with the policy's attention backend. When the
-    policy trains under ZeRO-3, the reference is sharded too (a DeepSpeed inference engine, as TRL
-    does); otherwise every process holds a copy."""
+def prepare_reference(reference, policy: TargetModel, accelerator=None) -> TargetModel:
+    """The reference, frozen, with the policy's attention backend and its precision, as TRL
+    prepares it: under DeepSpeed a DeepSpeed inference engine with the policy's config (sharded
+    under ZeRO-3, stage 0 otherwise: its dtype, one copy per process); else `accelerator.
+    prepare_model(evaluation_mode=True)` (the policy's device and mixed-precision autocast)."""
     reference.eval().requires_grad_(False)
-    reference.to(policy.device)
-    use_backend(reference, policy.backend)
+    use_backend(reference, policy.backend, device=policy.device)
     module = reference
-    engine_stage = getattr(policy.module, "zero_optimization_stage", None)
-    if callable(engine_stage) and engine_stage() == 3:
+    if accelerator is not None and getattr(accelerator.state, "deepspeed_plugin", None) is not None:
         import copy
 
         import deepspeed
-        from accelerate.state import AcceleratorState
 
-        config = copy.deepcopy(AcceleratorState().deepspeed_plugin.deepspeed_config)
+        config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
         for key in ("optimizer", "scheduler"):
             config.pop(key, None)
         config["zero_optimization"].pop("offload_optimizer", None)
-        module, *_ = deepspeed.initialize(model=reference, config=config)
+        if config["zero_optimization"].get("stage") != 3:
+            config["zero_optimization"]["stage"] = 0  # no sharding: a copy per process
+        module, *_ = deepspeed.initialize(model=reference, config=config)  # places it: no .to() before
         module.eval()
-        log.info("reference model sharded with ZeRO-3 like the policy")
+        log.info("reference model under DeepSpeed (ZeRO stage %s)", config["zero_optimization"]["stage"])
+    elif accelerator is not None:
+        module = accelerator.prepare_model(reference, evaluation_mode=True)
+    else:
+        reference.to(policy.device)
     return TargetModel(module, policy.backend, reference)
 
 
 class PairCollator(TreeCollator):
-    """Laid-out pair rows (halluc.pairs.pair_rows) -> a batch; precomputed reference log-probs,
-    when the rows have them, as `ref_logps` (pairs, 2) in the batch's unit order."""
+    """Laid-out pair rows (halluc.pairs.pair_rows) -> a batch. `shift_labels` marks one item per
+    pair (its unit's first token): what the trainer counts to weigh micro-batches (the loss is a
+    mean over pairs). Precomputed reference log-probs, when the rows have them, as `ref_logps`
+    (pairs, 2) in the batch's unit order."""
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = super().__call__(rows)
+        unit = batch["unit_id"]
+        first = torch.ones_like(unit, dtype=torch.bool)
+        first[:, 1:] = unit[:, 1:] != unit[:, :-1]
+        batch["shift_labels"] = torch.where(first & (unit >= 0), 0, IGNORE_INDEX)
         if "ref_logps" in rows[0]:
             batch["ref_logps"] = torch.cat([torch.as_tensor(r["ref_logps"]).reshape(-1, 2) for r in rows])
         return batch
@@ -147,33 +166,45 @@ def disable_dropout(model) -> None:
 @torch.no_grad()
 def reference_log_probs(reference, rows: list[dict], backend: str, batch_size: int = 16,
                         device=None) -> list[list[float]]:
-    """Per pair (in row order, units in order), the reference's [chosen, rejected] log-prob sums."""
+    """Per pair (in row order, units in order), the reference's [chosen, rejected] log-prob sums,
+    in the precision training uses (bf16 autocast on a GPU that has it, as halluc.train's
+    training_args). The model's attention implementation is put back afterwards."""
     from tqdm.auto import tqdm
 
+    original = reference.config._attn_implementation
     reference.eval()
     if device is not None:
         reference.to(device)
     backend = use_backend(reference, backend)
     model = TargetModel(reference, backend)
     collate = TreeCollator()
+    on_gpu = reference.device.type == "cuda"
     out = []
-    for start in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", unit="batch", leave=False):
-        batch = collate(rows[start:start + batch_size])
-        t = model.targets(batch)
-        n = int(batch["unit_id"].max()) + 1
-        out.extend(sum_per_branch(target_log_probs(t.logits, t.ids), t.unit, t.branch, n).cpu().tolist())
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu and torch.cuda.is_bf16_supported()):
+            for start in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", unit="batch", leave=False):
+                batch = collate(rows[start:start + batch_size])
+                t = model.targets(batch)
+                n = int(batch["unit_id"].max()) + 1
+                out.extend(sum_per_branch(target_log_probs(t.logits, t.ids), t.unit, t.branch, n).cpu().tolist())
+    finally:
+        if reference.config._attn_implementation != original:
+            reference.set_attn_implementation(original)
     return out
 
 
-def precomputed_reference(reference, rows: list[dict], backend: str, cache_dir, batch_size: int = 16) -> list[dict]:
-    """`rows` with `ref_logps` added, computed once and cached under cache_dir by the rows' tokens
-    and the reference's weights (halluc.lora.fingerprint)."""
+def precomputed_reference(reference, rows: list[dict], backend: str, cache_dir, batch_size: int = 16,
+                          device=None) -> list[dict]:
+    """`rows` with `ref_logps` added, computed once and cached under cache_dir by the rows' tokens,
+    the reference's weights (halluc.lora.fingerprint), the backend and the device type (bf16 on a
+    GPU, fp32 on CPU)."""
     import numpy as np
 
     from halluc.distributed import is_main
     from halluc.lora import fingerprint
 
-    digest = hashlib.sha256(fingerprint(reference).encode())
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    digest = hashlib.sha256(f"{fingerprint(reference)} {backend} {device.type}".encode())
     for r in rows:
         for key in ("input_ids", "labels", "attn_end", "position_ids", "pred_pos", "branch_ids", "unit_starts"):
             digest.update(np.asarray(r[key], dtype=np.int64).tobytes())
@@ -182,8 +213,7 @@ def precomputed_reference(reference, rows: list[dict], backend: str, cache_dir, 
         log.info("reference log-probs from %s", cache)
         values = json.loads(cache.read_text())
     else:
-        values = reference_log_probs(reference, rows, backend, batch_size,
-                                     "cuda" if torch.cuda.is_available() else "cpu")
+        values = reference_log_probs(reference, rows, backend, batch_size, device)
         if is_main():
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp")

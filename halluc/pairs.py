@@ -34,16 +34,21 @@ TEXT_COLUMNS = ("prompt", "chosen", "rejected")
 
 def trace_roles(prompt_ids: list[int], completion_ids: list[int], bt_id: int | None) -> tuple[list[int], list[int]]:
     """(prompt roles, completion roles) of prompt + completion read as one trace: each BT erases
-    the last visible token (an ERROR wherever it is), BTs are BACKTRACK, the rest PROMPT / KEPT."""
-    roles = [int(Role.PROMPT)] * len(prompt_ids) + [int(Role.KEPT)] * len(completion_ids)
-    visible = list(range(len(prompt_ids)))
-    for j, t in enumerate(completion_ids, start=len(prompt_ids)):
+    the last visible token (an ERROR, in the prompt too), BTs are BACKTRACK; the question before
+    the first erased token is PROMPT, every other token KEPT."""
+    ids = list(prompt_ids) + list(completion_ids)
+    roles = [int(Role.KEPT)] * len(ids)
+    visible: list[int] = []
+    for j, t in enumerate(ids):
         if t == bt_id:
             roles[j] = int(Role.BACKTRACK)
             if visible:
                 roles[visible.pop()] = int(Role.ERROR)
         else:
             visible.append(j)
+    first_edit = next((j for j, r in enumerate(roles) if r != Role.KEPT), len(prompt_ids))
+    for j in range(min(first_edit, len(prompt_ids))):
+        roles[j] = int(Role.PROMPT)
     return roles[:len(prompt_ids)], roles[len(prompt_ids):]
 
 
@@ -61,7 +66,8 @@ def tokenize_text_pair(row: dict, tokenizer, bt_id: int | None, where: str = "")
         if eos is not None and (not ids or ids[-1] != eos):
             ids = ids + [eos]
         p_roles, roles = trace_roles(prompt, ids, bt_id)
-        prompt_roles = [int(Role.ERROR) if Role.ERROR in (a, b) else a for a, b in zip(prompt_roles, p_roles)]
+        # a prompt token either branch erases is an error; else the more specific role (PROMPT < KEPT)
+        prompt_roles = [int(Role.ERROR) if Role.ERROR in (a, b) else max(a, b) for a, b in zip(prompt_roles, p_roles)]
         out[f"{key}_ids"], out[f"{key}_roles"] = ids, roles
     out["prompt_roles"] = prompt_roles
     return out

@@ -71,12 +71,14 @@ class Objective(Protocol):
     `model` is a `halluc.backends.TargetModel` (its `targets(batch)` gives the logits that
     predict every trained token, with unit and branch); `metrics` are floats or 0-d tensors,
     averaged over the steps between two logs and logged under their own names (TensorBoard,
-    trainer_state.json). `token_level`: the loss is a mean over the batch's trained tokens, so
-    the trainer weights micro-batches by their token counts (exact means over accumulation steps
-    and devices); otherwise (e.g. a mean over preference pairs) micro-batches weigh the same.
+    trainer_state.json). `item_mean`: the loss is a mean over the items the collator marks in
+    `shift_labels` (trained tokens for TreeCollator, pairs for halluc.dpo.PairCollator), so the
+    trainer weighs micro-batches by their item counts (exact means over accumulation steps and
+    devices); otherwise micro-batches weigh the same. An objective may define `attach(trainer)`,
+    called once the trainer exists (e.g. to prepare a reference model with its accelerator).
     """
 
-    token_level: bool
+    item_mean: bool
 
     def __call__(self, model: TargetModel, batch: dict) -> tuple[torch.Tensor, dict]: ...
 
@@ -84,7 +86,7 @@ class Objective(Protocol):
 class TokenCrossEntropy:
     """The default objective: mean cross-entropy over the trained tokens (labels from roles)."""
 
-    token_level = True
+    item_mean = True
 
     def __call__(self, model: TargetModel, batch: dict) -> tuple[torch.Tensor, dict]:
         t = model.targets(batch)
@@ -103,6 +105,8 @@ class ObjectiveTrainer(Trainer):
         if self.args.n_gpu > 1:  # nn.DataParallel would split logits_to_keep across replicas
             raise ValueError("one process sees several GPUs: launch one process per GPU (torchrun / deepspeed)")
         self.objective = objective
+        if hasattr(objective, "attach"):
+            objective.attach(self)
         # the device the model will train on (under DeepSpeed it is not there yet)
         self.backend = use_backend(self.model, backend, device=self.args.device)
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -112,10 +116,10 @@ class ObjectiveTrainer(Trainer):
         if model.training:  # evaluation passes do not leak into the training log
             for key, value in metrics.items():
                 self._metrics[key].append(float(value))
-        rescale = self.objective.token_level and num_items_in_batch is not None and "shift_labels" in inputs
+        rescale = self.objective.item_mean and num_items_in_batch is not None and "shift_labels" in inputs
         if rescale:
-            # The mean over this micro-batch -> its share of the mean over every token the
-            # optimizer step trains (all devices, all accumulation steps), as the stock Trainer
+            # The mean over this micro-batch -> its share of the mean over every item (token, pair)
+            # the optimizer step trains (all devices, all accumulation steps), as the stock Trainer
             # does: DDP/DeepSpeed average gradients over processes, so scale that back up.
             # Then 2 processes x batch 4 train exactly like 1 process x batch 8.
             here = (inputs["shift_labels"] != IGNORE_INDEX).sum()
@@ -126,6 +130,16 @@ class ObjectiveTrainer(Trainer):
         # the token weighting above already did.
         self.loss_is_scaled_for_ga = bool(rescale)
         return (loss, None) if return_outputs else loss
+
+    # batch values that stay fp32 under DeepSpeed (the Trainer casts float inputs to its bf16/fp16):
+    # precomputed reference log-prob sums of -100s of nats would lose whole nats in bf16
+    FP32_INPUTS = ("ref_logps",)
+
+    def _prepare_inputs(self, inputs):
+        kept = {k: inputs.pop(k) for k in self.FP32_INPUTS if k in inputs}
+        inputs = super()._prepare_inputs(inputs)
+        inputs.update({k: v.to(self.args.device) for k, v in kept.items()})
+        return inputs
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs:

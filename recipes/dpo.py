@@ -92,6 +92,9 @@ class Config:
                     check_model_path(getattr(self, name))
                 except FileNotFoundError as e:
                     raise ValueError(f"{name}={getattr(self, name)}: {e}") from None
+                if (Path(getattr(self, name)) / "halluc_adapter.json").exists():
+                    raise ValueError(f"{name}={getattr(self, name)} is a LoRA adapter: merge it first "
+                                     "(tools/merge_adapter.py) and give the merged folder")
         if self.data and not Path(self.data).exists():
             raise ValueError(f"data={self.data}: no such file or folder")
 
@@ -111,6 +114,7 @@ def main(argv=None):
 def train(cfg: Config) -> dict | None:
     from transformers import set_seed
 
+    from halluc.backends import choose_backend
     from halluc.checkpoint import record_training, save_stage
     from halluc.distributed import is_main, world_size
     from halluc.dpo import PairCollator, PreferenceObjective, disable_dropout, precomputed_reference
@@ -137,6 +141,8 @@ def train(cfg: Config) -> dict | None:
         raise SystemExit(f"model={start} has no <|BACKTRACK|> token: preference training starts from a model that "
                          "has it (masked SFT, recipes/masked_sft.py)")
     bt_id = backtrack_id(tokenizer)
+    if cfg.ref_model:
+        check_reference_tokenizer(cfg.ref_model, tokenizer)
     model = load_causal_lm(start)
     if before is None and tests:
         before = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, "start")
@@ -147,26 +153,26 @@ def train(cfg: Config) -> dict | None:
     pairs = load_pairs(pairs_from, tokenizer, bt_id)
     rows = pair_rows(pairs, cfg.attention, cfg.positions, cfg.max_len, cfg.pack)
 
-    # (3) the reference: never reloaded from the policy's name (the BT row would be missing)
-    reference = None
-    if cfg.steps and cfg.loss != "sft" and (cfg.ref_model or not cfg.lora.enabled):
-        reference = load_reference(cfg.ref_model or start, tokenizer)
-        disable_dropout(reference)
-        if cfg.precompute_ref:
-            rows = precomputed_reference(reference, rows, run.backend if run.backend != "auto" else "dense_units",
-                                         cfg.cache_dir)
-            reference = None
+    # (3) the reference: never reloaded from the policy's name (the BT row would be missing). Under
+    # LoRA with no ref_model it is the policy with its adapter off: the starting model.
     record_training(model, recipe="dpo", attention=cfg.attention, positions=cfg.positions,
                     backtrack_token_id=bt_id, loss=cfg.loss, seed=cfg.seed)
     disable_dropout(model)
+    reference = None
+    against_reference = bool(cfg.steps) and cfg.loss != "sft"
+    if against_reference and cfg.precompute_ref:
+        source = load_reference(cfg.ref_model, tokenizer) if cfg.ref_model else model  # before any adapter
+        disable_dropout(source)
+        device = local_device()
+        rows = precomputed_reference(source, rows, choose_backend(device) if run.backend == "auto" else run.backend,
+                                     cfg.cache_dir, device=device)
+    elif against_reference and (cfg.ref_model or not cfg.lora.enabled):
+        reference = load_reference(cfg.ref_model or start, tokenizer)
+        disable_dropout(reference)
     identity = base_identity(model, start) if cfg.lora.enabled else None
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, bt_id)
         disable_dropout(model)
-        if cfg.precompute_ref and cfg.ref_model is None:
-            with model.disable_adapter():
-                rows = precomputed_reference(model, rows, run.backend if run.backend != "auto" else "dense_units",
-                                             cfg.cache_dir)
 
     # (4) preference training
     t1 = time.perf_counter()
@@ -175,7 +181,7 @@ def train(cfg: Config) -> dict | None:
         objective = PreferenceObjective(cfg.loss, cfg.beta, cfg.alpha, cfg.sft_weight, reference)
         trainer = train_stage(model, rows, Stage(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr), str(out),
                               dataclasses.replace(run, pack=0), cfg.attention, cfg.positions, objective=objective,
-                              tokenizer=tokenizer, adapter_info=identity, collator=PairCollator(cfg.attention),
+                              tokenizer=tokenizer, adapter_info=identity, collator=PairCollator(),
                               laid_out=True)
         if is_main():
             (out / "train.json").write_text(json.dumps(trainer.state.log_history, indent=1))
@@ -218,8 +224,12 @@ def lab_sft_model(cfg: Config) -> tuple[str, dict]:
     # the lab default starts from the main job's model (and shares its cached base)
     shared = ("seed", "lab", "tiny", "base", "sft", "errors", "attention", "positions", "backend", "num_proc",
               "deepspeed", "eval_max_new_tokens")
+    from halluc.distributed import world_size
+
     settings = {name: as_dict(getattr(cfg, name)) if dataclasses.is_dataclass(getattr(cfg, name))
                 else getattr(cfg, name) for name in shared}
+    if world_size() > 1:  # batch sizes are per process (one process keeps the keys made before this)
+        settings["world_size"] = world_size()
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     folder = Path(cfg.cache_dir) / f"sft-{key}"
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -243,8 +253,6 @@ def own_pairs(cfg: Config, start: str, model, tokenizer, task, problems, bt_id) 
     made once per (model weights, sampler settings, seed) under cache_dir."""
     import random
 
-    import torch
-
     from halluc.distributed import barrier, is_main
     from halluc.generate import Sampling
     from halluc.lora import fingerprint
@@ -252,19 +260,21 @@ def own_pairs(cfg: Config, start: str, model, tokenizer, task, problems, bt_id) 
     from halluc.stages import file_lock
 
     s = cfg.sampler
-    key = json.dumps([fingerprint(model), as_dict(s), cfg.seed, cfg.max_len, [p.prompt for p in problems[:50]]])
+    # everything the pairs depend on: the weights, the sampler, the seed, the problems, the task
+    key = json.dumps([fingerprint(model), as_dict(s), cfg.seed, cfg.max_len, as_dict(cfg.lab),
+                      hashlib.sha1("\n".join(p.prompt for p in problems).encode()).hexdigest()])
     folder = Path(cfg.cache_dir) / f"pairs-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     with file_lock(folder.with_suffix(".lock")):
         if is_main() and not (folder / "stats.json").exists():
             pick = random.Random(cfg.seed).sample(range(len(problems)), min(s.problems, len(problems)))
-            model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
+            model.eval().to(local_device())
             rows, pairs, stats = make_round(model, tokenizer, task, [problems[i] for i in pick], k=s.k,
                                             sampling=Sampling(s.temperature, s.top_p, cfg.seed),
                                             max_new_tokens=s.max_new_tokens, correction_tries=s.correction_tries,
                                             per_problem=s.per_problem, bt_id=bt_id, max_len=cfg.max_len)
             if not pairs:
-                raise SystemExit(f"{start} made no pair from {s.problems} problems x {s.k} samples: it makes no "
-                                 f"located error ({json.dumps(stats.as_dict())}); give data=pairs")
+                raise SystemExit(f"{start} made no pair from {len(pick)} problems x {s.k} samples ({json.dumps(stats.as_dict())}): "
+                                 "give data=pairs")
             save_round(folder, rows, pairs, stats)
             log.info("pairs from the model's own errors: %s", json.dumps(stats.as_dict()))
         elif is_main():
@@ -273,15 +283,31 @@ def own_pairs(cfg: Config, start: str, model, tokenizer, task, problems, bt_id) 
     return str(folder / "pairs")
 
 
-def load_reference(path: str, tokenizer):
-    """The reference model from `path`; it must have the BT row the policy's tokenizer names."""
-    from halluc.model import load_causal_lm
+def local_device():
+    """This process's device: cuda:LOCAL_RANK on a GPU machine (one process per GPU), else the CPU."""
+    import os
+
+    import torch
+
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def check_reference_tokenizer(path: str, tokenizer) -> None:
+    """Fail early (before any evaluation) when the reference cannot score the policy's token ids."""
     from halluc.tokens import has_backtrack, load_tokenizer
 
     theirs = load_tokenizer(path)
     if not has_backtrack(theirs) or theirs.get_vocab() != tokenizer.get_vocab():
-        raise SystemExit(f"ref_model={path}: its tokenizer {'lacks <|BACKTRACK|>' if not has_backtrack(theirs) else 'differs from the policy'}"
-                         "'s; a reference must score the same token ids (give the SFT checkpoint the policy came from)")
+        why = "has no <|BACKTRACK|> token" if not has_backtrack(theirs) else "is not the policy's tokenizer"
+        raise SystemExit(f"ref_model={path}: its tokenizer {why}; a reference must score the same token ids "
+                         "(give the SFT checkpoint the policy came from)")
+
+
+def load_reference(path: str, tokenizer):
+    """The reference model from `path`; it must have the BT row the policy's tokenizer names."""
+    from halluc.model import load_causal_lm
+
+    check_reference_tokenizer(path, tokenizer)
     reference = load_causal_lm(path)
     if reference.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise SystemExit(f"ref_model={path}: its embedding has {reference.get_input_embeddings().weight.shape[0]} rows, "

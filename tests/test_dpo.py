@@ -155,6 +155,54 @@ def test_packed_pairs_give_each_pairs_log_probs_on_every_backend(mode, positions
     assert not torch.allclose(by_row, want[order][:len(by_row)], atol=1e-2)
 
 
+def test_a_bt_in_a_text_prompt_keeps_its_role(bt_tokenizer):
+    from halluc.pairs import tokenize_text_pair
+    from halluc.tokens import backtrack_id
+
+    bt = backtrack_id(bt_tokenizer)
+    pair = tokenize_text_pair({"prompt": "3 + 4 ; x = 9<|BACKTRACK|> 7 ; y", "chosen": " = 1", "rejected": " = 2"},
+                              bt_tokenizer, bt)
+    roles = pair["prompt_roles"]
+    at = pair["prompt_ids"].index(bt)
+    assert roles[at] == Role.BACKTRACK and roles[at - 1] == Role.ERROR and roles[0] == Role.PROMPT
+    assert roles[at + 1] == Role.KEPT  # what follows the correction in the prompt is response, not question
+
+
+def test_packed_rows_weigh_micro_batches_by_their_pairs(tmp_path):
+    """Rows packing 1 and 4 pairs: gradient accumulation over the two rows gives the mean over the
+    5 pairs, as one batch of both rows does (PairCollator marks pairs, the trainer counts them);
+    weighing the two micro-batches equally (the negative control) gives another loss."""
+    from halluc.dpo import PairCollator, PreferenceObjective
+    from halluc.model import tiny_llama
+    from halluc.pairs import pair_rows
+    from halluc.train import make_trainer, training_args
+
+    torch.manual_seed(0)
+    pairs = _random_pairs(5, 40, bt=39, seed=3)
+    rows = pair_rows(pairs[:4], pack_len=200) + pair_rows(pairs[4:], pack_len=200)
+    assert [len(r["unit_starts"]) for r in rows] == [4, 1]
+    policy = tiny_llama(40, hidden=32, layers=1, heads=2)
+    reference = copy.deepcopy(policy)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+    class EqualMicroBatches(PreferenceObjective):
+        item_mean = False
+
+    loss = {}
+    for name, batch, accumulate, kind in (("one", 2, 1, PreferenceObjective), ("two", 1, 2, PreferenceObjective),
+                                          ("two_equal", 1, 2, EqualMicroBatches)):
+        args = training_args(str(tmp_path / name), steps=1, batch_size=batch, lr=0.0, log_every=1,
+                             gradient_accumulation_steps=accumulate)
+        trainer = make_trainer(copy.deepcopy(policy), args, rows, tb_dir=str(tmp_path / name / "tb"), packed=True,
+                               objective=kind("sigmoid", reference=copy.deepcopy(reference)), collator=PairCollator())
+        trainer.train()
+        loss[name] = trainer.state.log_history[-1]["train_loss"]
+    assert loss["two"] == pytest.approx(loss["one"], rel=1e-5)
+    assert abs(loss["two_equal"] - loss["one"]) > 1e-4
+
+
 # ---- the objective against TRL ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -180,11 +228,26 @@ TEXT_PAIRS = [{"prompt": "3 + 4 ; x = 3 + 5", "chosen": "<|BACKTRACK|> 4 = 7", "
               {"prompt": "5 + 5 ; w = 10 ; 10 * 2", "chosen": " = 20", "rejected": " = 21 ; 21 - 1"}]
 
 
-def test_step_1_at_lr_0_logs_exactly_trls_dpo_loss_of_the_batch(sft_dir, tmp_path):
-    """`python recipes/dpo.py model=DIR ref_model=DIR data=FILE.jsonl loss=sigmoid lr=0 steps=1
-    batch_size=N` logs at step 1 the loss TRL's DPOTrainer computes for the same N pairs, model and
-    reference, with the same per-pair log-prob means (policy == reference at step 1: log 2; the test
-    below compares a policy that is not its reference)."""
+@pytest.fixture(scope="module")
+def other_ref_dir(tmp_path_factory, sft_dir):
+    """The SFT checkpoint with every weight moved a little: a reference that is not the policy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(sft_dir)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("ref")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(sft_dir).save_pretrained(folder)
+    return folder
+
+
+def test_step_1_at_lr_0_logs_exactly_trls_dpo_loss_of_the_batch(sft_dir, other_ref_dir, tmp_path):
+    """`python recipes/dpo.py model=DIR ref_model=DIR data=FILE.jsonl loss=sigmoid beta=0.1 lr=0 steps=1
+    batch_size=N` logs at step 1 the loss TRL's DPOTrainer logs for the same N pairs, model and
+    reference (not the policy, so the loss is not log 2), and the same rewards and log-prob means."""
     pytest.importorskip("trl")
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -193,13 +256,13 @@ def test_step_1_at_lr_0_logs_exactly_trls_dpo_loss_of_the_batch(sft_dir, tmp_pat
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in TEXT_PAIRS))
     out = tmp_path / "ours"
-    load_script("recipes/dpo.py").main([f"model={sft_dir}", f"ref_model={sft_dir}", f"data={data}", "loss=sigmoid",
-                                        "beta=0.1", "lr=0", "steps=1", f"batch_size={len(TEXT_PAIRS)}",
+    load_script("recipes/dpo.py").main([f"model={sft_dir}", f"ref_model={other_ref_dir}", f"data={data}",
+                                        "loss=sigmoid", "beta=0.1", "lr=0", "steps=1", f"batch_size={len(TEXT_PAIRS)}",
                                         f"output_dir={out}", "lab.test_size=4", "eval_max_new_tokens=8"])
     ours = next(h for h in json.loads((out / "train.json").read_text()) if "loss" in h)
 
     tok = AutoTokenizer.from_pretrained(sft_dir)
-    model, ref = (AutoModelForCausalLM.from_pretrained(sft_dir) for _ in range(2))
+    model, ref = AutoModelForCausalLM.from_pretrained(sft_dir), AutoModelForCausalLM.from_pretrained(other_ref_dir)
     args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, learning_rate=0.0, max_steps=1, logging_steps=1,
                      per_device_train_batch_size=len(TEXT_PAIRS), bf16=False, use_cpu=True, report_to="none",
                      gradient_checkpointing=False, max_length=None)
@@ -208,10 +271,10 @@ def test_step_1_at_lr_0_logs_exactly_trls_dpo_loss_of_the_batch(sft_dir, tmp_pat
     trainer.train()
     theirs = next(h for h in trainer.state.log_history if "loss" in h)
     assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-4)
-    for key in ("logps/chosen", "logps/rejected", "rewards/accuracies", "rewards/margins"):
-        assert ours[key] == pytest.approx(theirs[key], abs=1e-3), key
-    assert ours["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert ours["logps/chosen"] != pytest.approx(ours["logps/rejected"], abs=1e-3)
+    assert ours["loss"] != pytest.approx(math.log(2), abs=1e-3)
+    for key in ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                "rewards/margins"):
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-4), key
 
 
 def test_the_objective_equals_trls_loss_when_policy_and_reference_differ(sft_dir, tmp_path):
@@ -365,13 +428,17 @@ def test_precomputed_reference_log_probs_are_cached_and_give_the_live_loss(tmp_p
     assert json.loads(cached.read_text())[0] == pytest.approx(again[0]["ref_logps"][0].tolist())
 
 
-def test_lora_dpo_uses_the_disabled_adapter_as_reference_and_saves_an_adapter(tmp_path, cache):
-    report = load_script("recipes/dpo.py").main([f"output_dir={tmp_path}/out", f"cache_dir={cache}",
-                                                 "lora.enabled=true", "lora.r=4", "lr=1e-2", *TINY])
+@pytest.mark.parametrize("precompute", [False, True])
+def test_lora_dpo_uses_the_starting_model_as_reference_and_saves_an_adapter(tmp_path, cache, precompute):
+    """LoRA without ref_model: the disabled adapter (live) or the starting model's precomputed
+    log-probs; either way step 1 is log 2, the adapter moves away from it, and the run evaluates."""
+    report = load_script("recipes/dpo.py").main([f"output_dir={tmp_path}/out", f"cache_dir={cache}", "lora.enabled=true",
+                                                 "lora.r=4", "lr=1e-2", f"precompute_ref={str(precompute).lower()}", *TINY])
     logged = [h for h in json.loads((tmp_path / "out" / "train.json").read_text()) if "loss" in h]
     assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert logged[-1]["rewards/margins"] != 0  # the adapter moved the policy away from its reference
     assert (tmp_path / "out" / "adapter" / "halluc_adapter.json").exists() and report["saved"].endswith("adapter")
+    assert report["after"]["test_id"]["n"] == 16
 
 
 def test_a_reference_without_the_bt_row_is_refused(tmp_path, sft_dir, lab_tokenizer):
@@ -382,9 +449,9 @@ def test_a_reference_without_the_bt_row_is_refused(tmp_path, sft_dir, lab_tokeni
     lab_tokenizer.save_pretrained(plain)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in TEXT_PAIRS))
-    with pytest.raises(SystemExit, match="lacks <\\|BACKTRACK\\|>"):
+    with pytest.raises(SystemExit, match="has no <\\|BACKTRACK\\|> token"):
         load_script("recipes/dpo.py").main([f"model={sft_dir}", f"ref_model={plain}", f"data={data}", "steps=1",
-                                            f"output_dir={tmp_path}/out"])
+                                            f"output_dir={tmp_path}/out", "lab.test_size=4", "eval_max_new_tokens=8"])
     with pytest.raises(SystemExit, match="precompute_ref=true only stores"):
         load_script("recipes/dpo.py").load(["loss=tdpo2", "precompute_ref=true"])
 
@@ -444,7 +511,7 @@ def test_zero3_with_two_processes_trains_like_one_process(tmp_path, sft_dir):
     two = subprocess.run([*launcher, "recipes/dpo.py", *common, "batch_size=2", "deepspeed=ds_configs/zero3.json",
                           f"output_dir={tmp_path}/two"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert two.returncode == 0, (two.stdout + two.stderr)[-5000:]
-    assert "reference model sharded with ZeRO-3" in two.stdout + two.stderr
+    assert "reference model under DeepSpeed (ZeRO stage 3)" in two.stdout + two.stderr
     logs = {name: [h for h in json.loads((tmp_path / name / "train.json").read_text()) if "loss" in h]
             for name in ("one", "two")}
     assert len(logs["two"]) == 4

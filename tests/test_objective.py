@@ -17,7 +17,7 @@ class MeanPerExampleNLL:
     """Each example's mean token NLL, averaged over examples (not over tokens): a per-example
     objective, like DPO's mean over pairs."""
 
-    token_level = False
+    item_mean = False
 
     def __init__(self):
         self.calls = 0
@@ -60,7 +60,7 @@ def test_a_new_objective_trains_and_logs_its_metrics(lab_tokenizer, arith_proble
 
 
 class PerMicroBatchMean(TokenCrossEntropy):
-    token_level = False  # the negative control: each micro-batch's mean weighs the same
+    item_mean = False  # the negative control: each micro-batch's mean weighs the same
 
 
 def test_token_level_losses_weigh_micro_batches_by_their_tokens(lab_tokenizer, arith_problems, tmp_path):

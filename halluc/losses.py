@@ -2,7 +2,8 @@
 
 Nothing here runs a model: an objective (halluc.train) asks the backend for `Targets` (the
 logits that predict each trained token, and that token's unit and branch), then calls these.
-Every function has golden values worked out by hand in tests/test_losses.py.
+Every function has golden values worked out by hand (tests/test_losses.py; the preference losses
+in tests/test_dpo.py).
 """
 from __future__ import annotations
 

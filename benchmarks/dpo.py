@@ -63,7 +63,7 @@ def run_trl(model, ref, tok, pairs, args, out: str):
                     logging_steps=1000, save_strategy="no", max_length=None, gradient_checkpointing=False,
                     dataloader_drop_last=True, disable_tqdm=True)
     trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, processing_class=tok, train_dataset=Dataset.from_list(pairs))
-    return _timed(trainer)
+    return _timed(trainer, args.warmup)
 
 
 def run_ours(model, ref, tok, pairs, args, out: str, pack: int):
@@ -83,21 +83,21 @@ def run_ours(model, ref, tok, pairs, args, out: str, pack: int):
     trainer = make_trainer(model, targs, rows, tb_dir=str(Path(out) / "tb"), packed=True,
                            objective=PreferenceObjective("sigmoid", 0.1, reference=ref),
                            collator=PairCollator(), backend="auto")
-    seconds, memory = _timed(trainer)
+    seconds, memory = _timed(trainer, args.warmup)
     return seconds * args.batch / (batch * per_row), memory  # per step of args.batch pairs
 
 
-def _timed(trainer):
+def _timed(trainer, warmup: int):
+    """(median seconds per step after `warmup` steps, peak GPU memory in GiB or None)."""
     times = StepTimes()
     trainer.add_callback(times)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     trainer.train()
-    steps = [b - a for a, b in zip([start] + times.times, times.times)][len(times.times) - trainer.args.max_steps:]
-    warm = steps[-(len(steps) - 2):] if len(steps) > 3 else steps
+    steps = [b - a for a, b in zip([start] + times.times, times.times)]
     memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    return statistics.median(warm), memory
+    return statistics.median(steps[warmup:]), memory
 
 
 def main(argv=None) -> None:

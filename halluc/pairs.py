@@ -96,8 +96,6 @@ def check_pair(pair: dict, vocab_size: int, bt_id: int | None, where: str) -> No
 def load_pairs(source, tokenizer, bt_id: int | None, limit: int | None = None) -> list[dict]:
     """Pairs from a .jsonl file of text pairs, or a `datasets` folder of id pairs (own_errors'
     `pairs/`, or a round's `data/` holding one) or of text pairs; checked against the tokenizer."""
-    from datasets import load_from_disk
-
     from halluc.tasks.jsonl import iter_jsonl_rows
 
     path = Path(source)
@@ -109,6 +107,8 @@ def load_pairs(source, tokenizer, bt_id: int | None, limit: int | None = None) -
         rows = [(f"{path}:{line}", tokenize_text_pair(row, tokenizer, bt_id, f"{path}:{line}"))
                 for line, row in iter_jsonl_rows(path, limit)]
     elif (path / "dataset_info.json").exists():
+        from datasets import load_from_disk
+
         ds = load_from_disk(str(path))
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))

@@ -16,7 +16,7 @@ python3 -m pip show pyarrow 2>/dev/null | grep -i ^version | sed 's/^/pyarrow /'
 export PYTHONPATH=$PWD:${PYTHONPATH:-}  # halluc from this checkout (recipes and tests import it)
 
 echo "== GPU-marked tests"
-python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention.py tests/test_backends.py tests/test_objective.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention.py tests/test_backends.py tests/test_objective.py tests/test_dpo.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
 if ! python3 -c "import datasets" 2>/dev/null; then
   echo "datasets does not import here (pyarrow too old?): skipping the recipe runs"; exit 0
 fi
@@ -47,3 +47,11 @@ PY
 done
 echo "== summary"
 cat "$OUT/table.txt"
+
+if python3 -c "import trl" 2>/dev/null; then
+  echo "== benchmarks/dpo.py: halluc vs TRL's DPOTrainer, bf16, ~135M params"
+  timeout 240 python3 benchmarks/dpo.py --hidden 768 --layers 12 --vocab 32000 --pairs 64 --steps 6 --repeats 2 \
+    2>&1 | tee "$OUT/dpo_bench.log" | grep -E "^\||^#|tokens per pair"
+else
+  echo "trl does not import here: skipping benchmarks/dpo.py"
+fi

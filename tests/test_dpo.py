@@ -121,20 +121,18 @@ def _separate_sums(model, pairs, mode, positions):
     return torch.tensor(out)
 
 
-@pytest.mark.parametrize("mode,positions", [("causal", "original"), ("block_errors", "rewound")])
-def test_packed_pairs_give_each_pairs_log_probs_on_every_backend(mode, positions):
-    """Pairs from the model's own errors (the prompt ends with the error the chosen BTs erase),
-    packed several to a row: per pair chosen / rejected sums equal scoring prompt + chosen and
-    prompt + rejected alone, on every CPU backend. Negative control: summing per row mixes pairs."""
+def _check_packed_pairs(mode, positions, backends, device="cpu"):
+    """Seven pairs from "own errors" packed several to a row: per pair chosen / rejected sums on
+    each backend equal scoring prompt + chosen and prompt + rejected alone (dense, fp32)."""
     from halluc.backends import forward_targets, use_backend
     from halluc.dpo import PairCollator
     from halluc.model import tiny_llama
     from halluc.pairs import pair_rows
 
     torch.manual_seed(0)
-    model = tiny_llama(40, hidden=32, layers=2, heads=2).eval()
+    model = tiny_llama(40, hidden=32, layers=2, heads=2).eval().to(device)
     pairs = _random_pairs(7, 40, bt=39)
-    want = _separate_sums(model, pairs, mode, positions)
+    want = _separate_sums(model, pairs, mode, positions).to(device)
     rows = pair_rows(pairs, mode, positions, max_len=64, pack_len=48)
     assert len(rows) < len(pairs)  # packed
     batch = PairCollator()(rows)
@@ -145,14 +143,29 @@ def test_packed_pairs_give_each_pairs_log_probs_on_every_backend(mode, positions
         order.append(next(i for i, p in enumerate(pairs)
                           if batch["input_ids"][row, col:col + 3].tolist() == p["prompt_ids"][:3]))
     assert sorted(order) == list(range(len(pairs)))
-    for backend in ("dense", "dense_units", "varlen", "varlen_kv"):
+    for backend in backends:
         name = use_backend(model, backend)
         with torch.no_grad():
             t = forward_targets(model, batch, name)
         got = sum_per_branch(target_log_probs(t.logits, t.ids), t.unit, t.branch, len(pairs))
         torch.testing.assert_close(got, want[order], rtol=1e-4, atol=1e-4, msg=backend)
     by_row = sum_per_branch(target_log_probs(t.logits, t.ids), t.row, t.branch)
-    assert not torch.allclose(by_row, want[order][:len(by_row)], atol=1e-2)
+    assert not torch.allclose(by_row, want[order][:len(by_row)], atol=1e-2)  # the negative control
+
+
+@pytest.mark.parametrize("mode,positions", [("causal", "original"), ("block_errors", "rewound")])
+def test_packed_pairs_give_each_pairs_log_probs_on_every_backend(mode, positions):
+    """Pairs from the model's own errors (the prompt ends with the error the chosen BTs erase),
+    packed several to a row: per pair sums equal separate scoring on every CPU backend. Negative
+    control: summing per row mixes pairs."""
+    _check_packed_pairs(mode, positions, ("dense", "dense_units", "varlen", "varlen_kv"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,positions", [("causal", "original"), ("block_errors", "rewound")])
+def test_packed_pairs_on_the_gpu_backends(mode, positions):
+    """The same on a GPU (fp32): flex reads attn_end directly, varlen_kv runs the path kernel."""
+    _check_packed_pairs(mode, positions, ("flex", "varlen_kv", "dense_units"), device="cuda")
 
 
 def test_a_bt_in_a_text_prompt_keeps_its_role(bt_tokenizer):

@@ -7,11 +7,15 @@ run has none. Everything a recipe needs to run unchanged under each form lives h
 - `prepare_deepspeed`: checks the config file and, for a launcher-less single process, sets the
   env vars DeepSpeed needs (without them it looks for mpi4py and fails).
 - rank helpers (`is_main`, `barrier`) for the steps only one process may do (writing files).
+- at exit, the process group is destroyed (nothing else does it): left to the interpreter's
+  teardown, gloo's threads were seen to abort a finished run ("terminate called without an
+  active exception", exit -6) under load.
 On CPU the Trainer must also get `use_cpu=True` (else accelerate sees one process and the
 batch-size check fails) and the gloo backend: `halluc.train.training_args` does both.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -23,6 +27,15 @@ import torch
 log = logging.getLogger(__name__)
 
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@atexit.register
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception as e:  # exiting anyway: say so, never mask the real exit status
+            log.warning("destroying the process group at exit failed: %s", e)
 
 
 def rank() -> int:

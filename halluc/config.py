@@ -74,6 +74,18 @@ def load_config(cls, argv: list[str] | None = None, default_file: str | None = N
     return cfg
 
 
+def run_recipe(load, train, argv: list[str] | None = None):
+    """A recipe's command line: the launcher's arguments stripped (the deepspeed launcher adds
+    --local_rank), the settings loaded and checked by `load`, logging on, then `train(cfg)`."""
+    import logging
+
+    from halluc.distributed import strip_launcher_args
+
+    cfg = load(strip_launcher_args(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return train(cfg)
+
+
 def _check(cfg, where: str, prefix: str = "") -> None:
     """Settings that only make sense together: each settings dataclass may define `check()`,
     raising ValueError; every one in the tree runs, innermost first, after all values are set."""

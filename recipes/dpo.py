@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from halluc.config import (NonNegativeFloat, NonNegativeInt, PositiveInt, Range, Sampler, Stage, as_dict,
-                           check_model_path, load_config)
+                           check_model_path, load_config, run_recipe)
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
 from halluc.lora import LoraSettings
@@ -104,11 +104,7 @@ def load(argv: list[str]) -> Config:
 
 
 def main(argv=None):
-    from halluc.distributed import strip_launcher_args
-
-    cfg = load(strip_launcher_args(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return train(cfg)
+    return run_recipe(load, train, argv)
 
 
 def train(cfg: Config) -> dict | None:

@@ -19,13 +19,12 @@ Every setting is checked before the ML libraries load, so a bad one fails in abo
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from halluc.config import NonNegativeInt, PositiveInt, Stage, as_dict, check_model_path, load_config
+from halluc.config import NonNegativeInt, PositiveInt, Stage, as_dict, check_model_path, load_config, run_recipe
 from halluc.curriculum import Curriculum
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
@@ -108,11 +107,7 @@ def load(argv: list[str]) -> Config:
 
 
 def main(argv=None):
-    from halluc.distributed import strip_launcher_args
-
-    cfg = load(strip_launcher_args(sys.argv[1:] if argv is None else argv))  # the deepspeed launcher adds --local_rank
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return train(cfg)
+    return run_recipe(load, train, argv)
 
 
 def train(cfg: Config) -> dict | None:

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from halluc.config import Fraction, NonNegativeInt, PositiveInt, Sampler, Stage, as_dict, load_config
+from halluc.config import Fraction, NonNegativeInt, PositiveInt, Sampler, Stage, as_dict, load_config, run_recipe
 from halluc.curriculum import Curriculum
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
@@ -103,11 +102,7 @@ def load(argv: list[str]) -> Config:
 
 
 def main(argv=None):
-    from halluc.distributed import strip_launcher_args
-
-    cfg = load(strip_launcher_args(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    return train(cfg)
+    return run_recipe(load, train, argv)
 
 
 def train(cfg: Config) -> dict | None:

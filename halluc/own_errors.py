@@ -112,23 +112,30 @@ def token_cut(ends: list[int], char: int) -> int | None:
 def sample(model, tokenizer, problems: list[Problem], k: int, sampling: Sampling, max_new_tokens: int,
            batch_size: int = 64, guards: LoopGuards = LoopGuards(), desc: str = "sampling") -> list[tuple[int, list[int], Generation]]:
     """[(problem index, prompt ids, generation)] for k samples of every problem (progress bar)."""
+    jobs = [(i, tokenizer(p.prompt)["input_ids"]) for i, p in enumerate(problems) for _ in range(k)]
+    gens = sample_from_ids(model, tokenizer, [ids for _, ids in jobs], sampling, max_new_tokens, batch_size,
+                           guards, desc)
+    return [(i, ids, g) for (i, ids), g in zip(jobs, gens)]
+
+
+def sample_from_ids(model, tokenizer, prompts: list[list[int]], sampling: Sampling, max_new_tokens: int,
+                    batch_size: int = 64, guards: LoopGuards = LoopGuards(), desc: str = "sampling") -> list[Generation]:
+    """One sampled continuation of every prompt (token ids), batched, with the semantics the model
+    was trained for and a seed per batch (reproducible; copies of a prompt in a batch differ)."""
     from tqdm.auto import tqdm
 
     from halluc.tokens import backtrack_id, has_backtrack
 
     bt = backtrack_id(tokenizer) if has_backtrack(tokenizer) else None
     semantics = semantics_for(model, None, has_backtrack=bt is not None)
-    jobs = [(i, tokenizer(p.prompt)["input_ids"]) for i, p in enumerate(problems) for _ in range(k)]
     out = []
-    bar = tqdm(total=len(jobs), desc=desc, unit="sample", leave=False)
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        # one seed per batch: reproducible, and the k copies of a problem differ
-        gens = generate(model, [ids for _, ids in chunk], max_new_tokens=max_new_tokens, backtrack_id=bt,
+    bar = tqdm(total=len(prompts), desc=desc, unit="sample", leave=False)
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        out += generate(model, chunk, max_new_tokens=max_new_tokens, backtrack_id=bt,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                         semantics=semantics, guards=guards,
                         sampling=Sampling(sampling.temperature, sampling.top_p, sampling.seed * 100_003 + start))
-        out += [(i, ids, g) for (i, ids), g in zip(chunk, gens)]
         bar.update(len(chunk))
     bar.close()
     return out

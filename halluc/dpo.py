@@ -41,6 +41,8 @@ class PreferenceObjective:
     # a mean over pairs: PairCollator marks one item per pair, so micro-batches with more pairs
     # (packed rows hold different numbers) weigh more, and the step's loss is the mean over its pairs
     item_mean = True
+    # precomputed reference sums are -100s of nats: bf16 would round them by whole nats
+    fp32_inputs = ("ref_logps",)
 
     def __init__(self, loss: str = "sigmoid", beta: float = 0.1, alpha: float = 0.5, sft_weight: float = 0.0,
                  reference=None):

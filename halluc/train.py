@@ -75,7 +75,8 @@ class Objective(Protocol):
     `shift_labels` (trained tokens for TreeCollator, pairs for halluc.dpo.PairCollator), so the
     trainer weighs micro-batches by their item counts (exact means over accumulation steps and
     devices); otherwise micro-batches weigh the same. An objective may define `attach(trainer)`,
-    called once the trainer exists (e.g. to prepare a reference model with its accelerator).
+    called once the trainer exists (e.g. to prepare a reference model with its accelerator), and
+    `fp32_inputs`, batch keys the trainer must not cast to DeepSpeed's bf16/fp16.
     """
 
     item_mean: bool
@@ -131,12 +132,10 @@ class ObjectiveTrainer(Trainer):
         self.loss_is_scaled_for_ga = bool(rescale)
         return (loss, None) if return_outputs else loss
 
-    # batch values that stay fp32 under DeepSpeed (the Trainer casts float inputs to its bf16/fp16):
-    # precomputed reference log-prob sums of -100s of nats would lose whole nats in bf16
-    FP32_INPUTS = ("ref_logps",)
-
     def _prepare_inputs(self, inputs):
-        kept = {k: inputs.pop(k) for k in self.FP32_INPUTS if k in inputs}
+        # Under DeepSpeed the Trainer casts float inputs to its bf16/fp16; an objective names the
+        # batch values that must stay fp32 (`fp32_inputs`, e.g. precomputed log-prob sums).
+        kept = {k: inputs.pop(k) for k in getattr(self.objective, "fp32_inputs", ()) if k in inputs}
         inputs = super()._prepare_inputs(inputs)
         inputs.update({k: v.to(self.args.device) for k, v in kept.items()})
         return inputs

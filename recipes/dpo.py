@@ -147,7 +147,13 @@ def train(cfg: Config) -> dict | None:
     # (2) the pairs
     pairs_from = cfg.data or own_pairs(cfg, start, model, tokenizer, task, splits["sft"], bt_id)
     pairs = load_pairs(pairs_from, tokenizer, bt_id)
-    rows = pair_rows(pairs, cfg.attention, cfg.positions, cfg.max_len, cfg.pack)
+    # a pair's positions run to its prompt + longer branch: keep the whole unit within the model's
+    # positions (a model with learned positions, e.g. GPT-2, would index past its table)
+    limit = getattr(model.config, "max_position_embeddings", None) or cfg.max_len
+    if limit < cfg.max_len:
+        log.warning("max_len=%d exceeds the model's %d positions: pairs longer than %d are dropped", cfg.max_len,
+                    limit, limit)
+    rows = pair_rows(pairs, cfg.attention, cfg.positions, min(cfg.max_len, limit), cfg.pack)
 
     # (3) the reference: never reloaded from the policy's name (the BT row would be missing). Under
     # LoRA with no ref_model it is the policy with its adapter off: the starting model.
@@ -300,10 +306,10 @@ def check_reference_tokenizer(path: str, tokenizer) -> None:
 
 
 def load_reference(path: str, tokenizer):
-    """The reference model from `path`; it must have the BT row the policy's tokenizer names."""
+    """The reference model from `path` (its tokenizer checked at the start of the run): it must
+    have the BT row the policy's tokenizer names."""
     from halluc.model import load_causal_lm
 
-    check_reference_tokenizer(path, tokenizer)
     reference = load_causal_lm(path)
     if reference.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise SystemExit(f"ref_model={path}: its embedding has {reference.get_input_embeddings().weight.shape[0]} rows, "

@@ -533,3 +533,26 @@ def test_zero3_with_two_processes_trains_like_one_process(tmp_path, sft_dir):
             assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-4), key
     assert logs["two"][-1]["loss"] != pytest.approx(logs["two"][0]["loss"], abs=1e-3)  # it trained
     assert json.loads((tmp_path / "two" / "eval.json").read_text())["world_size"] == 2
+
+
+def test_pairs_beyond_the_models_positions_are_dropped_not_indexed(tmp_path, bt_tokenizer, caplog):
+    """A model with few positions (as GPT-2's learned table would be): pairs longer than them are
+    dropped with a warning naming the limit, instead of indexing past the position table."""
+    import logging
+
+    from halluc.model import tiny_llama
+
+    tok = copy.deepcopy(bt_tokenizer)
+    folder = tmp_path / "short"
+    tiny_llama(len(tok), hidden=32, layers=1, heads=2, max_positions=48, pad_token_id=tok.pad_token_id,
+               eos_token_id=tok.eos_token_id).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    long = {"prompt": " ; ".join(["3 + 4 = 7"] * 12), "chosen": " = 1", "rejected": " = 2"}
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TEXT_PAIRS + [long]))
+    with caplog.at_level(logging.WARNING):
+        report = load_script("recipes/dpo.py").main([f"model={folder}", f"data={data}", "steps=1", "batch_size=2",
+                                                     f"output_dir={tmp_path}/out", "lab.test_size=2",
+                                                     "eval_max_new_tokens=4"])
+    assert report["pairs"] == len(TEXT_PAIRS) + 1 and report["rows"] == len(TEXT_PAIRS)
+    assert "exceeds the model's 48 positions" in caplog.text

@@ -42,18 +42,26 @@ def cluster():
         shutil.rmtree(c.root, ignore_errors=True)
 
 
-def test_sbatch_masked_sft_with_two_tasks_then_requeue_resumes(cluster, tmp_path):
+def submit_two_tasks(cluster, tmp_path, script: str, out, save_steps: int, recipe_args: str):
+    """sbatch slurm/SCRIPT as written, with only what this machine lacks overridden: two tasks (two
+    torchrun agents meeting as two nodes would), ZeRO-3 on CPU. Asserts it completed; returns
+    (job id, log file, log text)."""
     (tmp_path / "logs").mkdir()  # Slurm does not create the folder of --output
-    out = tmp_path / "out"
-    env = {"HALLUC_ROOT": str(ROOT), "PYTHON": sys.executable, "OUTPUT_DIR": str(out), "SAVE_STEPS": "5",
-           "NPROC_PER_NODE": "1", "DEEPSPEED_CONFIG": "ds_configs/zero3.json",
-           "RECIPE_ARGS": f"cache_dir={tmp_path / 'cache'} {RECIPE_ARGS}"}
+    env = {"HALLUC_ROOT": str(ROOT), "PYTHON": sys.executable, "OUTPUT_DIR": str(out), "SAVE_STEPS": str(save_steps),
+           "NPROC_PER_NODE": "1", "DEEPSPEED_CONFIG": "ds_configs/zero3.json", "RECIPE_ARGS": recipe_args}
     job = cluster.submit("--partition=debug", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
-                         "--time=10", str(ROOT / "slurm" / "masked_sft.sh"), env=env, cwd=tmp_path)
+                         "--time=10", str(ROOT / "slurm" / script), env=env, cwd=tmp_path)
     record = cluster.wait(job, timeout=300)
     log_file = tmp_path / "logs" / f"slurm-{job}.out"
     log = log_file.read_text(errors="replace") if log_file.exists() else "(no log)"
     assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
+    return job, log_file, log
+
+
+def test_sbatch_masked_sft_with_two_tasks_then_requeue_resumes(cluster, tmp_path):
+    out = tmp_path / "out"
+    job, log_file, log = submit_two_tasks(cluster, tmp_path, "masked_sft.sh", out, save_steps=5,
+                                          recipe_args=f"cache_dir={tmp_path / 'cache'} {RECIPE_ARGS}")
     assert "2 agent(s) x 1 process(es)" in log and "deepspeed=ds_configs/zero3.json" in log
     report = json.loads((out / "eval.json").read_text())
     assert report["world_size"] == 2 and report["sft_train"]["steps"] == 10
@@ -74,8 +82,6 @@ def test_sbatch_masked_sft_with_two_tasks_then_requeue_resumes(cluster, tmp_path
 
 def test_sbatch_dpo_with_two_tasks(cluster, tmp_path):
     """slurm/dpo.sh as written: two torchrun agents, ZeRO-3, preference pairs from a jsonl file."""
-    import copy
-
     import torch
 
     from halluc.model import tiny_llama
@@ -89,20 +95,12 @@ def test_sbatch_dpo_with_two_tasks(cluster, tmp_path):
     tiny_llama(len(tok), hidden=32, layers=1, heads=2, pad_token_id=tok.pad_token_id,
                eos_token_id=tok.eos_token_id).save_pretrained(tmp_path / "sft")
     tok.save_pretrained(tmp_path / "sft")
-    pairs = [{"prompt": p.prompt, "chosen": p.solution, "rejected": copy.copy(p.solution)[::-1]} for p in problems[:8]]
+    pairs = [{"prompt": p.prompt, "chosen": p.solution, "rejected": p.solution[::-1]} for p in problems[:8]]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    (tmp_path / "logs").mkdir()
     out = tmp_path / "out"
-    env = {"HALLUC_ROOT": str(ROOT), "PYTHON": sys.executable, "OUTPUT_DIR": str(out), "SAVE_STEPS": "2",
-           "NPROC_PER_NODE": "1", "DEEPSPEED_CONFIG": "ds_configs/zero3.json",
-           "RECIPE_ARGS": f"model={tmp_path / 'sft'} data={tmp_path / 'pairs.jsonl'} steps=4 batch_size=2 "
-                          "lab.test_size=4 eval_max_new_tokens=8"}
-    job = cluster.submit("--partition=debug", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
-                         "--time=10", str(ROOT / "slurm" / "dpo.sh"), env=env, cwd=tmp_path)
-    record = cluster.wait(job, timeout=300)
-    log_file = tmp_path / "logs" / f"slurm-{job}.out"
-    log = log_file.read_text(errors="replace") if log_file.exists() else "(no log)"
-    assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
+    submit_two_tasks(cluster, tmp_path, "dpo.sh", out, save_steps=2,
+                     recipe_args=f"model={tmp_path / 'sft'} data={tmp_path / 'pairs.jsonl'} steps=4 batch_size=2 "
+                                 "lab.test_size=4 eval_max_new_tokens=8")
     report = json.loads((out / "eval.json").read_text())
     assert report["world_size"] == 2 and report["dpo_train"]["steps"] == 4
     assert (out / "checkpoint-4" / "trainer_state.json").exists() and (out / "train.json").exists()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from halluc.generate import Generation, LoopGuards, Sampling, generate_text, semantics_for
+from halluc.generate import Generation, Guide, LoopGuards, Sampling, generate_text, semantics_for
 from halluc.judge import backtrack_runs, first_error, run_justified
 from halluc.tasks import Problem, StepReport
 from halluc.tokens import BACKTRACK_TOKEN, backtrack_id, has_backtrack
@@ -62,16 +62,56 @@ def score_problem(task, problem: Problem, gen: Generation, tokenizer, bt: int | 
 
 def evaluate_problems(model, tokenizer, problems: list[Problem], task, max_new_tokens: int = 160,
                       batch_size: int = 64, desc: str = "eval", semantics: str | None = None,
-                      sampling: Sampling = Sampling(), guards: LoopGuards = LoopGuards()) -> dict:
-    """Accuracy, step validity and backtrack behaviour (precision, recall, erased, wasted)."""
+                      sampling: Sampling = Sampling(), guards: LoopGuards = LoopGuards(), verifier=None,
+                      guide: Guide = Guide()) -> dict:
+    """Accuracy, step validity and backtrack behaviour (precision, recall, erased, wasted); with a
+    `verifier` (halluc.verifiers), decoding is guided by it (halluc.generate)."""
     if not problems:
         raise ValueError(f"{desc}: no problems to evaluate (an empty test file?)")
-    bt = backtrack_id(tokenizer) if has_backtrack(tokenizer) else None
     with torch.no_grad():
         gens = generate_text(model, tokenizer, [p.prompt for p in problems], max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, semantics=semantics, sampling=sampling, guards=guards, desc=desc)
+                             batch_size=batch_size, semantics=semantics, sampling=sampling, guards=guards, desc=desc,
+                             verifier=verifier, guide=guide, step_separator=getattr(task, "STEP_SEPARATOR", "\n"))
+    return metrics_of(model, tokenizer, problems, task, gens, semantics)
+
+
+def evaluate_best_of_n(model, tokenizer, problems: list[Problem], task, score_steps, n: int, select: str,
+                       sampling: Sampling, max_new_tokens: int = 160, batch_size: int = 64,
+                       desc: str = "eval") -> dict:
+    """Best-of-N (select="best") or weighted majority voting ("vote") over n samples per problem,
+    scored per step by `score_steps(prompt_ids, steps) -> per-step P(right)` lists and reduced by
+    halluc.verifiers.aggregate. The chosen sample is scored like any generation; generated tokens
+    count all n samples."""
+    from halluc.verifier_head import step_end_ids
+    from halluc.verifiers import aggregate, best_of_n, split_steps_ids, weighted_vote
+
+    if select not in ("best", "vote"):
+        raise ValueError(f"select must be best or vote, got {select!r}")
+    prompts = [p.prompt for p in problems for _ in range(n)]
+    with torch.no_grad():
+        gens = generate_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             sampling=sampling, desc=f"{desc} ({n} samples)")
+    ends = step_end_ids(tokenizer, getattr(task, "STEP_SEPARATOR", "\n"))
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
+    scores = score_steps(prompt_ids, [split_steps_ids(g.visible, ends) for g in gens])
+    chosen, tokens = [], []
+    for i in range(len(problems)):
+        group = gens[i * n:(i + 1) * n]
+        value = [aggregate(s) for s in scores[i * n:(i + 1) * n]]
+        pick = best_of_n(value) if select == "best" else weighted_vote([task.extract_answer(g.text) for g in group], value)
+        chosen.append(group[pick])
+        tokens.append(sum(len(g.trace) for g in group))
+    return metrics_of(model, tokenizer, problems, task, chosen, None, tokens)
+
+
+def metrics_of(model, tokenizer, problems: list[Problem], task, gens: list[Generation], semantics: str | None,
+               tokens: list[int] | None = None) -> dict:
+    """The evaluation of one generation per problem (`tokens`: generated tokens per problem, if not
+    the generation's own trace length)."""
+    bt = backtrack_id(tokenizer) if has_backtrack(tokenizer) else None
     used = gens[0].semantics if gens else semantics_for(model, semantics, has_backtrack=bt is not None)
     scores = [score_problem(task, p, g, tokenizer, bt) for p, g in zip(problems, gens)]
+    tokens = tokens or [len(g.trace) for g in gens]
     first_wrong = Counter(s.kinds[i] for s in scores
                           for i in [StepReport(s.kinds, s.answer_correct).first_wrong] if i is not None)
     n = max(len(problems), 1)
@@ -93,6 +133,8 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], task, max_new_t
         "bt_runs_per_problem": runs / n,
         "erased_per_problem": sum(s.n_erased for s in scores) / n,
         "wasted_per_problem": sum(s.n_wasted for s in scores) / n,
+        "tokens_per_problem": sum(tokens) / n,
+        "guided_runs_per_problem": sum(g.n_guided for g in gens) / n,
         "bt_precision": sum(s.n_justified for s in scores) / runs if runs else None,
         "bt_recall": sum(s.caught_error for s in scores) / errors if errors else None,
         "problems_with_error": errors,
@@ -106,7 +148,7 @@ def evaluate_problems(model, tokenizer, problems: list[Problem], task, max_new_t
                         "runs": [s.n_runs for s in scores], "justified": [s.n_justified for s in scores],
                         "made_error": [int(s.made_error) for s in scores],
                         "caught_error": [int(s.caught_error) for s in scores],
-                        "wasted": [s.n_wasted for s in scores]},
+                        "wasted": [s.n_wasted for s in scores], "tokens": list(tokens)},
     }
 
 

@@ -18,6 +18,19 @@ and attention takes the same fast path as HF `generate()`.
 
 The BT id is an argument (from `halluc.tokens.backtrack_id`, never `encode`); None means the
 model has no BT and this is plain decoding.
+
+Guided decoding (issue 12): with a `verifier` (halluc.verifiers: a PRM, the policy's verifier
+head, or the task's oracle), every time a row ends a step (a token holding the step separator,
+or EOS) the verifier scores the visible text so far; below `Guide.threshold`, and within
+`Guide.budget`, the row emits a BT run that erases the step (whatever the model would have
+written) and writes it again: greedy with a verbatim repeat of an erased version banned
+(resample="ban": the token that would complete it is masked), or sampled at
+`Guide.temperature` (resample="sample"). The erased step leaves the KV cache whatever the
+semantics (`Guide.erase="rewind"`: its slots die and the rewrite takes the erased step's
+positions, as if it had never been written; the model's own BTs keep their semantics);
+The rewrite's first token is chosen from the logits the erased step's first token came from
+(the BT run's own logits saw the erased step). `erase="keep"` leaves the step and the BTs in
+context and continues from the last BT's logits, as the model's own BTs do under keep.
 """
 from __future__ import annotations
 
@@ -53,6 +66,23 @@ class LoopGuards:
 
 
 @dataclass
+class Guide:
+    """How a verifier steers generation (module docstring)."""
+
+    threshold: float = 0.5     # a step scored below this (P(text so far is right)) is erased
+    budget: int = 4            # verifier-triggered BT runs per sequence
+    resample: str = "ban"      # ban: greedy, a verbatim repeat banned | sample: at `temperature`
+    temperature: float = 1.0   # resample="sample"
+    erase: str = "rewind"      # rewind: the erased step leaves the cache | keep: it stays in context
+
+    def __post_init__(self):
+        if self.resample not in ("ban", "sample"):
+            raise ValueError(f"Guide.resample must be ban or sample, got {self.resample!r}")
+        if self.erase not in SEMANTICS:
+            raise ValueError(f"Guide.erase must be one of {SEMANTICS}, got {self.erase!r}")
+
+
+@dataclass
 class Generation:
     """One generated sequence. `trace` has the BTs (stop token excluded); `visible` is
     apply_backtrack(trace). token_forwards counts tokens pushed through the model for this
@@ -68,6 +98,8 @@ class Generation:
     semantics: str = "keep"        # what it was generated with (rewind needs a BT id)
     text: str | None = None        # decoded visible text (generate_text fills it)
     logits: list[torch.Tensor] | None = None  # raw logits each emitted token was chosen from
+    n_guided: int = 0              # BT runs a verifier triggered (guided decoding)
+    verifier_calls: int = 0        # step ends the verifier scored
 
 
 @dataclass
@@ -79,6 +111,7 @@ class _Row:
     trace: list[int] = field(default_factory=list)
     visible: list[int] = field(default_factory=list)
     visible_slots: list[int] = field(default_factory=list)  # cache slot of each fed visible token
+    visible_pos: list[int] = field(default_factory=list)    # and its position
     dead_after_run: list[int] = field(default_factory=list)  # slots of the open BT run and what it erased
     erasures: Counter = field(default_factory=Counter)       # visible index -> times erased
     n_backtracks: int = 0
@@ -88,6 +121,16 @@ class _Row:
     done: bool = False
     stop: str = ""
     logits: list[torch.Tensor] | None = None
+    # guided decoding
+    guided: int = 0                   # verifier-triggered BT runs so far
+    verifier_calls: int = 0
+    forced_bts: int = 0               # BTs still to emit in the current verifier-triggered run
+    scored_at: int = -1               # trace length at the last scoring (a step end is scored once)
+    resample_from: int | None = None  # visible index where the erased step started, while rewriting it
+    erased_steps: dict = field(default_factory=dict)  # visible index -> erased versions of the step there
+    erasing: bool = False             # inside a verifier-triggered run that leaves the cache (Guide.erase)
+    rewound_pos: int = 0              # position of the first token such a run erased
+    step_logits: torch.Tensor | None = None  # the logits the current step's first token came from
 
 
 def semantics_for(model, override: str | None = None, has_backtrack: bool = True) -> str:
@@ -113,14 +156,21 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
              eos_token_id: int | list[int] | None, pad_token_id: int | None = None,
              semantics: str = "keep", sampling: Sampling = Sampling(), guards: LoopGuards = LoopGuards(),
              forced_tokens: list[list[int]] | None = None, force_backtrack_rate: float = 0.0,
-             force_seed: int = 0, record_logits: bool = False) -> list[Generation]:
+             force_seed: int = 0, record_logits: bool = False, verifier=None, guide: Guide = Guide(),
+             step_ends: set[int] | frozenset = frozenset()) -> list[Generation]:
     """Generate from a batch of prompt token ids (left padded here); see the module docstring.
 
     forced_tokens: teacher forcing, row r emits forced_tokens[r] (whatever the model says) and
       stops when they run out; with record_logits the model's logits at every step are kept.
     force_backtrack_rate: after each emitted normal token, with this probability the next
       token is a BT (benchmarks; seeded by force_seed, overrides the loop guards).
+    verifier, guide, step_ends: guided decoding (module docstring); `step_ends` are the ids of the
+      tokens that end a step (halluc.verifier_head.step_end_ids), EOS ends the last one.
     """
+    if verifier is not None and backtrack_id is None:
+        raise ValueError("guided decoding erases steps with BTs: the model needs a BT id")
+    if verifier is not None and not step_ends:
+        raise ValueError("guided decoding needs step_ends, the ids of the tokens that end a step")
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
     if any(len(p) == 0 for p in prompts):
@@ -130,6 +180,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
     pad = pad_token_id if pad_token_id is not None else 0
     bt = backtrack_id
     rewind = semantics == "rewind" and bt is not None
+    track = rewind or verifier is not None  # slots and positions of the visible tokens
     n, width = len(prompts), max(len(p) for p in prompts)
     force_rng = random.Random(force_seed)
     sample_rng = torch.Generator(device=device).manual_seed(sampling.seed)
@@ -153,7 +204,19 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
 
     for step in range(max_new_tokens):
         logits = out.logits[:, -1, :]
-        tokens = _choose(_guarded(logits, rows, bt, guards), sampling, sample_rng).tolist()
+        if verifier is not None:  # after an erasing run, the rewrite starts from the clean prefix's logits
+            restart = [r for r, row in enumerate(rows) if not row.done and row.erasing and not row.forced_bts
+                       and row.trace and row.trace[-1] == bt]
+            if restart:
+                logits = logits.clone()
+                for r in restart:
+                    logits[r] = rows[r].step_logits
+        guarded = _guarded(logits, rows, bt, guards)
+        if verifier is not None:
+            tokens = _choose_guided(guarded, rows, sampling, guide, step_ends, sample_rng)
+            _steer(verifier, guide, rows, tokens, prompts, bt, eos, step_ends)
+        else:
+            tokens = _choose(guarded, sampling, sample_rng).tolist()
 
         # Emit: forced tokens, forced BTs, then the visible bookkeeping of each row.
         for r, row in enumerate(rows):
@@ -169,7 +232,11 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
                 tokens[r] = bt
             if record_logits:
                 row.logits.append(logits[r].float().cpu().clone())
+            if verifier is not None and tokens[r] != bt and (not row.visible or row.visible[-1] in step_ends):
+                row.step_logits = logits[r].clone()  # what a step erased later is rewritten from
             _emit(row, tokens[r], bt, eos, max_new_tokens)
+            if row.resample_from is not None and tokens[r] != bt and tokens[r] in step_ends and not row.forced_bts:
+                row.resample_from = None
             if forced_tokens is not None and not row.done and len(row.trace) >= len(forced_tokens[r]):
                 row.done, row.stop = True, "forced_end"
         if all(row.done for row in rows):
@@ -181,11 +248,13 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
         for r, row in enumerate(rows):
             if row.done:
                 continue
-            if rewind and tokens[r] != bt and row.dead_after_run:
+            if tokens[r] != bt and row.dead_after_run:
                 alive[r, row.dead_after_run] = False
                 row.dead_after_run.clear()
-                row.next_pos = row.prompt_len + len(row.visible_slots)
+                row.next_pos = row.prompt_len + len(row.visible_slots) if rewind else row.rewound_pos
                 any_dead = True
+            if tokens[r] != bt:
+                row.erasing = False
         if any_dead:
             slots = _crop_dead_tail(cache, alive, slots)
 
@@ -195,12 +264,17 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
             if row.done:
                 tokens[r] = pad  # a filler query nobody attends to
                 continue
-            if rewind and tokens[r] == bt:  # this BT's slot, and the slot of the token it erased
-                row.dead_after_run.append(slots)
+            if track and tokens[r] == bt:  # this BT's slot, and the slot of the token it erased
+                dies = rewind or row.erasing
+                if dies:
+                    row.dead_after_run.append(slots)
                 if len(row.visible_slots) > len(row.visible):
-                    row.dead_after_run.append(row.visible_slots.pop())
-            elif rewind:
+                    slot, row.rewound_pos = row.visible_slots.pop(), row.visible_pos.pop()
+                    if dies:
+                        row.dead_after_run.append(slot)
+            elif track:
                 row.visible_slots.append(slots)
+                row.visible_pos.append(row.next_pos)
             alive[r, slots] = True
             pos[r] = row.next_pos
             row.next_pos += 1
@@ -212,8 +286,74 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
 
     return [Generation(trace=row.trace, visible=row.visible, prompt_len=row.prompt_len,
                        n_backtracks=row.n_backtracks, n_erased=row.n_erased, token_forwards=row.forwards,
-                       stop=row.stop or "length", semantics="rewind" if rewind else "keep", logits=row.logits)
+                       stop=row.stop or "length", semantics="rewind" if rewind else "keep", logits=row.logits,
+                       n_guided=row.guided, verifier_calls=row.verifier_calls)
             for row in rows]
+
+
+def _choose_guided(logits: torch.Tensor, rows: list[_Row], sampling: Sampling, guide: Guide, step_ends,
+                   rng: torch.Generator) -> list[int]:
+    """The next tokens when a verifier guides: rows rewriting an erased step are resampled
+    (temperature) or have a verbatim repeat of an erased version banned; the rest as usual."""
+    rewriting = [r for r, row in enumerate(rows) if not row.done and row.resample_from is not None]
+    if rewriting and guide.resample == "ban":
+        banned = [(r, t) for r in rewriting for t in _repeat_completions(rows[r], step_ends)]
+        if banned:
+            logits = logits.clone()
+            logits[[r for r, _ in banned], [t for _, t in banned]] = float("-inf")
+    tokens = _choose(logits, sampling, rng)
+    if rewriting and guide.resample == "sample":
+        hot = Sampling(guide.temperature, sampling.top_p, sampling.seed)
+        tokens[rewriting] = _choose(logits[rewriting], hot, rng)
+    return tokens.tolist()
+
+
+def _repeat_completions(row: _Row, step_ends) -> list[int]:
+    """Tokens that would complete a verbatim repeat of an erased version of the step being rewritten
+    (its last token before the separator, or its last token)."""
+    written = row.visible[row.resample_from:]
+    out = []
+    for erased in row.erased_steps.get(row.resample_from, []):
+        content = erased[:-1] if len(erased) > 1 and erased[-1] in step_ends else erased
+        if written == content[:-1]:
+            out.append(content[-1])
+    return out
+
+
+def _steer(verifier, guide: Guide, rows: list[_Row], tokens: list[int], prompts, bt: int, eos: set,
+           step_ends) -> None:
+    """Guided decoding's decisions for this step, written into `tokens`: continue a verifier's BT
+    run; at a step end, score the visible text and start a BT run over the step if it is too low."""
+    ask = []
+    for r, row in enumerate(rows):
+        if row.done:
+            continue
+        if row.forced_bts:  # inside a verifier-triggered run
+            tokens[r] = bt
+            row.forced_bts -= 1
+            continue
+        if row.resample_from is not None and tokens[r] in eos:  # the rewritten step ends the text
+            row.resample_from = None
+        ended = bool(row.trace) and row.trace[-1] != bt and (row.trace[-1] in step_ends or tokens[r] in eos)
+        if (ended and row.visible and tokens[r] != bt and row.guided < guide.budget
+                and row.scored_at != len(row.trace)):
+            ask.append(r)
+    if not ask:
+        return
+    scores = verifier([(prompts[r], rows[r].visible) for r in ask], ask)
+    for r, score in zip(ask, scores):
+        row = rows[r]
+        row.scored_at = len(row.trace)
+        row.verifier_calls += 1
+        if score >= guide.threshold:
+            continue
+        start = max((i + 1 for i, t in enumerate(row.visible[:-1]) if t in step_ends), default=0)
+        row.erased_steps.setdefault(start, []).append(list(row.visible[start:]))
+        row.resample_from = start
+        row.guided += 1
+        row.erasing = guide.erase == "rewind"
+        tokens[r] = bt
+        row.forced_bts = len(row.visible) - start - 1
 
 
 def _emit(row: _Row, token: int, bt: int | None, eos: set, max_new_tokens: int) -> None:
@@ -299,10 +439,12 @@ def _crop_dead_tail(cache: DynamicCache, alive: torch.Tensor, slots: int) -> int
 
 def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 160, batch_size: int = 64,
                   semantics: str | None = None, sampling: Sampling = Sampling(), guards: LoopGuards = LoopGuards(),
-                  desc: str = "generating") -> list[Generation]:
+                  desc: str = "generating", verifier=None, guide: Guide = Guide(),
+                  step_separator: str = "\n") -> list[Generation]:
     """Tokenize text prompts, generate in batches (progress bar), decode the visible text.
 
-    The BT id comes from the tokenizer by name; semantics from the checkpoint unless given.
+    The BT id comes from the tokenizer by name; semantics from the checkpoint unless given. With a
+    `verifier`, decoding is guided (steps end at tokens holding `step_separator`).
     """
     from tqdm.auto import tqdm
 
@@ -311,6 +453,11 @@ def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int =
     bt = backtrack_id(tokenizer) if has_backtrack(tokenizer) else None
     semantics = semantics_for(model, semantics, has_backtrack=bt is not None)
     model.eval()
+    step_ends = frozenset()
+    if verifier is not None:
+        from halluc.verifier_head import step_end_ids
+
+        step_ends = frozenset(step_end_ids(tokenizer, step_separator))
     # A prompt the model has no positions for is not generated from (stop "prompt_too_long",
     # empty output, scored wrong) instead of failing the whole evaluation; others in its batch
     # get at most the positions left.
@@ -325,7 +472,7 @@ def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int =
         made = iter(generate(model, kept, max_new_tokens=int(min(max_new_tokens, limit - max(map(len, kept)))),
                              backtrack_id=bt, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, semantics=semantics, sampling=sampling,
-                             guards=guards) if kept else [])
+                             guards=guards, verifier=verifier, guide=guide, step_ends=step_ends) if kept else [])
         batch = [next(made) if ok else Generation(trace=[], visible=[], prompt_len=len(x), stop="prompt_too_long",
                                                  semantics=semantics) for x, ok in zip(ids, fits)]
         too_long += fits.count(False)
@@ -333,7 +480,8 @@ def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int =
             g.text = tokenizer.decode(g.visible, skip_special_tokens=True)
         out.extend(batch)
         bar.update(len(batch))
-        bar.set_postfix(semantics=semantics, bt=sum(g.n_backtracks for g in out))
+        bar.set_postfix(semantics=semantics, bt=sum(g.n_backtracks for g in out),
+                        **({"guided": sum(g.n_guided for g in out)} if verifier is not None else {}))
     bar.close()
     if too_long:
         log.warning("%d of %d prompts are as long as the model's %d positions or longer: not generated "

@@ -67,8 +67,9 @@ def bt_row_targets(model, bt_id: int) -> list[int] | dict[str, list[int]]:
             names[id(model.get_output_embeddings())]: [bt_id]}
 
 
-def apply_lora(model, settings: LoraSettings, bt_id: int):
-    """Wrap `model` (already resized, BT row initialised) in a PeftModel; returns it."""
+def apply_lora(model, settings: LoraSettings, bt_id: int | None, task_type: str = "CAUSAL_LM"):
+    """Wrap `model` (already resized, BT row initialised) in a PeftModel; returns it. A PRM
+    (task_type="TOKEN_CLS") trains its new classification head whole (PEFT's modules_to_save)."""
     from peft import LoraConfig, get_peft_model
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
@@ -77,9 +78,9 @@ def apply_lora(model, settings: LoraSettings, bt_id: int):
         raise RuntimeError("apply LoRA before creating ZeRO-3 TrainingArguments (or after "
                            "halluc.distributed.release_deepspeed_config()): PEFT's ZeRO-3 path "
                            "for trainable token rows is CUDA-only")
-    bt_rows = bt_row_targets(model, bt_id) if settings.train_bt_rows else None
+    bt_rows = bt_row_targets(model, bt_id) if settings.train_bt_rows and bt_id is not None else None
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=list(settings.targets), task_type="CAUSAL_LM",
+                        target_modules=list(settings.targets), task_type=task_type,
                         trainable_token_indices=bt_rows)
     peft_model = get_peft_model(model, config)
     # No base path while training: with one, PEFT sees the vocabulary grew and adds BOTH full

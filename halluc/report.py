@@ -20,10 +20,11 @@ METRICS = {
     "bt_precision": ("ratio", "justified", "runs"),
     "bt_recall": ("ratio", "caught_error", "made_error"),
     "wasted_per_problem": ("mean", "wasted"),
+    "tokens_per_problem": ("mean", "tokens"),  # generated tokens, BTs included (all N samples of best-of-N)
 }
 PERCENT = {"answer_acc", "full_solution_acc", "bt_precision", "bt_recall"}
 TITLES = {"answer_acc": "answer acc", "full_solution_acc": "full solution", "bt_precision": "BT precision",
-          "bt_recall": "BT recall", "wasted_per_problem": "wasted / problem"}
+          "bt_recall": "BT recall", "wasted_per_problem": "wasted / problem", "tokens_per_problem": "tokens / problem"}
 BASE = "base"  # the model before SFT, as an arm
 
 
@@ -58,8 +59,15 @@ def _units(by_seed: dict, split: str, seeds: list[int], key: str) -> np.ndarray:
     return np.concatenate([np.asarray(by_seed[s][split][key], dtype=float) for s in seeds])
 
 
+def _measured(by_seed: dict, split: str, seeds: list[int], keys) -> bool:
+    """Runs written before a metric existed lack its per-problem field: no estimate then."""
+    return all(k in by_seed[s][split] for s in seeds for k in keys)
+
+
 def estimate(by_seed: dict, split: str, seeds: list[int], metric: str) -> Estimate | None:
     kind, *keys = METRICS[metric]
+    if not _measured(by_seed, split, seeds, keys):
+        return None
     unit_seed = np.concatenate([[s] * len(by_seed[s][split][keys[0]]) for s in seeds])
     arrays = [_units(by_seed, split, seeds, k) for k in keys]
     return (mean_estimate if kind == "mean" else ratio_estimate)(*arrays, unit_seed)
@@ -67,6 +75,8 @@ def estimate(by_seed: dict, split: str, seeds: list[int], metric: str) -> Estima
 
 def difference(arm: dict, base: dict, split: str, seeds: list[int], metric: str) -> Estimate | None:
     kind, *keys = METRICS[metric]
+    if not (_measured(arm, split, seeds, keys) and _measured(base, split, seeds, keys)):
+        return None
     for s in seeds:
         if len(arm[s][split][keys[0]]) != len(base[s][split][keys[0]]):
             raise ValueError(f"seed {s}, {split}: the arms were evaluated on different problems")

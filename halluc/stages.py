@@ -260,3 +260,44 @@ def finish_run(out: Path, cfg, report: dict, step: int, label: str) -> dict:
     if examples := backtrack_samples(report["after"]):
         print("\nsamples that backtracked (⌫ = one BT):\n" + examples)
     return report
+
+
+# --------------------------------------------------------------------------- the lab's masked SFT model
+
+SFT_SHARED = ("seed", "lab", "tiny", "base", "sft", "errors", "attention", "positions", "backend", "num_proc",
+              "deepspeed", "eval_max_new_tokens")
+
+
+def lab_sft_model(cfg, extra: dict | None = None) -> tuple[str, dict]:
+    """(checkpoint folder, evaluation) of the lab's masked SFT model: recipes/masked_sft.py with this
+    run's SFT_SHARED settings (and `extra` masked_sft settings, e.g. verifier_head_weight), the rest
+    its defaults, trained once per settings under cfg.cache_dir. Later recipes (dpo, prm) start from it."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("masked_sft", Path(__file__).parents[1] / "recipes" / "masked_sft.py")
+    masked_sft = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("masked_sft", masked_sft)
+    spec.loader.exec_module(masked_sft)
+    # max_len stays masked_sft's own, so the lab default starts from the main job's model (and shares its base)
+    settings = {name: as_dict(getattr(cfg, name)) if dataclasses.is_dataclass(getattr(cfg, name))
+                else getattr(cfg, name) for name in SFT_SHARED}
+    if world_size() > 1:  # batch sizes are per process (one process keeps the keys made before this)
+        settings["world_size"] = world_size()
+    settings.update(extra or {})  # only when given: the keys of plain SFT models stay what they were
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    folder = Path(cfg.cache_dir) / f"sft-{key}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder.with_suffix(".lock")):
+        if not (folder / "eval.json").exists():  # written last
+            log.info("training the lab's masked SFT model into %s", folder)
+            sft_cfg = masked_sft.Config(output_dir=str(folder), cache_dir=cfg.cache_dir, overwrite=True)
+            for name in SFT_SHARED:
+                setattr(sft_cfg, name, getattr(cfg, name))
+            for name, value in (extra or {}).items():
+                setattr(sft_cfg, name, value)
+            masked_sft.train(sft_cfg)
+        else:
+            log.info("reusing the lab's masked SFT model %s", folder)
+    barrier()
+    return str(folder / "checkpoint"), json.loads((folder / "eval.json").read_text())["after"]

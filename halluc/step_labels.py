@@ -112,3 +112,39 @@ def stepwise_row(tokenizer, problem: Problem, steps: list[str], labels: list) ->
 
 def _has_answer(task, steps: list[str]) -> bool:
     return task.extract_answer("".join(steps)) is not None
+
+
+def labelled_solutions(model, tokenizer, task, problems: list[Problem], *, wrong_steps: int, samples: int,
+                       sampling, max_new_tokens: int, seed: int, batch_size: int = 64) -> tuple[list[dict], dict]:
+    """Stepwise rows with verifier labels, for every problem: its reference solution, `wrong_steps`
+    copies with one synthetic wrong step each, and `samples` of the model's own solutions (the
+    visible text; unplaceable wrong answers skipped). Each row records its `source`. Returns
+    (rows, counts)."""
+    from halluc.own_errors import sample
+
+    rng = random.Random(seed)
+    rows, counts = [], {"reference": 0, "wrong_step": 0, "sample": 0, "sample_unlabelled": 0}
+
+    def add(problem, steps, source):
+        labels = verifier_labels(task, problem, steps)
+        if labels is None:
+            counts[source + "_unlabelled"] = counts.get(source + "_unlabelled", 0) + 1
+            return
+        rows.append({**stepwise_row(tokenizer, problem, steps, labels), "source": source})
+        counts[source] += 1
+
+    for problem in problems:
+        add(problem, list(problem.steps), "reference")
+        for k in rng.sample(range(len(problem.steps)), min(wrong_steps, len(problem.steps))):
+            steps = with_wrong_step(task, problem, k, rng)
+            if steps is not None:
+                add(problem, steps, "wrong_step")
+    if samples:
+        for i, _, gen in sample(model, tokenizer, problems, samples, sampling, max_new_tokens, batch_size,
+                                desc="samples to label"):
+            steps = task.split_steps(tokenizer.decode(gen.visible, skip_special_tokens=True))
+            if steps:
+                add(problems[i], steps, "sample")
+    counts["wrong_steps_labelled"] = sum(not x for r in rows for x in r["labels"])
+    counts["steps_labelled"] = sum(len(r["labels"]) for r in rows)
+    return rows, counts

@@ -236,8 +236,8 @@ def make_trainer(model, args: TrainingArguments, train_dataset, tb_dir: str, obj
         raise ValueError(f"backend=native runs the model's own causal kernel: it cannot realise "
                          f"attention={attention}, positions={positions}{', packed rows' if packed else ''}")
     stats = LabelStats()
-    if isinstance(collator, TreeCollator) and collator.stats is None:
-        collator.stats = stats  # tokens/s and the masked fraction for a collator passed in, too
+    if collator is not None and getattr(collator, "stats", False) is None:
+        collator.stats = stats  # tokens/s and the masked fraction for a tree collator passed in, too
     # Our stats callback must come before TensorBoard's so its additions reach the event file.
     callbacks = [TokenStatsCallback(stats), RestoreAttentionCallback(model)]
     if is_main():  # one event file per run, not one per process

@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +117,8 @@ def train(cfg: Config) -> dict | None:
     from halluc.lora import apply_lora, base_identity
     from halluc.model import load_causal_lm
     from halluc.pairs import load_pairs, pair_rows
-    from halluc.stages import RunSettings, evaluate_on_main, finish_run, start_run, train_history, train_stage
+    from halluc.stages import (RunSettings, evaluate_on_main, finish_run, lab_sft_model, start_run, train_history,
+                               train_stage)
     from halluc.tasks import get_task
     from halluc.tokens import backtrack_id, has_backtrack, load_tokenizer
 
@@ -208,46 +208,6 @@ def train(cfg: Config) -> dict | None:
     print(f"\n{'adapter' if cfg.lora.enabled else 'checkpoint'}: {saved}   eval: {out / 'eval.json'}   "
           f"total {report['seconds']['total']:.0f} s")
     return report
-
-
-def lab_sft_model(cfg: Config) -> tuple[str, dict]:
-    """(folder, evaluation) of the lab's masked SFT model (recipes/masked_sft.py with this run's
-    lab, tiny, base, sft, errors and layout settings, the rest its defaults), trained once per
-    settings under cache_dir."""
-    import importlib.util
-
-    from halluc.stages import file_lock
-
-    spec = importlib.util.spec_from_file_location("masked_sft", Path(__file__).parent / "masked_sft.py")
-    masked_sft = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("masked_sft", masked_sft)
-    spec.loader.exec_module(masked_sft)
-    # max_len is the pairs' (prompt + chosen + rejected): the SFT model keeps masked_sft's own, so
-    # the lab default starts from the main job's model (and shares its cached base)
-    shared = ("seed", "lab", "tiny", "base", "sft", "errors", "attention", "positions", "backend", "num_proc",
-              "deepspeed", "eval_max_new_tokens")
-    from halluc.distributed import world_size
-
-    settings = {name: as_dict(getattr(cfg, name)) if dataclasses.is_dataclass(getattr(cfg, name))
-                else getattr(cfg, name) for name in shared}
-    if world_size() > 1:  # batch sizes are per process (one process keeps the keys made before this)
-        settings["world_size"] = world_size()
-    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    folder = Path(cfg.cache_dir) / f"sft-{key}"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(folder.with_suffix(".lock")):
-        if not (folder / "eval.json").exists():  # written last
-            log.info("training the lab's masked SFT model into %s", folder)
-            sft_cfg = masked_sft.Config(output_dir=str(folder), cache_dir=cfg.cache_dir, overwrite=True)
-            for name in shared:
-                setattr(sft_cfg, name, getattr(cfg, name))
-            masked_sft.train(sft_cfg)
-        else:
-            log.info("reusing the lab's masked SFT model %s", folder)
-    from halluc.distributed import barrier
-
-    barrier()
-    return str(folder / "checkpoint"), json.loads((folder / "eval.json").read_text())["after"]
 
 
 def own_pairs(cfg: Config, start: str, model, tokenizer, task, problems, bt_id) -> str:

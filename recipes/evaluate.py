@@ -6,6 +6,8 @@
     python recipes/evaluate.py --model DIR --task jsonl --data mine.jsonl --prompt-field question \
         --response-field solution --answer-field final
     python recipes/evaluate.py --model DIR --semantics rewind --out runs/eval     # override (warns on mismatch)
+    python recipes/evaluate.py --prm runs/prm/prm --data steps.jsonl              # a step verifier, ProcessBench-style
+    python recipes/evaluate.py --prm runs/masked_sft/checkpoint --data steps.jsonl   # ... a policy's verifier head
 
 What a checkpoint was trained with comes from its config.halluc: the semantics (keep / rewind),
 and for arith the lab settings and seed, so it is scored on the problems of its own lab (held
@@ -33,8 +35,11 @@ log = logging.getLogger("evaluate")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="a checkpoint or adapter folder saved by halluc, or any local "
+    p.add_argument("--model", help="a checkpoint or adapter folder saved by halluc, or any local "
                    "HF causal-LM folder with its tokenizer")
+    p.add_argument("--prm", help="score a step verifier instead: a PRM folder (recipes/prm.py), or a checkpoint "
+                   "with a verifier head (masked_sft verifier_head_weight>0); --data: stepwise rows (.jsonl)")
+    p.add_argument("--threshold", type=float, default=0.5, help="--prm: a step scored below this is the first wrong one")
     p.add_argument("--base", default=None, help="an adapter's base folder, if not where it was at training")
     p.add_argument("--task", choices=["arith", "gsm8k", "jsonl"], default=None,
                    help="default: the task the checkpoint was trained on (arith for other models)")
@@ -55,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-backtracks-per-position", type=int, default=LoopGuards.max_backtracks_per_position)
     p.add_argument("--ban-erased", action="store_true", help="ban the just-erased token right after a rewind")
     args = p.parse_args(argv)
+    if bool(args.model) == bool(args.prm):
+        p.error("give --model (evaluate generation) or --prm with --data (score a step verifier)")
+    if args.prm and not args.data:
+        p.error("--prm needs --data FILE.jsonl: stepwise rows (prompt, completions, labels)")
     for name in ("limit", "max_new_tokens", "batch_size", "max_backtracks", "max_backtracks_per_position"):
         value = getattr(args, name)
         if value is not None and value < (0 if name.startswith("max_backtracks") else 1):
@@ -99,9 +108,46 @@ def load_splits(args, record: dict) -> dict:
     return {path.stem: gsm8k.read_jsonl(path, limit)}
 
 
+def score_verifier(args) -> dict:
+    """ProcessBench-style scores of a PRM or a verifier head on stepwise rows (halluc.verifiers)."""
+    from halluc.model import load_causal_lm
+    from halluc.prm import load_prm, read_stepwise
+    from halluc.tokens import load_tokenizer
+    from halluc.verifier_head import has_head, load_head
+    from halluc.verifiers import process_bench
+
+    t0 = time.perf_counter()
+    rows = read_stepwise(args.data)[:args.limit]
+    tokenizer = load_tokenizer(args.prm)
+    if has_head(args.prm):
+        kind, scorer = "head", load_causal_lm(args.prm)
+        load_head(args.prm, scorer)
+    else:
+        try:
+            kind, scorer = "prm", load_prm(args.prm)
+        except ValueError as e:
+            raise SystemExit(f"--prm {args.prm}: {e}") from None
+    scores = process_bench(kind, scorer, rows, tokenizer, args.threshold)
+    out = Path(args.out or args.prm)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"verifier": str(args.prm), "kind": kind, "data": str(args.data), "threshold": args.threshold,
+              "process_bench": scores, "seconds": round(time.perf_counter() - t0, 1)}
+    (out / "process_bench.json").write_text(json.dumps(report, indent=2))
+    table = ["| rows | n erroneous | n correct | acc erroneous | acc correct | F1 | step AUC |", "|---|---|---|---|---|---|---|"]
+    pct = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
+    for name, m in scores.items():
+        auc = "n/a" if m["step_auc"] is None else f"{m['step_auc']:.3f}"
+        table.append(f"| {name} | {m['erroneous']} | {m['correct']} | {pct(m['acc_erroneous'])} | "
+                     f"{pct(m['acc_correct'])} | {pct(m['f1'])} | {auc} |")
+    print(f"\n# {kind} {args.prm} on {args.data}\n\n" + "\n".join(table) + f"\n\nscores: {out / 'process_bench.json'}")
+    return report
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.prm:
+        return score_verifier(args)
     t0 = time.perf_counter()
     model, tokenizer = load_trained(args.model, base=args.base)
     model.eval()

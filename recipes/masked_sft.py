@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from halluc.config import NonNegativeInt, PositiveInt, Stage, as_dict, check_model_path, load_config, run_recipe
+from halluc.config import (NonNegativeFloat, NonNegativeInt, PositiveInt, Stage, as_dict, check_model_path, load_config,
+                           run_recipe)
 from halluc.curriculum import Curriculum
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
@@ -66,6 +67,9 @@ class Config:
     overwrite: bool = False             # replace an earlier run in output_dir (else the run refuses)
     reinit_bt: bool = False             # model=DIR that already has a BT token: re-initialise its row too
     eval_max_new_tokens: PositiveInt = 192  # generation budget per test problem
+    # Technique 10: >0 trains a verifier head ("this step is wrong", at step ends) jointly with the
+    # LM loss, weighted by this; saved beside the checkpoint (halluc/verifier_head.py)
+    verifier_head_weight: NonNegativeFloat = 0.0
 
     def check(self) -> None:
         if self.attention == "block_errors" and self.positions != "rewound":
@@ -83,6 +87,11 @@ class Config:
             raise ValueError("curriculum phases with source=own need the model's own errors: recipes/self_correct.py")
         if self.curriculum.phases and self.data:
             raise ValueError("a curriculum builds its phases' data itself: drop data=DIR")
+        if self.verifier_head_weight and self.curriculum.phases:
+            raise ValueError("verifier_head_weight trains the head in one SFT stage: drop curriculum.phases")
+        if self.verifier_head_weight and self.lora.enabled and self.deepspeed and "zero3" in self.deepspeed:
+            raise ValueError("verifier_head_weight with LoRA under ZeRO-3 is not supported (the head is saved "
+                             "from the live module, which ZeRO-3 shards): use ZeRO-2 or a full fine-tune")
         check_paths_and_backend(self)
 
 
@@ -155,11 +164,29 @@ def train(cfg: Config) -> dict | None:
             data = build_sft_dataset(splits["sft"], tokenizer, cfg.errors, bt_id, masked=cfg.masked,
                                      max_len=cfg.max_len, overlong=cfg.overlong, seed=cfg.seed + 1,
                                      num_proc=cfg.num_proc)
+        objective, collator = None, None
+        if cfg.verifier_head_weight:  # technique 10: the head and its step labels
+            from halluc.train import TreeCollator
+            from halluc.verifier_head import HeadCollator, HeadObjective, attach_head, step_end_ids
+
+            attach_head(model)
+            objective = HeadObjective(cfg.verifier_head_weight)
+            collator = HeadCollator(TreeCollator(cfg.attention, cfg.positions),
+                                    step_end_ids(tokenizer, task.STEP_SEPARATOR), tokenizer.eos_token_id)
         trainer = train_stage(model, data, cfg.sft, str(out), run, cfg.attention, cfg.positions, tokenizer=tokenizer,
-                              adapter_info=identity if cfg.lora.enabled else None)
+                              adapter_info=identity if cfg.lora.enabled else None, objective=objective,
+                              collator=collator)
     t_sft = time.perf_counter() - t1
     saved = out / ("adapter" if cfg.lora.enabled else "checkpoint")
+    live = model
     model = save_stage(trainer, model, tokenizer, saved, cfg.deepspeed, identity if cfg.lora.enabled else None)
+    if cfg.verifier_head_weight:
+        from halluc.verifier_head import load_head, save_head_from, split_head
+
+        if is_main():  # the head leaves the LM's weights, so AutoModelForCausalLM loads them as they are
+            save_head_from(live, saved) if cfg.lora.enabled else split_head(saved)
+        if model is not None and model is not live:  # reloaded after DeepSpeed
+            load_head(saved, model)
 
     # (5) evaluate, report
     after = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, "sft")

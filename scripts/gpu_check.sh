@@ -55,3 +55,6 @@ if python3 -c "import trl" 2>/dev/null; then
 else
   echo "trl does not import here: skipping benchmarks/dpo.py"
 fi
+
+echo "== benchmarks/guided.py: guided vs plain decoding, bf16"
+timeout 150 python3 benchmarks/guided.py --models tiny large --batch 16 --repeats 3 2>&1 | tee "$OUT/guided_bench.log" | grep -E "^\||^#"

@@ -54,6 +54,29 @@ def gsm8k_test_file():
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The lab of `lab_policy`: big enough that the tiny model writes about half its test solutions right
+POLICY_LAB = ["base.steps=400", "sft.steps=40", "base.batch_size=32", "sft.batch_size=16", "lab.train_size=2000",
+              "lab.sft_size=200", "lab.test_size=24", "tiny.hidden=64"]
+
+
+@pytest.fixture(scope="session")
+def lab_policy(tmp_path_factory):
+    """(folder, model, tokenizer, test problems) of a tiny lab policy with BT and a verifier head,
+    trained once per test session (~30 s): masked SFT with verifier_head_weight=1 (technique 10)."""
+    from halluc.lab import LabConfig, lab_splits
+    from halluc.model import load_causal_lm
+    from halluc.tokens import load_tokenizer
+    from halluc.verifier_head import load_head
+
+    out = tmp_path_factory.mktemp("lab-policy")
+    load_script("recipes/masked_sft.py").main([f"output_dir={out}/sft", f"cache_dir={out}/cache",
+                                               "verifier_head_weight=1.0", "eval_max_new_tokens=8", *POLICY_LAB])
+    folder = out / "sft" / "checkpoint"
+    model = load_causal_lm(str(folder)).eval()
+    load_head(folder, model)
+    problems = lab_splits(LabConfig(train_size=2000, sft_size=200, test_size=24), seed=0)["test_id"]
+    return folder, model, load_tokenizer(folder), problems
+
 
 def load_script(relative: str):
     """Import a recipe or tool file as a module (they are scripts, not package modules)."""

@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, load_script
@@ -104,3 +105,28 @@ def test_sbatch_dpo_with_two_tasks(cluster, tmp_path):
     report = json.loads((out / "eval.json").read_text())
     assert report["world_size"] == 2 and report["dpo_train"]["steps"] == 4
     assert (out / "checkpoint-4" / "trainer_state.json").exists() and (out / "train.json").exists()
+
+
+def test_sbatch_prm_with_two_tasks(cluster, tmp_path, bt_tokenizer, arith_problems):
+    """slurm/prm.sh as written: two torchrun agents train a PRM under ZeRO-3 from stepwise rows, and
+    rank 0 decodes with it."""
+    import torch
+
+    from halluc.model import tiny_llama
+    from halluc.prm import write_stepwise
+    from halluc.step_labels import stepwise_row
+
+    torch.manual_seed(0)
+    tiny_llama(len(bt_tokenizer), hidden=32, layers=1, heads=2, pad_token_id=bt_tokenizer.pad_token_id,
+               eos_token_id=bt_tokenizer.eos_token_id).save_pretrained(tmp_path / "policy")
+    bt_tokenizer.save_pretrained(tmp_path / "policy")
+    rows = [stepwise_row(bt_tokenizer, p, p.steps, [i % 2 == 0 for i in range(len(p.steps))]) for p in arith_problems[:16]]
+    write_stepwise(tmp_path / "steps.jsonl", rows)
+    out = tmp_path / "out"
+    submit_two_tasks(cluster, tmp_path, "prm.sh", out, save_steps=2,
+                     recipe_args=f"model={tmp_path / 'policy'} data={tmp_path / 'steps.jsonl'} "
+                                 f"test_data={tmp_path / 'steps.jsonl'} cache_dir={tmp_path / 'cache'} steps=4 "
+                                 "batch_size=2 lab.test_size=4 eval_max_new_tokens=8")
+    report = json.loads((out / "eval.json").read_text())
+    assert report["world_size"] == 2 and report["prm_train"]["steps"] == 4
+    assert (Path(report["prm"]) / "config.json").exists() and report["process_bench"]["all"]["erroneous"] > 0

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from halluc.tasks.base import Problem, StepReport
 
+STEP_SEPARATOR = ";"  # what ends a step's text (guided decoding and the verifier head find step ends by it)
+
 OPS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
 NAMES = "abcdefghijklmnopqrstuvwxyz"
 

@@ -23,6 +23,8 @@ from fractions import Fraction
 from halluc.tasks import jsonl
 from halluc.tasks.base import Problem, StepReport
 
+STEP_SEPARATOR = "\n"  # what ends a step's text (guided decoding and the verifier head find step ends by it)
+
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 
 # `<<expr=result>>` followed by the text the solution displays for the result.

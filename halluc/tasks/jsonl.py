@@ -13,6 +13,8 @@ from typing import Iterator
 
 from halluc.tasks.base import Problem, StepReport
 
+STEP_SEPARATOR = "\n"  # what ends a step's text (guided decoding and the verifier head find step ends by it)
+
 
 def iter_jsonl_rows(path, limit: int | None = None) -> Iterator[tuple[int, dict]]:
     """Yield (1-based line number, object) for each non-blank line of a jsonl file.

@@ -1,0 +1,172 @@
+"""One API for "is the text so far already wrong?" (issue 12), used by guided decoding, search and
+evaluation alike.
+
+A verifier is called with `[(prompt ids, visible response ids)]` and the batch rows they stand for,
+and returns P(the text so far is right) per item:
+- `PRMVerifier`: a process reward model (halluc.prm) reads the text, scoring its last token;
+- `HeadVerifier`: the policy's verifier head (halluc.verifier_head) at the newest position of the
+  forward the generator just ran, free (the rows' hidden states are already there);
+- `OracleVerifier`: the task's own step verifier (the skyline, and the tests' perfect verifier).
+`solution_scores` gives per-step scores of whole solutions (ProcessBench evaluation, best-of-N),
+and `best_of_n` / `weighted_vote` pick among N samples with them.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from halluc.tasks import Problem
+
+
+class PRMVerifier:
+    """A PRM scoring the policy's visible text (token ids shared with the policy, else re-tokenized)."""
+
+    def __init__(self, prm, prm_tokenizer, policy_tokenizer=None, batch_size: int = 64):
+        self.prm, self.tokenizer, self.batch_size = prm, prm_tokenizer, batch_size
+        self.policy_tokenizer = policy_tokenizer
+        self.same_ids = policy_tokenizer is None or policy_tokenizer.get_vocab() == prm_tokenizer.get_vocab()
+
+    def _ids(self, prompt: list[int], visible: list[int]) -> list[int]:
+        if self.same_ids:
+            return list(prompt) + list(visible)
+        decode = lambda ids: self.policy_tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        return self.tokenizer(decode(prompt))["input_ids"] + self.tokenizer(decode(visible), add_special_tokens=False)["input_ids"]
+
+    def __call__(self, items: list[tuple[list[int], list[int]]], rows: list[int] | None = None) -> list[float]:
+        from halluc.prm import step_scores
+
+        seqs = [self._ids(p, v) for p, v in items]
+        pad = self.tokenizer.pad_token_id or 0
+        return [s[0] for s in step_scores(self.prm, seqs, [[len(s) - 1] for s in seqs], self.batch_size, pad)]
+
+
+class HeadVerifier:
+    """The policy's own verifier head: P(right) = 1 - sigmoid(wrong logit) at the newest position of
+    each row in the policy's latest forward (so it must be called right after that forward)."""
+
+    def __init__(self, policy):
+        from halluc.verifier_head import get_head
+
+        self.head = get_head(policy)
+        if self.head is None:
+            raise ValueError("the policy has no verifier head (halluc.verifier_head.load_head)")
+
+    def __call__(self, items, rows: list[int]) -> list[float]:
+        last = self.head.last
+        return [float(torch.sigmoid(-last[r, -1])) for r in rows]
+
+
+class OracleVerifier:
+    """The task's step verifier on the visible text: 1.0 while every step so far is right (and a
+    written answer is the right one), else 0.0. Knows the problems by their prompt ids."""
+
+    def __init__(self, task, problems: list[Problem], tokenizer):
+        self.task, self.tokenizer = task, tokenizer
+        self.by_prompt = {tuple(tokenizer(p.prompt)["input_ids"]): p for p in problems}
+
+    def text_is_right(self, problem: Problem, text: str) -> bool:
+        steps = self.task.split_steps(text)
+        report = self.task.verify_steps(problem, steps)
+        first = report.first_wrong
+        if first is not None and first < len(steps):
+            return False
+        return self.task.extract_answer(text) is None or report.answer_correct
+
+    def __call__(self, items, rows=None) -> list[float]:
+        out = []
+        for prompt, visible in items:
+            problem = self.by_prompt[tuple(prompt)]
+            out.append(float(self.text_is_right(problem, self.tokenizer.decode(visible, skip_special_tokens=True))))
+        return out
+
+
+def split_steps_ids(visible: list[int], ends) -> list[list[int]]:
+    """Token ids of a response cut into steps after every step-end token (a last partial step kept)."""
+    steps, cur = [], []
+    for t in visible:
+        cur.append(t)
+        if t in ends:
+            steps.append(cur)
+            cur = []
+    return steps + ([cur] if cur else [])
+
+
+def step_positions(prompt_len: int, step_lengths: list[int]) -> list[int]:
+    """Index of the last token of every step in prompt + steps."""
+    ends, at = [], prompt_len
+    for n in step_lengths:
+        at += n
+        ends.append(at - 1)
+    return ends
+
+
+def solution_scores(verifier_kind: str, model, prompt_ids: list[list[int]], step_ids: list[list[list[int]]],
+                    batch_size: int = 64, pad_id: int = 0) -> list[list[float]]:
+    """P(right) at the end of every step of every solution, in one forward per batch: with a PRM
+    (`verifier_kind="prm"`, model = the PRM) or a policy's head ("head", model = the policy)."""
+    seqs = [list(p) + [t for s in steps for t in s] for p, steps in zip(prompt_ids, step_ids)]
+    where = [step_positions(len(p), [len(s) for s in steps]) for p, steps in zip(prompt_ids, step_ids)]
+    if verifier_kind == "prm":
+        from halluc.prm import step_scores
+
+        return step_scores(model, seqs, where, batch_size, pad_id)
+    if verifier_kind != "head":
+        raise ValueError(f"verifier_kind must be prm or head, got {verifier_kind!r}")
+    from halluc.prm import scores_at
+    from halluc.verifier_head import get_head
+
+    head = get_head(model)
+
+    def right(ids, mask):
+        model(input_ids=ids, attention_mask=mask, logits_to_keep=0)  # the hook keeps the head's logits
+        return torch.sigmoid(-head.last)
+
+    return scores_at(model, right, seqs, where, batch_size, pad_id)
+
+
+def aggregate(scores: list[float]) -> float:
+    """One number per solution from its step scores: the minimum (a solution is as good as its
+    worst step; the usual PRM aggregate). An empty solution scores 0."""
+    return min(scores) if scores else 0.0
+
+
+def best_of_n(scores: list[float]) -> int:
+    """Index of the best-scored sample (the first on ties)."""
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def weighted_vote(answers: list[str | None], scores: list[float]) -> int:
+    """Index of the representative sample of the answer with the largest summed score (weighted
+    majority voting); the representative is that answer's best-scored sample. No answer: best_of_n."""
+    total: dict[str, float] = defaultdict(float)
+    for a, s in zip(answers, scores):
+        if a is not None:
+            total[a] += s
+    if not total:
+        return best_of_n(scores)
+    winner = max(total, key=lambda a: (total[a], -answers.index(a)))
+    return max((i for i, a in enumerate(answers) if a == winner), key=lambda i: (scores[i], -i))
+
+
+def process_bench(kind: str, scorer, rows: list[dict], tokenizer, threshold: float = 0.5) -> dict:
+    """ProcessBench-style scores (halluc.process_scores) of a PRM ("prm") or a policy's head ("head")
+    on stepwise rows, overall and per row `source`."""
+    import dataclasses
+
+    from halluc.process_scores import first_below, first_false, process_score, step_auc
+
+    if not rows:
+        return {}
+    prompt_ids = [r.get("prompt_ids") or tokenizer(r["prompt"])["input_ids"] for r in rows]
+    step_ids = [r.get("completion_ids") or [tokenizer(s, add_special_tokens=False)["input_ids"] for s in r["completions"]]
+                for r in rows]
+    scores = solution_scores(kind, scorer, prompt_ids, step_ids, pad_id=tokenizer.pad_token_id or 0)
+    out = {}
+    for source in ["all"] + sorted({r.get("source", "given") for r in rows}):
+        pick = [i for i, r in enumerate(rows) if source == "all" or r.get("source", "given") == source]
+        score = process_score([first_below(scores[i], threshold) for i in pick], [first_false(rows[i]["labels"]) for i in pick])
+        out[source] = {**dataclasses.asdict(score),
+                       "step_auc": step_auc([x for i in pick for x in scores[i]],
+                                            [bool(x) for i in pick for x in rows[i]["labels"]])}
+    return out

@@ -1,0 +1,125 @@
+"""Technique 10: the verifier head's labels, its checkpoint round trip, and joint training."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import load_script
+
+from halluc.example import IGNORE_INDEX, Role
+from halluc.verifier_head import (HEAD_WEIGHTS, attach_head, get_head, load_head, split_head, step_end_labels,
+                                  step_end_ids)
+
+P, K, E, B, C = Role.PROMPT, Role.KEPT, Role.ERROR, Role.BACKTRACK, Role.CORRECTION
+END, EOS, BT = 9, 0, 7
+
+
+def test_step_labels_mark_the_end_of_a_wrong_step_and_not_its_correction():
+    # prompt | step 1 right "1 2 ;" | step 2 "3" right prefix, "4 ;" wrong, BT BT, "5 ;" correction | "6" answer, EOS
+    ids = [1, 1, 1, 2, END, 3, 4, END, BT, BT, 5, END, 6, EOS]
+    roles = [P, P, K, K, K, K, E, E, B, B, C, C, K, K]
+    got = step_end_labels(ids, roles, {END}, EOS)
+    want = [IGNORE_INDEX] * len(ids)
+    want[4], want[7], want[11], want[12] = 0, 1, 0, 0  # right, wrong, right again after the BTs, answer
+    assert got == want
+    # negative control: the same trace read without roles (all kept) labels nothing wrong
+    assert 1 not in step_end_labels(ids, [P, P] + [K] * 12, {END}, EOS)
+    # an error left visible (no BT) stays wrong at every later step end? No: labels are per step
+    ids2, roles2 = [1, 2, END, 3, END, EOS], [P, E, E, K, K, K]
+    assert step_end_labels(ids2, roles2, {END}, EOS) == [IGNORE_INDEX, IGNORE_INDEX, 1, IGNORE_INDEX, 0, IGNORE_INDEX]
+
+
+def test_step_end_ids_are_the_tokens_holding_the_separator(bt_tokenizer):
+    ends = step_end_ids(bt_tokenizer, ";")
+    assert ends and all(";" in bt_tokenizer.decode([i]) for i in ends)
+    ids = bt_tokenizer(" b = a + 2 = 4 + 2 = 6 ; c = b * a", add_special_tokens=False)["input_ids"]
+    assert sum(i in ends for i in ids) == 1
+
+
+def _tiny(tok):
+    from halluc.model import tiny_llama
+
+    torch.manual_seed(0)
+    return tiny_llama(len(tok), hidden=32, layers=1, heads=2, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id)
+
+
+def test_the_checkpoint_round_trips_and_plain_hf_loads_the_lm(tmp_path, bt_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny(bt_tokenizer)
+    head = attach_head(model)
+    torch.nn.init.normal_(head.proj.weight, std=0.5)
+    ids = torch.tensor([bt_tokenizer(" a = 3 , b = a + 1 . b ? b = a + 1 = 3 + 1 = 4 ;")["input_ids"]])
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    scores = head.last.clone()
+    assert logits.shape[-1] == len(bt_tokenizer) and scores.shape == ids.shape  # eval: logits untouched
+    model.train()
+    with torch.no_grad():
+        assert model(input_ids=ids).logits.shape[-1] == len(bt_tokenizer) + 1  # training: head appended
+
+    model.save_pretrained(tmp_path / "raw")
+    model.save_pretrained(tmp_path / "ckpt")
+    split_head(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / HEAD_WEIGHTS).exists()
+    plain, info = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"]
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, logits)
+    assert get_head(plain) is None
+    load_head(tmp_path / "ckpt", plain)
+    with torch.no_grad():
+        plain(input_ids=ids)
+    torch.testing.assert_close(get_head(plain).last, scores)
+    # negative control: without the split, plain HF loading sees the head's keys as unexpected
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "raw", output_loading_info=True)
+    assert any(k.startswith("verifier_head.") for k in info["unexpected_keys"])
+
+
+def test_masked_sft_trains_the_head_jointly_and_it_separates_wrong_steps(tmp_path):
+    """verifier_head_weight>0: the head learns from the synthetic errors' step ends; the saved
+    checkpoint holds it beside a plain LM, and on fresh examples it scores the ends of wrong steps
+    above right ones (step AUC; an untrained head scores all alike: AUC 0.5, the negative control)."""
+    from halluc.data import build_sft_dataset
+    from halluc.errors import ErrorConfig
+    from halluc.lab import LabConfig, lab_splits
+    from halluc.model import load_causal_lm
+    from halluc.process_scores import step_auc
+    from halluc.tokens import backtrack_id, load_tokenizer
+
+    recipe = load_script("recipes/masked_sft.py")
+    tiny = ["base.steps=150", "sft.steps=80", "base.batch_size=16", "sft.batch_size=16", "lab.train_size=400",
+            "lab.sft_size=400", "lab.test_size=16", "tiny.hidden=32", "eval_max_new_tokens=40"]
+    recipe.main([f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}/cache", "verifier_head_weight=1.0",
+                 "errors.example_rate=1.0", "sft.lr=3e-3", *tiny])
+    saved = tmp_path / "out" / "checkpoint"
+    assert (saved / HEAD_WEIGHTS).exists()
+
+    tok = load_tokenizer(saved)
+    fresh = lab_splits(LabConfig(train_size=400, sft_size=400, test_size=16), seed=5)["sft"][:60]
+    data = build_sft_dataset(fresh, tok, ErrorConfig(example_rate=1.0), backtrack_id(tok), seed=9)
+
+    def auc(model):
+        scores, labels = [], []
+        head = get_head(model)
+        model.eval()
+        for row in data:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([row["input_ids"]]))
+            for i, lab in enumerate(step_end_labels(row["input_ids"], row["roles"], step_end_ids(tok, ";"),
+                                                    tok.eos_token_id)):
+                if lab != IGNORE_INDEX:
+                    scores.append(-float(head.last[0, i]))  # "still right" = low wrong-logit
+                    labels.append(lab == 0)
+        return step_auc(scores, labels)
+
+    trained = load_causal_lm(str(saved))
+    load_head(saved, trained)
+    assert auc(trained) > 0.8
+    untrained = load_causal_lm(str(saved))
+    attach_head(untrained)  # zero-initialised
+    assert auc(untrained) == 0.5

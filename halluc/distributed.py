@@ -56,6 +56,24 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def wait_for_file(path: Path, what: str, timeout_s: float = 7200.0) -> None:
+    """Wait until rank 0 has written `path`. A barrier when the process group exists; before it does
+    (a cached model skipped the training that creates it) the other ranks poll for the file."""
+    import time
+
+    barrier()
+    start = time.monotonic()
+    while not Path(path).exists():
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"rank {rank()}: waited {timeout_s:.0f} s for rank 0 to write {path} ({what})")
+        time.sleep(1.0)
+
+
+def local_device() -> torch.device:
+    """This process's device: cuda:LOCAL_RANK on a GPU machine (one process per GPU), else the CPU."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def launched() -> bool:
     """True under torchrun, the deepspeed launcher, or anything else that exported RANK."""
     return "RANK" in os.environ

@@ -25,12 +25,16 @@ or EOS) the verifier scores the visible text so far; below `Guide.threshold`, an
 `Guide.budget`, the row emits a BT run that erases the step (whatever the model would have
 written) and writes it again: greedy with a verbatim repeat of an erased version banned
 (resample="ban": the token that would complete it is masked), or sampled at
-`Guide.temperature` (resample="sample"). The erased step leaves the KV cache whatever the
-semantics (`Guide.erase="rewind"`: its slots die and the rewrite takes the erased step's
-positions, as if it had never been written; the model's own BTs keep their semantics);
-The rewrite's first token is chosen from the logits the erased step's first token came from
-(the BT run's own logits saw the erased step). `erase="keep"` leaves the step and the BTs in
-context and continues from the last BT's logits, as the model's own BTs do under keep.
+`Guide.temperature` (resample="sample"). With `Guide.erase="rewind"` the erased step leaves the
+KV cache whatever the semantics: every slot from its first token on dies (the model's own BT runs
+inside it too) and the rewrite takes the erased step's positions, as if it had never been written;
+the rewrite's first token is chosen from the logits the erased step's first token came from (the BT
+run's own logits saw the erased step); the model's own BTs keep their semantics. `erase="keep"`
+makes the run act as the model's own BTs: under keep the step and the BTs stay in context and
+decoding continues from the last BT's logits (under rewind semantics they still rewind). A verifier's
+BTs are not counted by the loop guards (those stop the model's own loops). Where the model's own BTs
+erased into an earlier step after the current one began, the logits the step started from are gone:
+that run then acts as the model's own BTs do under its semantics.
 """
 from __future__ import annotations
 
@@ -100,6 +104,7 @@ class Generation:
     logits: list[torch.Tensor] | None = None  # raw logits each emitted token was chosen from
     n_guided: int = 0              # BT runs a verifier triggered (guided decoding)
     verifier_calls: int = 0        # step ends the verifier scored
+    guided_at: list[int] = field(default_factory=list)  # trace index of each such run's first BT
 
 
 @dataclass
@@ -114,7 +119,7 @@ class _Row:
     visible_pos: list[int] = field(default_factory=list)    # and its position
     dead_after_run: list[int] = field(default_factory=list)  # slots of the open BT run and what it erased
     erasures: Counter = field(default_factory=Counter)       # visible index -> times erased
-    n_backtracks: int = 0
+    n_backtracks: int = 0             # every BT, a verifier's included
     n_erased: int = 0
     forwards: int = 0
     banned_token: int | None = None  # the token the last BT erased, banned for the next token
@@ -123,14 +128,18 @@ class _Row:
     logits: list[torch.Tensor] | None = None
     # guided decoding
     guided: int = 0                   # verifier-triggered BT runs so far
+    guided_at: list[int] = field(default_factory=list)
     verifier_calls: int = 0
     forced_bts: int = 0               # BTs still to emit in the current verifier-triggered run
+    guided_bts: int = 0               # BTs a verifier forced (the loop guards count only the model's own)
     scored_at: int = -1               # trace length at the last scoring (a step end is scored once)
     resample_from: int | None = None  # visible index where the erased step started, while rewriting it
     erased_steps: dict = field(default_factory=dict)  # visible index -> erased versions of the step there
     erasing: bool = False             # inside a verifier-triggered run that leaves the cache (Guide.erase)
     rewound_pos: int = 0              # position of the first token such a run erased
+    erase_from_slot: int = 0          # ... and its cache slot: every slot of the row from there dies
     step_logits: torch.Tensor | None = None  # the logits the current step's first token came from
+    step_logits_at: int = -1          # ... the visible index that token took (stale once a BT crosses it)
 
 
 def semantics_for(model, override: str | None = None, has_backtrack: bool = True) -> str:
@@ -209,12 +218,14 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
                        and row.trace and row.trace[-1] == bt]
             if restart:
                 logits = logits.clone()
-                for r in restart:
+                for r in restart:  # never a BT first: that would erase the clean prefix
                     logits[r] = rows[r].step_logits
+                    logits[r, bt] = float("-inf")
         guarded = _guarded(logits, rows, bt, guards)
+        forced = set()
         if verifier is not None:
             tokens = _choose_guided(guarded, rows, sampling, guide, step_ends, sample_rng)
-            _steer(verifier, guide, rows, tokens, prompts, bt, eos, step_ends)
+            forced = _steer(verifier, guide, rows, tokens, prompts, bt, eos, step_ends)
         else:
             tokens = _choose(guarded, sampling, sample_rng).tolist()
 
@@ -234,7 +245,8 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
                 row.logits.append(logits[r].float().cpu().clone())
             if verifier is not None and tokens[r] != bt and (not row.visible or row.visible[-1] in step_ends):
                 row.step_logits = logits[r].clone()  # what a step erased later is rewritten from
-            _emit(row, tokens[r], bt, eos, max_new_tokens)
+                row.step_logits_at = len(row.visible)
+            _emit(row, tokens[r], bt, eos, max_new_tokens, guided=r in forced)
             if row.resample_from is not None and tokens[r] != bt and tokens[r] in step_ends and not row.forced_bts:
                 row.resample_from = None
             if forced_tokens is not None and not row.done and len(row.trace) >= len(forced_tokens[r]):
@@ -250,6 +262,8 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
                 continue
             if tokens[r] != bt and row.dead_after_run:
                 alive[r, row.dead_after_run] = False
+                if row.erasing:  # the whole step as written leaves: the model's own BT runs inside it too
+                    alive[r, row.erase_from_slot:slots] = False
                 row.dead_after_run.clear()
                 row.next_pos = row.prompt_len + len(row.visible_slots) if rewind else row.rewound_pos
                 any_dead = True
@@ -287,7 +301,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
     return [Generation(trace=row.trace, visible=row.visible, prompt_len=row.prompt_len,
                        n_backtracks=row.n_backtracks, n_erased=row.n_erased, token_forwards=row.forwards,
                        stop=row.stop or "length", semantics="rewind" if rewind else "keep", logits=row.logits,
-                       n_guided=row.guided, verifier_calls=row.verifier_calls)
+                       n_guided=row.guided, verifier_calls=row.verifier_calls, guided_at=row.guided_at)
             for row in rows]
 
 
@@ -321,16 +335,18 @@ def _repeat_completions(row: _Row, step_ends) -> list[int]:
 
 
 def _steer(verifier, guide: Guide, rows: list[_Row], tokens: list[int], prompts, bt: int, eos: set,
-           step_ends) -> None:
+           step_ends) -> set[int]:
     """Guided decoding's decisions for this step, written into `tokens`: continue a verifier's BT
-    run; at a step end, score the visible text and start a BT run over the step if it is too low."""
-    ask = []
+    run; at a step end, score the visible text and start a BT run over the step if it is too low.
+    Returns the rows whose token is a verifier's BT."""
+    ask, forced = [], set()
     for r, row in enumerate(rows):
         if row.done:
             continue
         if row.forced_bts:  # inside a verifier-triggered run
             tokens[r] = bt
             row.forced_bts -= 1
+            forced.add(r)
             continue
         if row.resample_from is not None and tokens[r] in eos:  # the rewritten step ends the text
             row.resample_from = None
@@ -339,7 +355,7 @@ def _steer(verifier, guide: Guide, rows: list[_Row], tokens: list[int], prompts,
                 and row.scored_at != len(row.trace)):
             ask.append(r)
     if not ask:
-        return
+        return forced
     scores = verifier([(prompts[r], rows[r].visible) for r in ask], ask)
     for r, score in zip(ask, scores):
         row = rows[r]
@@ -351,26 +367,36 @@ def _steer(verifier, guide: Guide, rows: list[_Row], tokens: list[int], prompts,
         row.erased_steps.setdefault(start, []).append(list(row.visible[start:]))
         row.resample_from = start
         row.guided += 1
-        row.erasing = guide.erase == "rewind"
+        row.guided_at.append(len(row.trace))
+        # the rewrite restarts from the logits the step's first token came from; stale when the
+        # model's own BTs crossed into an earlier step since: then the run acts as the model's own
+        row.erasing = guide.erase == "rewind" and row.step_logits_at == start
+        if row.erasing:
+            row.erase_from_slot, row.rewound_pos = row.visible_slots[start], row.visible_pos[start]
         tokens[r] = bt
+        forced.add(r)
         row.forced_bts = len(row.visible) - start - 1
+    return forced
 
 
-def _emit(row: _Row, token: int, bt: int | None, eos: set, max_new_tokens: int) -> None:
-    """Record one emitted token: EOS stops; a BT pops the visible top (nothing if empty)."""
+def _emit(row: _Row, token: int, bt: int | None, eos: set, max_new_tokens: int, guided: bool = False) -> None:
+    """Record one emitted token: EOS stops; a BT pops the visible top (nothing if empty).
+    `guided`: a verifier's BT, not counted by the loop guards."""
     if token in eos:
         row.done, row.stop = True, "eos"
         return
     row.trace.append(token)
     if token == bt:
         row.n_backtracks += 1
+        row.guided_bts += guided
         row.banned_token = None
         erased_index = -1  # a BT with nothing visible erases nothing ("index -1")
         if row.visible:
             row.banned_token = row.visible.pop()
             row.n_erased += 1
             erased_index = len(row.visible)
-        row.erasures[erased_index] += 1
+        if not guided:
+            row.erasures[erased_index] += 1
     else:
         row.visible.append(token)
         row.banned_token = None
@@ -387,7 +413,7 @@ def _guarded(logits: torch.Tensor, rows: list[_Row], bt: int | None, guards: Loo
         if row.done:
             continue
         top = len(row.visible) - 1  # the visible index the next BT would erase (-1: none)
-        if (row.n_backtracks >= guards.max_backtracks
+        if (row.n_backtracks - row.guided_bts >= guards.max_backtracks
                 or row.erasures[top] >= guards.max_backtracks_per_position):
             bt_rows.append(r)
         if guards.ban_erased_token and row.banned_token is not None:

@@ -25,12 +25,12 @@ METRICS = {
 PERCENT = {"answer_acc", "full_solution_acc", "bt_precision", "bt_recall"}
 TITLES = {"answer_acc": "answer acc", "full_solution_acc": "full solution", "bt_precision": "BT precision",
           "bt_recall": "BT recall", "wasted_per_problem": "wasted / problem", "tokens_per_problem": "tokens / problem"}
-BASE = "base"  # the model before SFT, as an arm
+BASE = "base"  # what every arm of a seed starts from (before SFT, DPO, ...), as an arm
 
 
 def collect(runs, arm_order: list[str]) -> tuple[dict, dict]:
     """({setting: {arm: {seed: {split: per_problem}}}}, {setting: {arm: {split: first-error kinds}}}),
-    with the base (before SFT) as the first arm, "base"; kinds are summed over seeds."""
+    with the base (what the arms start from) as the first arm, "base"; kinds are summed over seeds."""
     table: dict = {}
     kinds: dict = {}
     for run in sorted(runs, key=lambda r: (r.setting, r.seed)):
@@ -145,7 +145,8 @@ def markdown(sweep, results: dict, wall: list[dict]) -> str:
               "(halluc/stats.py). Differences are `arm - baseline` on the same units, followed by each seed's own "
               "difference; **resolved** = the CI excludes 0 and every seed agrees in sign. BT precision = "
               "justified BT runs / runs; recall = first errors caught / problems with an error "
-              "(docs/generation.md). `base` is the model before SFT.", ""]
+              "(docs/generation.md). `base` is what every arm of a seed starts from, before the recipe trains: "
+              "the pretrained model for masked SFT, the masked SFT model for DPO and the PRM recipe.", ""]
     for setting, entry in results.items():
         lines += [f"## Setting `{setting}`" + (f": `{' '.join(entry['overrides'])}`" if entry["overrides"] else ""), ""]
         for split, n in entry["n_units"].items():

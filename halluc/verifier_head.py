@@ -123,7 +123,7 @@ def load_head(folder, model) -> VerifierHead:
     path = Path(folder) / HEAD_WEIGHTS
     if not path.exists():
         raise FileNotFoundError(f"{folder}: no {HEAD_WEIGHTS} (train one with recipes/masked_sft.py "
-                                "verifier_head.weight=0.5)")
+                                "verifier_head_weight=0.5)")
     state = load_file(str(path))
     head = VerifierHead(state["proj.weight"].shape[1])
     head.load_state_dict(state)

@@ -111,7 +111,7 @@ def train(cfg: Config) -> dict | None:
 
     from halluc.backends import choose_backend
     from halluc.checkpoint import record_training, save_stage
-    from halluc.distributed import is_main, world_size
+    from halluc.distributed import is_main, local_device, world_size
     from halluc.dpo import PairCollator, PreferenceObjective, disable_dropout, precomputed_reference
     from halluc.lab import lab_splits
     from halluc.lora import apply_lora, base_identity
@@ -215,7 +215,7 @@ def own_pairs(cfg: Config, start: str, model, tokenizer, task, problems, bt_id) 
     made once per (model weights, sampler settings, seed) under cache_dir."""
     import random
 
-    from halluc.distributed import barrier, is_main
+    from halluc.distributed import is_main, local_device, wait_for_file
     from halluc.generate import Sampling
     from halluc.lora import fingerprint
     from halluc.own_errors import make_round, save_round
@@ -241,17 +241,8 @@ def own_pairs(cfg: Config, start: str, model, tokenizer, task, problems, bt_id) 
             log.info("pairs from the model's own errors: %s", json.dumps(stats.as_dict()))
         elif is_main():
             log.info("reusing the pairs in %s", folder)
-    barrier()
+    wait_for_file(folder / "stats.json", "the pairs from the model's own errors")
     return str(folder / "pairs")
-
-
-def local_device():
-    """This process's device: cuda:LOCAL_RANK on a GPU machine (one process per GPU), else the CPU."""
-    import os
-
-    import torch
-
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def check_reference_tokenizer(path: str, tokenizer) -> None:

@@ -27,6 +27,7 @@ from typing import Literal
 from halluc.config import (NonNegativeFloat, NonNegativeInt, PositiveInt, Stage, as_dict, check_model_path, load_config,
                            run_recipe)
 from halluc.curriculum import Curriculum
+from halluc.distributed import zero_stage
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
 from halluc.lora import LoraSettings
@@ -89,7 +90,7 @@ class Config:
             raise ValueError("a curriculum builds its phases' data itself: drop data=DIR")
         if self.verifier_head_weight and self.curriculum.phases:
             raise ValueError("verifier_head_weight trains the head in one SFT stage: drop curriculum.phases")
-        if self.verifier_head_weight and self.lora.enabled and self.deepspeed and "zero3" in self.deepspeed:
+        if self.verifier_head_weight and self.lora.enabled and zero_stage(self.deepspeed) == 3:
             raise ValueError("verifier_head_weight with LoRA under ZeRO-3 is not supported (the head is saved "
                              "from the live module, which ZeRO-3 shards): use ZeRO-2 or a full fine-tune")
         check_paths_and_backend(self)

@@ -31,10 +31,12 @@ from typing import Literal
 
 from halluc.config import (Fraction, NonNegativeFloat, NonNegativeInt, PositiveInt, Stage, as_dict, check_model_path,
                            load_config, run_recipe)
+from halluc.distributed import zero_stage
 from halluc.errors import ErrorConfig
 from halluc.generate import Guide
 from halluc.lab import LabConfig, ModelConfig
 from halluc.lora import LoraSettings
+from halluc.verifier_head import HEAD_WEIGHTS, has_head
 
 log = logging.getLogger("prm")
 
@@ -109,7 +111,7 @@ class Config:
             raise ValueError(f"lab.task={self.lab.task} needs lab.train_file (or model=DIR)")
         if self.lab.task != "arith" and not self.lab.test_file:
             raise ValueError(f"lab.task={self.lab.task} needs lab.test_file: the problems decoded and scored")
-        if self.lora.enabled and self.deepspeed and "zero3" in self.deepspeed:
+        if self.lora.enabled and zero_stage(self.deepspeed) == 3:
             raise ValueError("the PRM merges its LoRA adapter at the end: use ZeRO-2 or no DeepSpeed with lora.enabled")
         for name in ("model", "prm", "prm_base"):
             if getattr(self, name):
@@ -117,6 +119,13 @@ class Config:
                     check_model_path(getattr(self, name))
                 except FileNotFoundError as e:
                     raise ValueError(f"{name}={getattr(self, name)}: {e}") from None
+        if self.verifier == "head" and self.model and not has_head(self.model):
+            raise ValueError(f"verifier=head: model={self.model} has no verifier head ({HEAD_WEIGHTS}); train one "
+                             "with recipes/masked_sft.py verifier_head_weight=0.5, or drop model= to use the lab's")
+        if self.verifier == "head" and not self.model and not self.head_weight:
+            raise ValueError("verifier=head with the lab model needs head_weight > 0 (the head's loss weight in SFT)")
+        if self.decode == "guided" and self.resample == "sample" and not self.resample_temperature:
+            raise ValueError("resample=sample needs resample_temperature > 0 (0 is greedy: use resample=ban)")
         for name in ("data", "test_data"):
             if getattr(self, name) and not Path(getattr(self, name)).exists():
                 raise ValueError(f"{name}={getattr(self, name)}: no such file or folder")
@@ -133,7 +142,7 @@ def main(argv=None):
 def train(cfg: Config) -> dict | None:
     from transformers import set_seed
 
-    from halluc.distributed import is_main, world_size
+    from halluc.distributed import is_main, local_device, world_size
     from halluc.evaluate import evaluate_best_of_n, evaluate_problems
     from halluc.generate import Sampling
     from halluc.lab import lab_splits
@@ -173,15 +182,18 @@ def train(cfg: Config) -> dict | None:
         labeller = policy if labeller_dir == policy_dir else load_causal_lm(labeller_dir)
         train_rows, test_rows, data_stats = step_rows(cfg, labeller, tokenizer, task, splits)
     prm_dir, prm_train = cfg.prm, None
+    if cfg.prm:
+        check_same_vocab("prm", cfg.prm, tokenizer)
     if cfg.verifier == "prm" and not cfg.prm:
-        prm_dir, prm_train = train_prm(cfg, policy_dir, tokenizer, train_rows)
+        prm_dir, prm_train = train_prm(cfg, policy, policy_dir, tokenizer, train_rows)
     if not is_main():
         return None
 
     # (4) ProcessBench scores of the verifier on the held-out rows
     from halluc.prm import load_prm
 
-    prm = load_prm(prm_dir).eval() if prm_dir else None
+    policy.to(local_device())
+    prm = load_prm(prm_dir).eval().to(local_device()) if prm_dir else None
     kind, scorer = {"prm": ("prm", prm), "head": ("head", policy)}.get(cfg.verifier, (None, None))
     bench = process_bench(kind, scorer, test_rows, tokenizer, cfg.threshold) if kind else None
     if bench:
@@ -229,7 +241,7 @@ def train(cfg: Config) -> dict | None:
 def step_rows(cfg: Config, policy, tokenizer, task, splits) -> tuple[list, list, dict]:
     """(train rows, held-out rows, their statistics): data= / test_data=, or labelled here from the
     lab and cached under cache_dir by (policy weights, settings, problems)."""
-    from halluc.distributed import barrier, is_main
+    from halluc.distributed import is_main, local_device, wait_for_file
     from halluc.generate import Sampling
     from halluc.lora import fingerprint
     from halluc.prm import read_stepwise, write_stepwise
@@ -245,7 +257,7 @@ def step_rows(cfg: Config, policy, tokenizer, task, splits) -> tuple[list, list,
     with file_lock(folder.with_suffix(".lock")):
         if is_main() and not (folder / "stats.json").exists():
             sampling = Sampling(s.temperature, 1.0, cfg.seed)
-            policy.eval()
+            policy.eval().to(local_device())
             stats = {}
             made = {}
             for name, problems in (("train", splits["sft"][:s.problems]), ("test", splits["test_id"][:s.test_problems])):
@@ -267,25 +279,34 @@ def step_rows(cfg: Config, policy, tokenizer, task, splits) -> tuple[list, list,
             write_stepwise(folder / "test.jsonl", made["test"])
             (folder / "stats.json").write_text(json.dumps(stats, indent=1))
             log.info("labelled solutions in %s: %s", folder, json.dumps(stats))
-    barrier()
+    wait_for_file(folder / "stats.json", "the labelled solutions")
     stats = json.loads((folder / "stats.json").read_text())
     train_rows = read_stepwise(cfg.data) if cfg.data else read_stepwise(folder / "train.jsonl")
     test_rows = read_stepwise(cfg.test_data) if cfg.test_data else read_stepwise(folder / "test.jsonl")
     return train_rows, test_rows, {**stats, "folder": str(folder)}
 
 
-def train_prm(cfg: Config, policy_dir: str, tokenizer, rows: list[dict]) -> tuple[str, dict]:
+def check_same_vocab(name: str, folder: str, tokenizer) -> None:
+    """The PRM scores the policy's token ids as they are: its tokenizer must be the policy's."""
+    from halluc.tokens import load_tokenizer
+
+    if load_tokenizer(folder).get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"{name}={folder} has another tokenizer than the policy: the PRM reads the policy's "
+                         "token ids (use a PRM started from a checkpoint with the policy's tokenizer)")
+
+
+def train_prm(cfg: Config, policy, policy_dir: str, tokenizer, rows: list[dict]) -> tuple[str, dict]:
     """(folder, training log) of a PRM trained on `rows`, cached under cache_dir by its data and settings."""
     from halluc.checkpoint import record_training, save_full
     from halluc.distributed import barrier, is_main
     from halluc.prm import StepClassification, StepCollator, load_prm, prm_example
+    from halluc.distributed import world_size
+    from halluc.lora import fingerprint
     from halluc.stages import RunSettings, file_lock, train_history, train_stage
-    from halluc.tokens import load_tokenizer
 
     base = cfg.prm_base or policy_dir
-    if cfg.prm_base and load_tokenizer(cfg.prm_base).get_vocab() != tokenizer.get_vocab():
-        raise SystemExit(f"prm_base={cfg.prm_base} has another tokenizer than the policy: the PRM reads the "
-                         "policy's token ids (start it from a checkpoint with the policy's tokenizer)")
+    if cfg.prm_base:
+        check_same_vocab("prm_base", cfg.prm_base, tokenizer)
     examples = [prm_example(r, tokenizer) for r in rows]
     kept = [e for e in examples if len(e["input_ids"]) <= cfg.max_len]
     if len(kept) < len(examples):
@@ -294,7 +315,10 @@ def train_prm(cfg: Config, policy_dir: str, tokenizer, rows: list[dict]) -> tupl
     if not kept:
         raise SystemExit("no labelled solution left to train the PRM on")
     data_key = hashlib.sha1(json.dumps([[e["input_ids"], e["labels"]] for e in kept]).encode()).hexdigest()
-    settings = [data_key, str(base), cfg.steps, cfg.batch_size, cfg.lr, cfg.seed, as_dict(cfg.lora), cfg.deepspeed]
+    # the base by its weights (a retrained policy in the same folder is another base); batch sizes are per process
+    base_key = fingerprint(policy) if base == policy_dir else [str(base), _weights_stamp(base)]
+    settings = [data_key, base_key, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed, as_dict(cfg.lora), cfg.deepspeed,
+                world_size()]
     folder = Path(cfg.cache_dir) / f"prm-{hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     # the PRM runs its own plain causal forward (StepClassification): the native backend, rows unpacked
@@ -327,6 +351,12 @@ def train_prm(cfg: Config, policy_dir: str, tokenizer, rows: list[dict]) -> tupl
             log.info("reusing the trained PRM %s", folder)
     barrier()
     return str(folder), json.loads((folder / "train.json").read_text())
+
+
+def _weights_stamp(folder: str) -> list:
+    """(name, size, mtime) of a checkpoint's weight files: a cheap identity of weights not loaded here."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin"))
+    return [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in files]
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ once, each with cores/jobs threads (a tiny model gains little from threads, a lo
 The report (halluc.stats; OUT/results.json, OUT/results.md, OUT/*.png): for every setting,
 arm and split, the mean and 95% CI of answer accuracy, full-solution accuracy, BT precision,
 BT recall and wasted tokens per problem, and each arm's paired difference to the baseline arm,
-with every seed's own value. "base" is the model before SFT (the same for every arm of a seed).
+with every seed's own value. "base" is what every arm of a seed starts from, before the recipe trains (the same for every arm).
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def read_sweep(path: str) -> Sweep:
             if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
                 raise SystemExit(f"{path}: {key}.{name} must be a list of key=value strings, got {overrides!r}")
     if "base" in sweep.arms:
-        raise SystemExit(f"{path}: 'base' is the report's name for the model before SFT: rename that arm")
+        raise SystemExit(f"{path}: 'base' is the report's name for the model the arms start from: rename that arm")
     if sweep.baseline not in sweep.arms:
         raise SystemExit(f"{path}: baseline {sweep.baseline!r} is not one of the arms {list(sweep.arms)}")
     return sweep

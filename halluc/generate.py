@@ -98,10 +98,11 @@ class Generation:
     n_backtracks: int = 0
     n_erased: int = 0
     token_forwards: int = 0
-    stop: str = ""                 # eos | length | forced_end
+    stop: str = ""                 # eos | length | forced_end | stop_token
     semantics: str = "keep"        # what it was generated with (rewind needs a BT id)
     text: str | None = None        # decoded visible text (generate_text fills it)
     logits: list[torch.Tensor] | None = None  # raw logits each emitted token was chosen from
+    logprobs: list[float] | None = None  # log P(token) under those raw logits, per trace token (record_logprobs)
     n_guided: int = 0              # BT runs a verifier triggered (guided decoding)
     verifier_calls: int = 0        # step ends the verifier scored
     guided_at: list[int] = field(default_factory=list)  # trace index of each such run's first BT
@@ -126,6 +127,7 @@ class _Row:
     done: bool = False
     stop: str = ""
     logits: list[torch.Tensor] | None = None
+    logprobs: list[float] | None = None
     # guided decoding
     guided: int = 0                   # verifier-triggered BT runs so far
     guided_at: list[int] = field(default_factory=list)
@@ -166,7 +168,8 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
              semantics: str = "keep", sampling: Sampling = Sampling(), guards: LoopGuards = LoopGuards(),
              forced_tokens: list[list[int]] | None = None, force_backtrack_rate: float = 0.0,
              force_seed: int = 0, record_logits: bool = False, verifier=None, guide: Guide = Guide(),
-             step_ends: set[int] | frozenset = frozenset()) -> list[Generation]:
+             step_ends: set[int] | frozenset = frozenset(), stop_after: set[int] | frozenset = frozenset(),
+             record_logprobs: bool = False) -> list[Generation]:
     """Generate from a batch of prompt token ids (left padded here); see the module docstring.
 
     forced_tokens: teacher forcing, row r emits forced_tokens[r] (whatever the model says) and
@@ -175,6 +178,9 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
       token is a BT (benchmarks; seeded by force_seed, overrides the loop guards).
     verifier, guide, step_ends: guided decoding (module docstring); `step_ends` are the ids of the
       tokens that end a step (halluc.verifier_head.step_end_ids), EOS ends the last one.
+    stop_after: a row stops once it emits one of these tokens, which stays in its trace
+      (stop="stop_token"; MCTS writes one step at a time with the step-end ids).
+    record_logprobs: keep log P(token) of every trace token under the model's raw logits.
     """
     if verifier is not None and backtrack_id is None:
         raise ValueError("guided decoding erases steps with BTs: the model needs a BT id")
@@ -203,7 +209,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
         ids[r, width - len(p):] = torch.tensor(p)
         alive[r, width - len(p):width] = True
         rows.append(_Row(prompt_len=len(p), next_pos=len(p), forwards=len(p),
-                         logits=[] if record_logits else None))
+                         logits=[] if record_logits else None, logprobs=[] if record_logprobs else None))
     positions = (torch.arange(width)[None, :] - (width - torch.tensor([len(p) for p in prompts]))[:, None]).clamp(min=0)
     cache = DynamicCache(config=model.config)
     cache_arg = {_cache_kwarg(model): cache}
@@ -230,6 +236,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
             tokens = _choose(guarded, sampling, sample_rng).tolist()
 
         # Emit: forced tokens, forced BTs, then the visible bookkeeping of each row.
+        logprobs = torch.log_softmax(logits.float(), dim=-1) if record_logprobs else None
         for r, row in enumerate(rows):
             if row.done:
                 continue
@@ -246,7 +253,13 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
             if verifier is not None and tokens[r] != bt and (not row.visible or row.visible[-1] in step_ends):
                 row.step_logits = logits[r].clone()  # what a step erased later is rewritten from
                 row.step_logits_at = len(row.visible)
+            emitted = len(row.trace)
             _emit(row, tokens[r], bt, eos, max_new_tokens, guided=r in forced)
+            if len(row.trace) > emitted:
+                if record_logprobs:
+                    row.logprobs.append(float(logprobs[r, tokens[r]]))
+                if tokens[r] in stop_after and not row.done:
+                    row.done, row.stop = True, "stop_token"
             if row.resample_from is not None and tokens[r] != bt and tokens[r] in step_ends and not row.forced_bts:
                 row.resample_from = None
             if forced_tokens is not None and not row.done and len(row.trace) >= len(forced_tokens[r]):
@@ -301,7 +314,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
     return [Generation(trace=row.trace, visible=row.visible, prompt_len=row.prompt_len,
                        n_backtracks=row.n_backtracks, n_erased=row.n_erased, token_forwards=row.forwards,
                        stop=row.stop or "length", semantics="rewind" if rewind else "keep", logits=row.logits,
-                       n_guided=row.guided, verifier_calls=row.verifier_calls, guided_at=row.guided_at)
+                       logprobs=row.logprobs, n_guided=row.guided, verifier_calls=row.verifier_calls, guided_at=row.guided_at)
             for row in rows]
 
 

@@ -329,8 +329,8 @@ def make_round(model, tokenizer, task, problems: list[Problem], *, k: int, sampl
     return rows, pairs, stats
 
 
-def save_round(folder, rows: list[dict], pairs: list[dict], stats: RoundStats) -> None:
-    """sft/ and pairs/ as `datasets` folders, and stats.json (module docstring)."""
+def save_round(folder, rows: list[dict], pairs: list[dict], stats: RoundStats | dict) -> None:
+    """sft/ and pairs/ as `datasets` folders, and stats.json (module docstring); MCTS data too."""
     from datasets import ClassLabel, Dataset, Sequence
 
     from halluc.example import ROLE_NAMES
@@ -343,4 +343,4 @@ def save_round(folder, rows: list[dict], pairs: list[dict], stats: RoundStats) -
         sft = sft.cast_column("roles", Sequence(ClassLabel(names=ROLE_NAMES)))
     sft.save_to_disk(str(folder / "sft"))
     Dataset.from_list(pairs).save_to_disk(str(folder / "pairs")) if pairs else None
-    (folder / "stats.json").write_text(json.dumps(stats.as_dict(), indent=1))
+    (folder / "stats.json").write_text(json.dumps(stats if isinstance(stats, dict) else stats.as_dict(), indent=1))

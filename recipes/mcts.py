@@ -1,0 +1,251 @@
+"""Technique 8: MCTS with a backtrack action, and the training data it leaves.
+
+    python recipes/mcts.py                                     # the lab: search 200 SFT problems with the policy
+    python recipes/mcts.py search.nodes=96 search.rule=uct value=rollouts search.rollouts=2
+    python recipes/mcts.py value=prm prm=runs/cache/prm-XXXX   # a trained PRM (recipes/prm.py) as the value
+    python recipes/mcts.py model=DIR lab.task=gsm8k lab.train_file=../shared/data/gsm8k/train.jsonl \\
+        lab.test_file=../shared/data/gsm8k/test.jsonl
+    python recipes/mcts.py resume=true ...                     # after a kill: the trees already saved are kept
+    python recipes/masked_sft.py data=runs/mcts/data/sft       # SFT on the traces (roles as in technique 1)
+    python recipes/dpo.py data=runs/mcts/data/pairs ;  python recipes/prm.py data=runs/mcts/data/steps.jsonl
+
+Steps (halluc/mcts.py, docs/mcts.md): (1) the policy: model=DIR or the lab's masked SFT model
+(trained once, cached); (2) its greedy solutions of the searched problems, to count what search
+solves that greedy does not; (3) step-level MCTS, one tree per problem, batched across problems,
+`chunk` problems at a time, each chunk's trees appended to trees.jsonl (what resume keeps); value
+of an open step: the task's step verifier (`oracle`), a PRM, the policy's verifier head, or
+rollouts; (4) the data: Stream-of-Search traces (data/sft, the format masked_sft reads with data=),
+step preference pairs (data/pairs, the DPO format) and step values (data/steps.jsonl, TRL's
+stepwise PRM format); (5) search.json: throughput, solved fractions by node budget, counts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from halluc.config import (NonNegativeFloat, NonNegativeInt, PositiveInt, Stage, as_dict, check_model_path, load_config,
+                           run_recipe)
+from halluc.errors import ErrorConfig
+from halluc.lab import LabConfig, ModelConfig
+from halluc.mcts import SearchConfig
+from halluc.verifier_head import HEAD_WEIGHTS, has_head
+
+log = logging.getLogger("mcts")
+
+
+@dataclass
+class TraceData:
+    failed_attempts: PositiveInt = 1      # bad sibling steps written (and erased) per trace
+    per_problem: PositiveInt = 2          # traces per problem (its best verified solutions)
+    bad_below: float = 0.0                # a step is judged bad when its value Q is below this
+    pair_margin: NonNegativeFloat = 1.0   # step pairs: Q(chosen) - Q(rejected) at least this
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/mcts"         # trees.jsonl, data/, search.json, config.yaml
+    cache_dir: str = "runs/cache"         # the lab's models (shared with masked_sft, dpo, prm)
+    model: str | None = None              # the policy; None = the lab's masked SFT model
+    value: Literal["oracle", "prm", "head", "rollouts", "none"] = "oracle"  # what values an open step
+    prm: str | None = None                # value=prm: a trained PRM folder (recipes/prm.py)
+    seed: int = 0
+    problems: PositiveInt = 200           # SFT-split problems searched
+    chunk: PositiveInt = 50               # problems searched together (and saved together)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    data: TraceData = field(default_factory=TraceData)
+    lab: LabConfig = field(default_factory=LabConfig)
+    tiny: ModelConfig = field(default_factory=ModelConfig)
+    base: Stage = field(default_factory=lambda: Stage(steps=1800, batch_size=32, lr=3e-3))
+    sft: Stage = field(default_factory=lambda: Stage(steps=600, batch_size=32, lr=1e-3))
+    errors: ErrorConfig = field(default_factory=ErrorConfig)
+    attention: Literal["causal", "block_errors"] = "causal"
+    positions: Literal["original", "rewound"] = "original"
+    backend: Literal["auto", "dense", "dense_units", "flex", "varlen", "varlen_kv"] = "auto"
+    num_proc: PositiveInt | None = None
+    deepspeed: str | None = None          # only for training the lab's SFT model; the search runs on one process
+    resume: bool = False
+    overwrite: bool = False
+    eval_max_new_tokens: PositiveInt = 192
+    greedy_baseline: bool = True          # decode the searched problems greedily too (what search adds)
+    max_len: NonNegativeInt = 256         # traces longer than this are dropped
+
+    def check(self) -> None:
+        if self.resume and self.overwrite:
+            raise ValueError("resume=true and overwrite=true contradict each other: choose one")
+        if self.value == "prm" and not self.prm:
+            raise ValueError("value=prm needs prm=DIR (a PRM trained by recipes/prm.py)")
+        if self.value == "rollouts" and not self.search.rollouts:
+            raise ValueError("value=rollouts needs search.rollouts > 0")
+        if self.lab.task != "arith" and not self.lab.train_file:
+            raise ValueError(f"lab.task={self.lab.task} needs lab.train_file (the problems to search)")
+        for name in ("model", "prm"):
+            if getattr(self, name):
+                try:
+                    check_model_path(getattr(self, name))
+                except FileNotFoundError as e:
+                    raise ValueError(f"{name}={getattr(self, name)}: {e}") from None
+        if self.value == "head" and self.model and not has_head(self.model):
+            raise ValueError(f"value=head: model={self.model} has no verifier head ({HEAD_WEIGHTS})")
+        if self.value == "head" and not self.model:
+            raise ValueError("value=head needs model=DIR with a head (recipes/masked_sft.py verifier_head_weight=1)")
+
+
+def load(argv: list[str]) -> Config:
+    return load_config(Config, argv, default_file=str(Path(__file__).parent / "configs/mcts.yaml"))
+
+
+def main(argv=None):
+    return run_recipe(load, train, argv)
+
+
+def train(cfg: Config) -> dict | None:
+    import torch
+    from transformers import set_seed
+
+    from halluc.distributed import is_main, local_device
+    from halluc.generate import generate_text
+    from halluc.lab import lab_splits
+    from halluc.mcts import load_trees, save_trees, search
+    from halluc.model import load_causal_lm
+    from halluc.stages import lab_sft_model, start_run
+    from halluc.tasks import get_task
+    from halluc.tokens import load_tokenizer
+
+    set_seed(cfg.seed)
+    out = start_run(cfg)
+    t0 = time.perf_counter()
+    task = get_task(cfg.lab.task)
+    splits = lab_splits(cfg.lab, cfg.seed)
+    policy_dir = cfg.model or lab_sft_model(cfg)[0]
+    if not is_main():
+        return None  # the search runs on one process
+    tokenizer = load_tokenizer(policy_dir)
+    policy = load_causal_lm(policy_dir).eval().to(local_device())
+    pool = splits["sft"]
+    pick = random.Random(cfg.seed).sample(range(len(pool)), min(cfg.problems, len(pool)))
+    problems = [pool[i] for i in pick]
+    verifier = make_value(cfg, policy, tokenizer, task, problems)
+
+    greedy_right = None
+    if cfg.greedy_baseline:
+        with torch.no_grad():
+            gens = generate_text(policy, tokenizer, [p.prompt for p in problems],
+                                 max_new_tokens=cfg.eval_max_new_tokens, desc="greedy")
+        greedy_right = [task.extract_answer(g.text) == p.answer for g, p in zip(gens, problems)]
+
+    path = out / "trees.jsonl"
+    trees = load_trees(path) if path.exists() else []
+    if trees:
+        log.info("resuming: %d of %d problems searched already (%s)", len(trees), len(problems), path)
+    t_search = time.perf_counter()
+    s = cfg.search
+    for start in range(len(trees), len(problems), cfg.chunk):
+        chunk = problems[start:start + cfg.chunk]
+        # rollouts value open steps only with value=rollouts; each chunk samples with its own seed
+        settings = SearchConfig(**{**as_dict(s), "rollouts": s.rollouts if cfg.value == "rollouts" else 0,
+                                   "seed": s.seed + cfg.seed * 7_919 + start})
+        grown = search(policy, tokenizer, task, chunk, settings, verifier)
+        for t in grown:
+            t.problem += start
+        trees += grown
+        save_trees(path, trees)
+        log.info("searched %d / %d problems", len(trees), len(problems))
+    search_s = time.perf_counter() - t_search
+
+    counts = write_data(cfg, out / "data", trees, problems, tokenizer)
+    report = {"config": as_dict(cfg), "policy": policy_dir, "data": counts,
+              "search": search_stats(trees, cfg.search.nodes, greedy_right, search_s),
+              "seconds": {"search": round(search_s, 1), "total": round(time.perf_counter() - t0, 1)}}
+    (out / "search.json").write_text(json.dumps(report, indent=1))
+    sr = report["search"]
+    print(f"\nsearched {len(trees)} problems: {sr['nodes_per_s']:.1f} nodes/s, solved {100 * sr['solved']:.1f}% "
+          f"(greedy {100 * sr['greedy_solved']:.1f}%; of greedy's failures search solves "
+          f"{100 * (sr['greedy_failed_solved'] or 0):.1f}%), {counts['traces']} traces, {counts['pairs']} pairs, "
+          f"{counts['value_rows']} value rows -> {out / 'data'}")
+    return report
+
+
+def make_value(cfg: Config, policy, tokenizer, task, problems):
+    """The verifier API object that values an open step (halluc.verifiers), or None."""
+    from halluc.distributed import local_device
+    from halluc.verifiers import OracleVerifier, PRMVerifier, solution_scores
+
+    if cfg.value == "oracle":
+        return OracleVerifier(task, problems, tokenizer)
+    if cfg.value == "prm":
+        from halluc.prm import load_prm
+        from halluc.tokens import load_tokenizer
+
+        return PRMVerifier(load_prm(cfg.prm).eval().to(local_device()), load_tokenizer(cfg.prm), tokenizer)
+    if cfg.value == "head":
+        from halluc.verifier_head import load_head
+
+        load_head(cfg.model, policy)
+        # one forward over each text (the generator's own head scores are gone by valuing time)
+        return lambda items, rows: [s[-1] for s in solution_scores(
+            "head", policy, [p for p, _ in items], [[v] for _, v in items], pad_id=tokenizer.pad_token_id or 0)]
+    return None
+
+
+def search_stats(trees, budget: int, greedy_right: list[bool] | None, seconds: float) -> dict:
+    """Throughput and what search solves: a problem is solved within b nodes when one of its first b
+    nodes is a verified solution (the nodes are numbered in the order the search made them)."""
+    first = [min((i + 1 for i, n in enumerate(t.nodes) if n.verified), default=None) for t in trees]
+    nodes = sum(len(t.nodes) for t in trees)
+    verified = sum(n.verified for t in trees for n in t.nodes)
+    budgets = sorted({b for b in (4, 8, 16, 32, 64, 128, 256, budget) if b <= budget})
+    out = {"problems": len(trees), "nodes": nodes, "nodes_per_s": nodes / max(seconds, 1e-9),
+           "generated_tokens": sum(t.generated for t in trees),
+           "verified_solutions": verified,
+           "tokens_per_verified_solution": sum(t.generated for t in trees) / verified if verified else None,
+           "backtracks": sum(len(t.backtracks) for t in trees),
+           "solved": sum(f is not None for f in first) / len(trees),
+           "solved_within": {b: sum(f is not None and f <= b for f in first) / len(trees) for b in budgets},
+           "greedy_solved": None, "greedy_failed_solved": None}
+    if greedy_right is not None:
+        failed = [f for f, right in zip(first, greedy_right) if not right]
+        out["greedy_solved"] = sum(greedy_right) / len(trees)
+        out["greedy_failed"] = len(failed)
+        out["greedy_failed_solved"] = sum(f is not None for f in failed) / len(failed) if failed else None
+        out["greedy_failed_solved_within"] = {b: sum(f is not None and f <= b for f in failed) / len(failed)
+                                              for b in budgets} if failed else None
+    return out
+
+
+def write_data(cfg: Config, folder: Path, trees, problems, tokenizer) -> dict:
+    """data/sft (traces), data/pairs (step pairs), data/steps.jsonl (step values), data/stats.json."""
+    from halluc.data import labels_from_roles
+    from halluc.example import Role
+    from halluc.generate import LoopGuards
+    from halluc.mcts import step_pairs, step_values, traces
+    from halluc.own_errors import save_round
+    from halluc.prm import write_stepwise
+    from halluc.tokens import backtrack_id
+
+    bt, eos = backtrack_id(tokenizer), tokenizer.eos_token_id
+    d = cfg.data
+    rows, dropped = [], 0
+    longest_run = LoopGuards().max_backtracks  # generation never writes a longer BT run: nor may training
+    for t in trees:
+        for ex in traces(t, bt, eos, d.failed_attempts, d.per_problem, d.bad_below):
+            if len(ex.ids) > cfg.max_len or ex.roles.count(Role.BACKTRACK) > longest_run:
+                dropped += 1
+                continue
+            rows.append({"input_ids": ex.ids, "roles": ex.roles, "labels": labels_from_roles(ex.ids, ex.roles),
+                         "problem": t.problem, "kind": "mcts", "correction": "search"})
+    pairs = [p for t in trees for p in step_pairs(t, eos, d.pair_margin)]
+    values = [r for t in trees for r in step_values(t, problems[t.problem], tokenizer)]
+    counts = {"traces": len(rows), "traces_dropped_too_long": dropped, "pairs": len(pairs), "value_rows": len(values),
+              "problems_with_a_trace": len({r["problem"] for r in rows})}
+    save_round(folder, rows, pairs, counts)
+    write_stepwise(folder / "steps.jsonl", values)
+    return counts
+
+
+if __name__ == "__main__":
+    main()

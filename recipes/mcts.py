@@ -163,10 +163,12 @@ def train(cfg: Config) -> dict | None:
               "seconds": {"search": round(search_s, 1), "total": round(time.perf_counter() - t0, 1)}}
     (out / "search.json").write_text(json.dumps(report, indent=1))
     sr = report["search"]
-    print(f"\nsearched {len(trees)} problems: {sr['nodes_per_s']:.1f} nodes/s, solved {100 * sr['solved']:.1f}% "
-          f"(greedy {100 * sr['greedy_solved']:.1f}%; of greedy's failures search solves "
-          f"{100 * (sr['greedy_failed_solved'] or 0):.1f}%), {counts['traces']} traces, {counts['pairs']} pairs, "
-          f"{counts['value_rows']} value rows -> {out / 'data'}")
+    greedy = "" if sr["greedy_solved"] is None else (
+        f" (greedy {100 * sr['greedy_solved']:.1f}%; of greedy's failures search solves "
+        f"{100 * (sr['greedy_failed_solved'] or 0):.1f}%)")
+    print(f"\nsearched {len(trees)} problems: {sr['nodes_per_s']:.1f} nodes/s, solved {100 * sr['solved']:.1f}%"
+          f"{greedy}, {counts['traces']} traces, {counts['pairs']} pairs, {counts['value_rows']} value rows "
+          f"-> {out / 'data'}")
     return report
 
 

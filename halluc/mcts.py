@@ -177,6 +177,33 @@ def backup(tree: Tree, node: int, value: float, visits: int = 1) -> None:
 
 # --------------------------------------------------------------------------- the data a tree leaves
 
+@dataclass
+class TraceData:
+    failed_attempts: PositiveInt = 1      # bad sibling steps written (and erased) per trace
+    per_problem: PositiveInt = 2          # traces per problem (its best verified solutions)
+    bad_below: float = 0.0                # a step is judged bad when its value Q is below this
+    pair_margin: NonNegativeFloat = 1.0   # step pairs: Q(chosen) - Q(rejected) at least this
+
+
+def trace_rows(trees: list[Tree], bt_id: int, eos_id: int | None, data: TraceData, max_len: int,
+               masked: bool = True) -> tuple[list[dict], int]:
+    """(SFT rows of every tree's traces, in the format masked_sft reads, the number dropped): a
+    trace longer than max_len, or with more BTs than generation's loop guard allows, is dropped."""
+    from halluc.data import labels_from_roles
+    from halluc.generate import LoopGuards
+
+    longest_run = LoopGuards().max_backtracks  # generation never writes a longer BT run: nor may training
+    rows, dropped = [], 0
+    for t in trees:
+        for ex in traces(t, bt_id, eos_id, data.failed_attempts, data.per_problem, data.bad_below):
+            if len(ex.ids) > max_len or ex.roles.count(Role.BACKTRACK) > longest_run:
+                dropped += 1
+                continue
+            rows.append({"input_ids": ex.ids, "roles": ex.roles, "labels": labels_from_roles(ex.ids, ex.roles, masked),
+                         "problem": t.problem, "kind": "mcts", "correction": "search"})
+    return rows, dropped
+
+
 def judged_bad(node: Node, below: float = 0.0) -> bool:
     """A step the search judged bad: visited, and its value below `below`."""
     return node.visits > 0 and node.q < below

@@ -32,18 +32,10 @@ from halluc.config import (NonNegativeFloat, NonNegativeInt, PositiveInt, Stage,
                            run_recipe)
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
-from halluc.mcts import SearchConfig
+from halluc.mcts import SearchConfig, TraceData
 from halluc.verifier_head import HEAD_WEIGHTS, has_head
 
 log = logging.getLogger("mcts")
-
-
-@dataclass
-class TraceData:
-    failed_attempts: PositiveInt = 1      # bad sibling steps written (and erased) per trace
-    per_problem: PositiveInt = 2          # traces per problem (its best verified solutions)
-    bad_below: float = 0.0                # a step is judged bad when its value Q is below this
-    pair_margin: NonNegativeFloat = 1.0   # step pairs: Q(chosen) - Q(rejected) at least this
 
 
 @dataclass
@@ -221,25 +213,13 @@ def search_stats(trees, budget: int, greedy_right: list[bool] | None, seconds: f
 
 def write_data(cfg: Config, folder: Path, trees, problems, tokenizer) -> dict:
     """data/sft (traces), data/pairs (step pairs), data/steps.jsonl (step values), data/stats.json."""
-    from halluc.data import labels_from_roles
-    from halluc.example import Role
-    from halluc.generate import LoopGuards
-    from halluc.mcts import step_pairs, step_values, traces
+    from halluc.mcts import step_pairs, step_values, trace_rows
     from halluc.own_errors import save_round
     from halluc.prm import write_stepwise
     from halluc.tokens import backtrack_id
 
-    bt, eos = backtrack_id(tokenizer), tokenizer.eos_token_id
-    d = cfg.data
-    rows, dropped = [], 0
-    longest_run = LoopGuards().max_backtracks  # generation never writes a longer BT run: nor may training
-    for t in trees:
-        for ex in traces(t, bt, eos, d.failed_attempts, d.per_problem, d.bad_below):
-            if len(ex.ids) > cfg.max_len or ex.roles.count(Role.BACKTRACK) > longest_run:
-                dropped += 1
-                continue
-            rows.append({"input_ids": ex.ids, "roles": ex.roles, "labels": labels_from_roles(ex.ids, ex.roles),
-                         "problem": t.problem, "kind": "mcts", "correction": "search"})
+    d, eos = cfg.data, tokenizer.eos_token_id
+    rows, dropped = trace_rows(trees, backtrack_id(tokenizer), eos, d, cfg.max_len)
     pairs = [p for t in trees for p in step_pairs(t, eos, d.pair_margin)]
     values = [r for t in trees for r in step_values(t, problems[t.problem], tokenizer)]
     counts = {"traces": len(rows), "traces_dropped_too_long": dropped, "pairs": len(pairs), "value_rows": len(values),

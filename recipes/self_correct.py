@@ -17,7 +17,9 @@ Each round (halluc/own_errors.py):
    masked as in technique 1, then evaluate; the next round samples from the new model.
 `OUT/round-N/` holds the round's data (`data/sft`, `data/pairs`, `data/stats.json`), its
 checkpoint and evaluation; a killed run resumes at the round it was in (resume=true).
-`mix.own=0` trains on synthetic errors only (masked SFT through the same code). With
+`mix.own=0` trains on synthetic errors only (masked SFT through the same code). `error_source=mcts`
+makes the own share from MCTS traces instead (technique 8, halluc/mcts.py, docs/mcts.md): a search
+of the current model on the sampler's problems, valued by the task's step verifier. With
 `curriculum.phases` (technique 3, halluc/curriculum.py) a round trains its phases in order
 instead of one mix: error length, sites, rate, difficulty and source (synthetic, then own).
 """
@@ -35,6 +37,7 @@ from halluc.curriculum import Curriculum
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
 from halluc.lora import LoraSettings
+from halluc.mcts import SearchConfig, TraceData
 
 log = logging.getLogger("self_correct")
 
@@ -64,6 +67,11 @@ class Config:
     rounds: PositiveInt = 1
     round_examples: PositiveInt = 10000    # training examples per round (the mix's fractions of it)
     sampler: Sampler = field(default_factory=Sampler)
+    # what makes the mix's "own" share: the model's sampled errors (technique 5) or the traces of a
+    # step-level MCTS of the model (technique 8) on sampler.problems problems
+    error_source: Literal["own", "mcts"] = "own"
+    mcts: SearchConfig = field(default_factory=SearchConfig)     # error_source=mcts: the search
+    mcts_data: TraceData = field(default_factory=TraceData)      # ... and its traces
     mix: Mix = field(default_factory=Mix)  # without a curriculum: what one round trains on
     curriculum: Curriculum = field(default_factory=Curriculum)  # technique 3: the round's data in phases
     errors: ErrorConfig = field(default_factory=ErrorConfig)  # the synthetic errors (mix.synthetic)
@@ -189,7 +197,9 @@ def own_examples(cfg: Config, r: int, folder: Path, model, tokenizer, task, prob
         return [], {}
     if (folder / "stats.json").exists():
         log.info("round %d: reading its data back from %s", r, folder)
-        return list(load_from_disk(str(folder / "sft"))), json.loads((folder / "stats.json").read_text())
+        stats = json.loads((folder / "stats.json").read_text())
+        # datasets cannot load back an empty saved dataset
+        return (list(load_from_disk(str(folder / "sft"))) if stats["kept"] else []), stats
     pick = random.Random(cfg.seed * 1_000 + r).sample(range(len(problems)), min(cfg.sampler.problems, len(problems)))
     chosen = [problems[i] for i in pick]
     s = cfg.sampler
@@ -197,6 +207,8 @@ def own_examples(cfg: Config, r: int, folder: Path, model, tokenizer, task, prob
     import torch
 
     model.to("cuda" if torch.cuda.is_available() else "cpu")  # where training left it, also after a resume
+    if cfg.error_source == "mcts":  # technique 8: traces of a search valued by the task's step verifier
+        return mcts_examples(cfg, r, folder, model, tokenizer, task, chosen, pick, bt_id)
     rows, pairs, stats = make_round(model, tokenizer, task, chosen, k=s.k,
                                     sampling=Sampling(s.temperature, s.top_p, cfg.seed * 1_000 + r),
                                     max_new_tokens=s.max_new_tokens, correction_tries=s.correction_tries,
@@ -206,6 +218,30 @@ def own_examples(cfg: Config, r: int, folder: Path, model, tokenizer, task, prob
     save_round(folder, rows, pairs, stats)
     log.info("round %d data: %s", r, json.dumps(stats.as_dict()))
     return rows, stats.as_dict()
+
+
+def mcts_examples(cfg: Config, r: int, folder: Path, model, tokenizer, task, chosen, pick, bt_id):
+    """The round's "own" examples as MCTS traces (halluc/mcts.py) of the current model on the same
+    problems the sampler would take, valued by the task's step verifier (the judge technique 5 uses)."""
+    import json
+
+    from halluc.mcts import SearchConfig, search, trace_rows
+    from halluc.own_errors import save_round
+    from halluc.verifiers import OracleVerifier
+
+    settings = SearchConfig(**{**as_dict(cfg.mcts), "seed": cfg.mcts.seed + cfg.seed * 1_000 + r})
+    trees = search(model, tokenizer, task, chosen, settings, OracleVerifier(task, chosen, tokenizer))
+    rows, dropped = trace_rows(trees, bt_id, tokenizer.eos_token_id, cfg.mcts_data, cfg.max_len, cfg.masked)
+    for row in rows:  # problem index -> index in the SFT split
+        row["problem"] = pick[row["problem"]]
+    nodes = sum(len(t.nodes) for t in trees)
+    stats = {"problems": len(trees), "nodes": nodes, "generated_tokens": sum(t.generated for t in trees),
+             "verified_solutions": sum(n.verified for t in trees for n in t.nodes),
+             "solved": sum(any(n.verified for n in t.nodes) for t in trees),
+             "backtracks": sum(len(t.backtracks) for t in trees), "kept": len(rows), "dropped_too_long": dropped}
+    save_round(folder, rows, [], stats)
+    log.info("round %d MCTS data: %s", r, json.dumps(stats))
+    return rows, stats
 
 
 def round_mix(cfg: Config, r: int, own: list, problems, tokenizer, bt_id):

@@ -195,3 +195,30 @@ def test_a_short_own_share_shrinks_every_part_of_the_mix(bt_tokenizer, arith_pro
     decoded = [bt_tokenizer.decode([i for i, r in zip(ids, roles) if r == Role.PROMPT], skip_special_tokens=True)
                for ids, roles in zip(data["input_ids"], data["roles"]) if Role.ERROR not in roles]
     assert len(decoded) == 10 and not own_prompts & set(decoded)
+
+
+def test_mcts_traces_as_the_own_share_of_a_round(tmp_path, lab_policy):
+    """error_source=mcts (technique 8 through technique 5's round): the round's own share is MCTS
+    traces of the model (the lab policy: it solves some problems) on the sampler's problems, each
+    reading as a verified solution, trained with the same mix."""
+    from halluc.lab import LabConfig, lab_splits
+    from halluc.tokens import backtrack_id
+    from transformers import AutoTokenizer
+
+    report = recipe().main([f"output_dir={tmp_path}/out", f"model={lab_policy[0]}", "error_source=mcts",
+                            "mcts.nodes=12", "mcts.k=3", *TINY])
+    data = tmp_path / "out" / "round-1" / "data"
+    from datasets import load_from_disk
+
+    rows, stats = list(load_from_disk(str(data / "sft"))), json.loads((data / "stats.json").read_text())
+    assert stats["problems"] == 48 and stats["kept"] == len(rows) > 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out" / "round-1" / "checkpoint")
+    bt = backtrack_id(tok)
+    sft = lab_splits(LabConfig(train_size=400, sft_size=200, test_size=16), 0)["sft"]
+    for row in rows:
+        p = sft[row["problem"]]
+        prompt = tok(p.prompt)["input_ids"]
+        clean = tok.decode(apply_backtrack(row["input_ids"][len(prompt):], bt), skip_special_tokens=True)
+        report_ = arith.verify_steps(p, arith.split_steps(clean))
+        assert report_.all_ok and report_.answer_correct and Role.ERROR in row["roles"]
+    assert report["rounds"][0]["mix"]["own"] == min(len(rows), 48)

@@ -252,3 +252,20 @@ def test_the_recipe_runs_on_gsm8k_files(tmp_path):
         "problems=4", "search.nodes=8", "search.k=2", "search.max_step_tokens=24", "eval_max_new_tokens=24"])
     assert report["search"]["problems"] == 4 and report["search"]["nodes"] >= 4
     assert (tmp_path / "out" / "data" / "steps.jsonl").exists()
+
+
+def test_rollouts_value_an_open_step_by_its_continuations(lab_policy):
+    """search.rollouts=2: an open step's value is the mean reward of 2 finished continuations, so a
+    leaf visited once holds -1, 0 or +1, and the rollouts' tokens count in `generated`."""
+    from halluc.tasks import arith
+
+    _, model, tok, problems = lab_policy
+    plain = search(model, tok, arith, problems[:4], SearchConfig(nodes=6, k=2, seed=3), progress=False)
+    rolled = search(model, tok, arith, problems[:4], SearchConfig(nodes=6, k=2, seed=3, rollouts=2), progress=False)
+    leaves = [n for t in rolled for n in t.nodes if n.visits == 1 and not n.terminal and not n.children]
+    assert leaves and all(n.value_sum in (-1.0, 0.0, 1.0) for n in leaves)
+    assert any(n.value_sum != 0.0 for n in leaves)  # without a value every open step would hold 0
+    assert all(n.value_sum == 0.0 for t in plain for n in t.nodes if n.visits == 1 and not n.terminal and not n.children)
+    assert sum(t.generated for t in rolled) > sum(t.generated for t in plain)
+    for t in rolled:
+        _check_values(t)

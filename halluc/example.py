@@ -33,6 +33,15 @@ def apply_backtrack(ids: list[int], backtrack_id: int) -> list[int]:
     return visible
 
 
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share: a wrong step and the right one written in its
+    place share them, and only the rest of the wrong step is the error (own errors, MCTS traces)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 @dataclass
 class Example:
     """One training sequence: `ids[i]` has role `roles[i]`; the prompt comes first."""

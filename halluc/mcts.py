@@ -10,7 +10,8 @@ ended by EOS finishes the solution and is terminal). Each iteration, for every t
   expand   the leaf: K next steps sampled from the policy (one generator call for every tree's
            leaf); identical samples are one child (`count`);
   evaluate each new child: a finished solution gets the terminal reward (+1 right answer, -1
-           wrong; a step cut by the length limits is a dead end, -1); an open one the verifier's
+           wrong; a step cut by the length limits, or a prefix with no room left in the model's
+           positions for another step, is a dead end, -1); an open one the verifier's
            P(right) as 2p - 1 (halluc.verifiers: PRM, head or oracle), or the mean reward of
            `rollouts` finished continuations, or 0 with neither;
   backup   each new child counts as one visit of its own value, on every node up to the root
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 from halluc.config import Fraction, NonNegativeFloat, NonNegativeInt, PositiveInt
-from halluc.example import Example, Role
+from halluc.example import Example, Role, common_prefix_len
 from halluc.tasks import Problem
 
 RULES = ("puct", "uct")
@@ -226,9 +227,10 @@ def traces(tree: Tree, bt_id: int, eos_id: int | None, failed_attempts: int = 1,
         bad_at: dict[int, int] = {}
         for depth, good in enumerate(path):
             parent = tree.nodes[good].parent
-            bads = [ch for ch in tree.nodes[parent].children
+            step = tree.nodes[good].step
+            bads = [ch for ch in tree.nodes[parent].children  # a bad step that is a prefix of the good one has no error
                     if ch != good and judged_bad(tree.nodes[ch], bad_below)
-                    and _tail(tree.nodes[ch].step, tree.nodes[good].step)[1]]
+                    and common_prefix_len(tree.nodes[ch].step, step) < len(tree.nodes[ch].step)]
             if bads and len(bad_at) < failed_attempts:
                 bad_at[depth] = min(bads, key=lambda ch: ((parent, ch) not in abandoned, tree.nodes[ch].q, ch))
         if not bad_at:
@@ -239,7 +241,9 @@ def traces(tree: Tree, bt_id: int, eos_id: int | None, failed_attempts: int = 1,
             if depth not in bad_at:
                 ex.add(step, Role.KEPT)
                 continue
-            shared, error = _tail(tree.nodes[bad_at[depth]].step, step)
+            bad = tree.nodes[bad_at[depth]].step
+            shared = common_prefix_len(bad, step)
+            error = bad[shared:]
             ex.add(step[:shared], Role.KEPT).add(error, Role.ERROR).add([bt_id] * len(error), Role.BACKTRACK)
             ex.add(step[shared:], Role.CORRECTION)
         eos = [eos_id] if eos_id is not None else []
@@ -249,14 +253,6 @@ def traces(tree: Tree, bt_id: int, eos_id: int | None, failed_attempts: int = 1,
         if len(out) == per_tree:
             break
     return out
-
-
-def _tail(bad: list[int], good: list[int]) -> tuple[int, list[int]]:
-    """(tokens `bad` shares with the start of `good`, the rest of `bad`: the error)."""
-    shared = 0
-    while shared < min(len(bad), len(good)) and bad[shared] == good[shared]:
-        shared += 1
-    return shared, bad[shared:]
 
 
 def step_pairs(tree: Tree, eos_id: int | None, margin: float = 1.0) -> list[dict]:
@@ -323,6 +319,15 @@ class SearchConfig:
     batch_size: PositiveInt = 256           # rows per generator call
 
 
+def tree_stats(trees: list[Tree]) -> dict:
+    """What a search made, summed over its trees."""
+    return {"problems": len(trees), "nodes": sum(len(t.nodes) for t in trees),
+            "generated_tokens": sum(t.generated for t in trees),
+            "verified_solutions": sum(n.verified for t in trees for n in t.nodes),
+            "solved": sum(any(n.verified for n in t.nodes) for t in trees),
+            "backtracks": sum(len(t.backtracks) for t in trees)}
+
+
 def terminal_reward(task, problem: Problem, text: str) -> tuple[float, bool]:
     """(+1 if the answer is right else -1, whether every step is right too)."""
     report = task.verify_steps(problem, task.split_steps(text))
@@ -357,6 +362,9 @@ def search(model, tokenizer, task, problems: list[Problem], cfg: SearchConfig, v
                             record_logprobs=True, **gen_kw)
         return out
 
+    # the model's positions: a prefix with no room for another step is a dead end, rollouts are cut
+    limit = getattr(model.config, "max_position_embeddings", None) or math.inf
+
     def growing(t):
         return len(t.nodes) < cfg.nodes and t.iterations < cfg.nodes
 
@@ -370,6 +378,8 @@ def search(model, tokenizer, task, problems: list[Problem], cfg: SearchConfig, v
                 continue
             leaf = select(t, cfg.rule, cfg.c)
             node = t.nodes[leaf]
+            if not node.terminal and len(t.prompt) + len(t.tokens(leaf)) + cfg.max_step_tokens > limit:
+                node.terminal, node.reward = True, -1.0
             if node.terminal:
                 backup(t, leaf, node.reward, 1)
                 t.iterations += 1
@@ -396,7 +406,7 @@ def search(model, tokenizer, task, problems: list[Problem], cfg: SearchConfig, v
                     node.terminal, node.reward = True, -1.0  # a step cut short, or too deep
                 new_nodes.append((t, child))
         values = _open_values(cfg, verifier, run, task, problems, tokenizer, [(t, c) for t, c in new_nodes
-                                                                             if not t.nodes[c].terminal], seed)
+                                                                             if not t.nodes[c].terminal], seed, limit)
         for t, child in new_nodes:
             node = t.nodes[child]
             v = node.reward if node.terminal else values[(id(t), child)]
@@ -410,13 +420,15 @@ def search(model, tokenizer, task, problems: list[Problem], cfg: SearchConfig, v
     return trees
 
 
-def _open_values(cfg, verifier, run, task, problems, tokenizer, items, seed) -> dict:
-    """Value in [-1, 1] of each open (non-terminal) new node: rollouts, else the verifier, else 0."""
+def _open_values(cfg, verifier, run, task, problems, tokenizer, items, seed, limit) -> dict:
+    """Value in [-1, 1] of each open (non-terminal) new node: rollouts (cut at the model's
+    positions `limit`: an unfinished rollout scores -1), else the verifier, else 0."""
     if not items:
         return {}
     if cfg.rollouts:
         prompts = [t.prompt + t.tokens(c) for t, c in items for _ in range(cfg.rollouts)]
-        gens = run(prompts, cfg.rollout_tokens, seed + 104_729)
+        room = min(cfg.rollout_tokens, limit - max(map(len, prompts)))  # search left >= max_step_tokens
+        gens = run(prompts, int(room), seed + 104_729)
         out = {}
         for n, (t, c) in enumerate(items):
             rewards = []

@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from halluc.example import Example, Role, apply_backtrack
+from halluc.example import Example, Role, apply_backtrack, common_prefix_len
 from halluc.generate import Generation, LoopGuards, Sampling, generate, semantics_for
 from halluc.judge import _canonical_steps, first_error
 from halluc.tasks import Problem
@@ -264,9 +264,7 @@ def _verified_continuation(task, problem: Problem, tokenizer, err: OwnError, new
 def build(err: OwnError, fix: Correction, bt_id: int, eos_id: int | None) -> tuple[Example, dict] | None:
     """The SFT example and the preference pair of one error (None if the wrong step is no error
     in tokens: it is a prefix of the correction)."""
-    shared = 0
-    while shared < min(len(err.wrong), len(fix.step)) and err.wrong[shared] == fix.step[shared]:
-        shared += 1
+    shared = common_prefix_len(err.wrong, fix.step)
     error = err.wrong[shared:]
     if not error:
         return None

@@ -24,7 +24,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -139,8 +139,7 @@ def train(cfg: Config) -> dict | None:
     for start in range(len(trees), len(problems), cfg.chunk):
         chunk = problems[start:start + cfg.chunk]
         # rollouts value open steps only with value=rollouts; each chunk samples with its own seed
-        settings = SearchConfig(**{**as_dict(s), "rollouts": s.rollouts if cfg.value == "rollouts" else 0,
-                                   "seed": s.seed + cfg.seed * 7_919 + start})
+        settings = replace(s, rollouts=s.rollouts if cfg.value == "rollouts" else 0, seed=s.seed + cfg.seed * 7_919 + start)
         grown = search(policy, tokenizer, task, chunk, settings, verifier)
         for t in grown:
             t.problem += start
@@ -190,15 +189,14 @@ def search_stats(trees, budget: int, greedy_right: list[bool] | None, seconds: f
     """Throughput and what search solves: a problem is solved within b nodes when one of its first b
     nodes is a verified solution (the nodes are numbered in the order the search made them)."""
     first = [min((i + 1 for i, n in enumerate(t.nodes) if n.verified), default=None) for t in trees]
-    nodes = sum(len(t.nodes) for t in trees)
-    verified = sum(n.verified for t in trees for n in t.nodes)
+    from halluc.mcts import tree_stats
+
+    made = tree_stats(trees)
+    verified = made["verified_solutions"]
     budgets = sorted({b for b in (4, 8, 16, 32, 64, 128, 256, budget) if b <= budget})
-    out = {"problems": len(trees), "nodes": nodes, "nodes_per_s": nodes / max(seconds, 1e-9),
-           "generated_tokens": sum(t.generated for t in trees),
-           "verified_solutions": verified,
-           "tokens_per_verified_solution": sum(t.generated for t in trees) / verified if verified else None,
-           "backtracks": sum(len(t.backtracks) for t in trees),
-           "solved": sum(f is not None for f in first) / len(trees),
+    out = {**made, "nodes_per_s": made["nodes"] / max(seconds, 1e-9),
+           "tokens_per_verified_solution": made["generated_tokens"] / verified if verified else None,
+           "solved": made["solved"] / len(trees),
            "solved_within": {b: sum(f is not None and f <= b for f in first) / len(trees) for b in budgets},
            "greedy_solved": None, "greedy_failed_solved": None}
     if greedy_right is not None:

@@ -93,6 +93,11 @@ class Config:
     reinit_bt: bool = False
     eval_max_new_tokens: PositiveInt = 192
 
+    def uses_own_errors(self) -> bool:
+        """Whether a round trains on an own share (mix.own, or a curriculum phase with source own)."""
+        phases = self.curriculum.phases
+        return any(p.source == "own" for p in phases) if phases else self.mix.own > 0
+
     def check(self) -> None:
         if self.attention == "block_errors" and self.positions != "rewound":
             raise ValueError("attention=block_errors needs positions=rewound (the twin of KV-rewinding generation)")
@@ -103,6 +108,9 @@ class Config:
             raise ValueError("resume=true and overwrite=true contradict each other: choose one")
         if self.lab.task != "arith" and not self.lab.train_file:
             raise ValueError(f"lab.task={self.lab.task} needs lab.train_file (the problems to sample)")
+        if self.error_source == "mcts" and not self.uses_own_errors():
+            raise ValueError("error_source=mcts makes the own share of the mix: set mix.own > 0 (or a phase with "
+                             "source: own), else no search runs")
 
 
 def load(argv: list[str]) -> Config:
@@ -192,8 +200,7 @@ def own_examples(cfg: Config, r: int, folder: Path, model, tokenizer, task, prob
     from halluc.generate import Sampling
     from halluc.own_errors import make_round, save_round
 
-    phases = cfg.curriculum.phases
-    if not (any(p.source == "own" for p in phases) if phases else cfg.mix.own > 0):
+    if not cfg.uses_own_errors():
         return [], {}
     if (folder / "stats.json").exists():
         log.info("round %d: reading its data back from %s", r, folder)
@@ -225,20 +232,18 @@ def mcts_examples(cfg: Config, r: int, folder: Path, model, tokenizer, task, cho
     problems the sampler would take, valued by the task's step verifier (the judge technique 5 uses)."""
     import json
 
-    from halluc.mcts import SearchConfig, search, trace_rows
+    from dataclasses import replace
+
+    from halluc.mcts import search, trace_rows, tree_stats
     from halluc.own_errors import save_round
     from halluc.verifiers import OracleVerifier
 
-    settings = SearchConfig(**{**as_dict(cfg.mcts), "seed": cfg.mcts.seed + cfg.seed * 1_000 + r})
+    settings = replace(cfg.mcts, seed=cfg.mcts.seed + cfg.seed * 1_000 + r)
     trees = search(model, tokenizer, task, chosen, settings, OracleVerifier(task, chosen, tokenizer))
     rows, dropped = trace_rows(trees, bt_id, tokenizer.eos_token_id, cfg.mcts_data, cfg.max_len, cfg.masked)
     for row in rows:  # problem index -> index in the SFT split
         row["problem"] = pick[row["problem"]]
-    nodes = sum(len(t.nodes) for t in trees)
-    stats = {"problems": len(trees), "nodes": nodes, "generated_tokens": sum(t.generated for t in trees),
-             "verified_solutions": sum(n.verified for t in trees for n in t.nodes),
-             "solved": sum(any(n.verified for n in t.nodes) for t in trees),
-             "backtracks": sum(len(t.backtracks) for t in trees), "kept": len(rows), "dropped_too_long": dropped}
+    stats = {**tree_stats(trees), "kept": len(rows), "dropped_too_long": dropped}
     save_round(folder, rows, [], stats)
     log.info("round %d MCTS data: %s", r, json.dumps(stats))
     return rows, stats

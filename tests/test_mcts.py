@@ -113,7 +113,7 @@ def test_trees_round_trip(tmp_path):
 
 
 def _check_values(t: Tree):
-    """Every non-root node: N = 1 + its children's N (+ re-selections if terminal), W likewise."""
+    """Every expanded node's visits: its own (1, the root none) plus its children's."""
     for i, n in enumerate(t.nodes):
         if n.children:
             own = 0 if i == 0 else 1
@@ -269,3 +269,29 @@ def test_rollouts_value_an_open_step_by_its_continuations(lab_policy):
     assert sum(t.generated for t in rolled) > sum(t.generated for t in plain)
     for t in rolled:
         _check_values(t)
+
+
+def test_a_prefix_with_no_room_left_in_the_models_positions_is_a_dead_end(lab_policy):
+    """With max_position_embeddings just above the prompts, no node's prefix plus one more step
+    passes the limit: the search marks such prefixes dead ends (reward -1) instead of generating
+    past it. Negative control: the same search with the model's own limit writes longer prefixes."""
+    from halluc.tasks import arith
+
+    _, model, tok, problems = lab_policy
+    problems = problems[:4]
+    cfg = SearchConfig(nodes=16, k=2, max_step_tokens=16, seed=2)
+    longest = max(len(tok(p.prompt)["input_ids"]) for p in problems)
+    free = search(model, tok, arith, problems, cfg, progress=False)
+    saved = model.config.max_position_embeddings
+    model.config.max_position_embeddings = longest + 2 * cfg.max_step_tokens
+    try:
+        tight = search(model, tok, arith, problems, cfg, progress=False)
+    finally:
+        model.config.max_position_embeddings = saved
+    limit = longest + 2 * cfg.max_step_tokens
+    assert all(len(t.prompt) + len(t.tokens(i)) <= limit for t in tight for i in range(len(t.nodes)))
+    assert any(n.terminal and not n.finished and n.reward == -1.0 and len(n.step) < cfg.max_step_tokens
+               and len(t.prompt) + len(t.tokens(i)) + cfg.max_step_tokens > limit
+               for t in tight for i, n in enumerate(t.nodes))  # whole steps, stopped by the limit
+    assert any(len(t.prompt) + len(t.tokens(i)) + cfg.max_step_tokens > limit
+               for t in free for i in range(len(t.nodes)))

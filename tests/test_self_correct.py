@@ -222,3 +222,5 @@ def test_mcts_traces_as_the_own_share_of_a_round(tmp_path, lab_policy):
         report_ = arith.verify_steps(p, arith.split_steps(clean))
         assert report_.all_ok and report_.answer_correct and Role.ERROR in row["roles"]
     assert report["rounds"][0]["mix"]["own"] == min(len(rows), 48)
+    with pytest.raises(SystemExit, match="error_source=mcts"):  # nothing would use the search
+        recipe().load(["error_source=mcts", "mix.own=0", "mix.synthetic=0.5"])

@@ -279,6 +279,22 @@ class Sampler:
     per_problem: PositiveInt = 1       # examples kept per problem and round
 
 
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters + the BT rows (halluc.lora, which imports torch: these are read before it loads)."""
+
+    enabled: bool = False     # SFT trains LoRA adapters + the BT rows instead of all weights
+    r: PositiveInt = 16       # adapter rank
+    alpha: PositiveInt = 32   # adapter scale numerator (scale = alpha / r)
+    dropout: Fraction = 0.05
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # module names that get adapters
+    # False reproduces the origin project's bug (BT rows frozen): a negative control only.
+    train_bt_rows: bool = True
+
+
 def check_model_path(path: str, what: str = "model") -> None:
     """Fail at once, naming the path, when a local model folder is missing (instead of HF retrying
     the hub for a minute or complaining about repo ids). `org/name` is left to the hub unless its
@@ -297,3 +313,11 @@ def check_model_path(path: str, what: str = "model") -> None:
         raise FileNotFoundError(f"{what} {path}: no such folder")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(f"{what} {path}: no such folder, and HF_HUB_OFFLINE=1 forbids the hub")
+
+
+HEAD_WEIGHTS = "verifier_head.safetensors"  # a saved verifier head (halluc.verifier_head, which imports torch)
+
+
+def has_head(folder) -> bool:
+    """Whether `folder` holds a verifier head: recipes check it with their settings."""
+    return (Path(folder) / HEAD_WEIGHTS).exists()

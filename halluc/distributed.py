@@ -20,9 +20,11 @@ import json
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 
-import torch
+# torch is imported inside the functions that use it: a recipe calls zero_stage and
+# strip_launcher_args while it checks its settings, before any ML library loads.
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,8 @@ LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"
 
 @atexit.register
 def _destroy_process_group() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    torch = sys.modules.get("torch")  # never imported: no process group (and no import at exit)
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
         try:
             torch.distributed.destroy_process_group()
         except Exception as e:  # exiting anyway: say so, never mask the real exit status
@@ -52,6 +55,8 @@ def is_main() -> bool:
 
 def barrier() -> None:
     """Wait for every process (no-op in a single process or before the process group exists)."""
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
 
@@ -71,6 +76,8 @@ def wait_for_file(path: Path, what: str, timeout_s: float = 7200.0) -> None:
 
 def local_device() -> torch.device:
     """This process's device: cuda:LOCAL_RANK on a GPU machine (one process per GPU), else the CPU."""
+    import torch
+
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
 
 

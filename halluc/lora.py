@@ -25,28 +25,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from halluc.config import Fraction, PositiveInt
+# re-exported: the settings live in the torch-free halluc.config, read before torch loads
+from halluc.config import DEFAULT_TARGETS, LoraSettings  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 ADAPTER_INFO = "halluc_adapter.json"
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class LoraSettings:
-    enabled: bool = False     # SFT trains LoRA adapters + the BT rows instead of all weights
-    r: PositiveInt = 16       # adapter rank
-    alpha: PositiveInt = 32   # adapter scale numerator (scale = alpha / r)
-    dropout: Fraction = 0.05
-    targets: tuple[str, ...] = DEFAULT_TARGETS  # module names that get adapters
-    # False reproduces the origin project's bug (BT rows frozen): a negative control only.
-    train_bt_rows: bool = True
 
 
 class BaseMismatch(ValueError):

@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# re-exported: torch-free, so recipes check a model folder for a head before torch loads
+from halluc.config import HEAD_WEIGHTS, has_head  # noqa: F401
 from halluc.example import IGNORE_INDEX, Role
 
-HEAD_WEIGHTS = "verifier_head.safetensors"
 HEAD_INFO = "verifier_head.json"
 PREFIX = "verifier_head."
 
@@ -110,10 +111,6 @@ def save_head_from(model, folder) -> None:
               str(Path(folder) / HEAD_WEIGHTS), metadata={"format": "pt"})
     (Path(folder) / HEAD_INFO).write_text(json.dumps({"hidden": head.proj.in_features,
                                                       "predicts": "logit that the step ending here is wrong"}))
-
-
-def has_head(folder) -> bool:
-    return (Path(folder) / HEAD_WEIGHTS).exists()
 
 
 def load_head(folder, model) -> VerifierHead:

@@ -28,11 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
-from halluc.config import (NonNegativeFloat, NonNegativeInt, PositiveInt, Range, Sampler, Stage, as_dict,
-                           check_model_path, load_config, run_recipe)
+from halluc.config import (LoraSettings, NonNegativeFloat, NonNegativeInt, PositiveInt, Range, Sampler, Stage,
+                           as_dict, check_model_path, load_config, run_recipe)
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
-from halluc.lora import LoraSettings
 
 log = logging.getLogger("dpo")
 Beta = Annotated[float, Range(1e-6)]  # > 0: IPO divides by it

@@ -23,9 +23,7 @@ import logging
 import time
 from pathlib import Path
 
-from halluc.checkpoint import load_trained, training_record
-from halluc.evaluate import evaluate_problems, markdown_table
-from halluc.generate import SEMANTICS, LoopGuards, Sampling
+from halluc.decoding import SEMANTICS, LoopGuards
 from halluc.lab import LabConfig, lab_splits
 from halluc.tasks import get_task, gsm8k, jsonl
 
@@ -148,6 +146,11 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.prm:
         return score_verifier(args)
+    # The ML libraries load here, after the arguments were checked.
+    from halluc.checkpoint import load_trained, training_record
+    from halluc.evaluate import evaluate_problems, markdown_table
+    from halluc.generate import Sampling
+
     t0 = time.perf_counter()
     model, tokenizer = load_trained(args.model, base=args.base)
     model.eval()

@@ -14,9 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from halluc.checkpoint import load_trained
-from halluc.generate import SEMANTICS, LoopGuards, Sampling, generate_text
-from halluc.tokens import BACKTRACK_TOKEN
+from halluc.decoding import SEMANTICS, LoopGuards
 
 SHOWN_BT = "⌫"
 
@@ -50,6 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # The ML libraries load here, after the arguments were checked.
+    from halluc.checkpoint import load_trained
+    from halluc.generate import Sampling, generate_text
+    from halluc.tokens import BACKTRACK_TOKEN
+
     model, tokenizer = load_trained(args.model, base=args.base)
     gens = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, semantics=args.semantics,
                          sampling=Sampling(args.temperature, args.top_p, args.seed),

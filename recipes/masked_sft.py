@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from halluc.config import (NonNegativeFloat, NonNegativeInt, PositiveInt, Stage, as_dict, check_model_path, load_config,
-                           run_recipe)
+from halluc.config import (LoraSettings, NonNegativeFloat, NonNegativeInt, PositiveInt, Stage, as_dict,
+                           check_model_path, load_config, run_recipe)
 from halluc.curriculum import Curriculum
 from halluc.distributed import zero_stage
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
-from halluc.lora import LoraSettings
 
 log = logging.getLogger("masked_sft")
 

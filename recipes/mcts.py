@@ -28,12 +28,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from halluc.config import (NonNegativeFloat, NonNegativeInt, PositiveInt, Stage, as_dict, check_model_path, load_config,
-                           run_recipe)
+from halluc.config import (HEAD_WEIGHTS, NonNegativeFloat, NonNegativeInt, PositiveInt, Stage, as_dict,
+                           check_model_path, has_head, load_config, run_recipe)
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
 from halluc.mcts import SearchConfig, TraceData
-from halluc.verifier_head import HEAD_WEIGHTS, has_head
 
 log = logging.getLogger("mcts")
 

@@ -29,14 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from halluc.config import (Fraction, NonNegativeFloat, NonNegativeInt, PositiveInt, Stage, as_dict, check_model_path,
-                           load_config, run_recipe)
+from halluc.config import (HEAD_WEIGHTS, Fraction, LoraSettings, NonNegativeFloat, NonNegativeInt, PositiveInt, Stage,
+                           as_dict, check_model_path, has_head, load_config, run_recipe)
 from halluc.distributed import zero_stage
 from halluc.errors import ErrorConfig
-from halluc.generate import Guide
 from halluc.lab import LabConfig, ModelConfig
-from halluc.lora import LoraSettings
-from halluc.verifier_head import HEAD_WEIGHTS, has_head
 
 log = logging.getLogger("prm")
 
@@ -144,7 +141,7 @@ def train(cfg: Config) -> dict | None:
 
     from halluc.distributed import is_main, local_device, world_size
     from halluc.evaluate import evaluate_best_of_n, evaluate_problems
-    from halluc.generate import Sampling
+    from halluc.generate import Guide, Sampling
     from halluc.lab import lab_splits
     from halluc.model import load_causal_lm
     from halluc.stages import evaluate_on_main, finish_run, lab_sft_model, start_run

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from halluc.config import Fraction, NonNegativeInt, PositiveInt, Sampler, Stage, as_dict, load_config, run_recipe
+from halluc.config import (Fraction, LoraSettings, NonNegativeInt, PositiveInt, Sampler, Stage, as_dict, load_config,
+                           run_recipe)
 from halluc.curriculum import Curriculum
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
-from halluc.lora import LoraSettings
 from halluc.mcts import SearchConfig, TraceData
 
 log = logging.getLogger("self_correct")

@@ -1,4 +1,6 @@
 """YAML + command-line settings: overrides apply, mistakes name the key and the source."""
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import load_script
@@ -32,7 +34,29 @@ def test_unknown_key_and_bad_type_are_named(tmp_path):
         load_recipe_config(["--config", str(bad)])
 
 
-@pytest.mark.parametrize("setting, message", [
+# Run a script as `python SCRIPT ARGS...` runs it (sys.argv, sys.path[0], __main__), then say on stderr
+# which ML libraries it imported, whether it exited or raised.
+HEAVY = ("torch", "transformers", "datasets", "peft", "deepspeed", "accelerate")
+PROBE = f"""
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("imported:", *[m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)
+"""
+
+
+def run_probed(script: str, *args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    result = subprocess.run([sys.executable, "-c", PROBE, script, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    imported = [line for line in result.stderr.splitlines() if line.startswith("imported:")]
+    assert len(imported) == 1, result.stderr[-2000:]
+    return result, imported[0].split()[1:]
+
+
+MASKED_SFT = [
     ("attention=foo", "attention='foo': choose one of causal, block_errors"),
     ("errors.source=bar", "errors.source='bar': choose one of none, random, step"),
     ("sft.steps=-5", "sft.steps=-5: must be in [1, inf]"),
@@ -42,18 +66,61 @@ def test_unknown_key_and_bad_type_are_named(tmp_path):
     ("attention=block_errors", "attention=block_errors needs positions=rewound"),
     ("lab.task=gsm8k", "lab.task=gsm8k needs lab.test_file"),
     ("lab.swap_rate=0.3", "lab.swap_rate=0.3 applies only to lab.listing=swapped"),
-])
-def test_a_bad_setting_fails_fast_naming_the_key_and_the_allowed_values(setting, message):
-    import subprocess
-    import sys
-    import time
+]
+BAD_SETTINGS = [
+    *[("recipes/masked_sft.py", [setting], message) for setting, message in MASKED_SFT],
+    ("recipes/masked_sft.py", ["verifier_head_weight=1", "lora.enabled=true", "deepspeed=ds_configs/zero3.json"],
+     "verifier_head_weight with LoRA under ZeRO-3 is not supported"),
+    ("recipes/self_correct.py", ["rounds=0"], "rounds=0: must be in [1, inf]"),
+    ("recipes/self_correct.py", ["lora.enabled=true"], "lora.enabled: each round samples from the full model"),
+    ("recipes/dpo.py", ["beta=-1"], "beta=-1: must be in [1e-06, inf]"),
+    ("recipes/dpo.py", ["loss=tdpo2", "precompute_ref=true"], "loss=tdpo2 needs the reference's whole distribution"),
+    ("recipes/prm.py", ["verifier=x"], "verifier='x': choose one of prm, head, oracle, none"),
+    ("recipes/prm.py", ["lora.enabled=true", "deepspeed=ds_configs/zero3.json"],
+     "the PRM merges its LoRA adapter at the end"),
+    ("recipes/mcts.py", ["value=x"], "value='x': choose one of oracle, prm, head, rollouts, none"),
+    ("recipes/mcts.py", ["value=prm"], "value=prm needs prm=DIR"),
+    ("recipes/mcts.py", ["value=head", "model={model}"], "has no verifier head (verifier_head.safetensors)"),
+    ("recipes/evaluate.py", ["--model", "m", "--semantics", "x"], "argument --semantics: invalid choice: 'x'"),
+    ("recipes/evaluate.py", ["--prm", "p"], "--prm needs --data FILE.jsonl"),
+    ("recipes/generate.py", ["--model", "m"], "give --prompt TEXT (one or more) or --prompts-file FILE"),
+    ("recipes/generate.py", ["--model", "m", "--prompt", "a", "--top-p", "0"], "--top-p in (0, 1]"),
+    ("tools/prepare_data.py", ["--out", "o", "--errors", "bad"], "argument --errors: invalid choice: 'bad'"),
+    ("tools/prepare_data.py", ["--out", "o", "--lab", "prime=x"], "prime='x': expected an integer"),
+    ("tools/merge_adapter.py", ["--adapter", "a", "--out", "o", "--dtype", "int8"],
+     "argument --dtype: invalid choice: 'int8'"),
+    ("tools/sweep.py", ["{sweep}"], "default/a/seed-0: command line: attention='foo': choose one of causal"),
+]
+SCRIPTS = sorted({script for script, _, _ in BAD_SETTINGS})
 
-    t0 = time.monotonic()
-    result = subprocess.run([sys.executable, "recipes/masked_sft.py", setting], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
-    took = time.monotonic() - t0
+
+@pytest.mark.parametrize("script, args, message", BAD_SETTINGS)
+def test_a_bad_setting_fails_fast_naming_the_key_and_the_allowed_values(script, args, message, tmp_path):
+    """Fast: every setting is checked before torch, transformers and the rest load (no wall clock here)."""
+    sweep, model = tmp_path / "sweep.yaml", tmp_path / "model"
+    sweep.write_text("name: bad\nrecipe: recipes/masked_sft.py\nbaseline: a\narms: {a: [attention=foo]}\n"
+                     "seeds: [0]\n")
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # a model folder without a verifier head
+    result, imported = run_probed(script, *[a.format(sweep=sweep, model=model) for a in args])
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
-    assert took < 5, f"{setting} took {took:.1f} s to fail"
+    assert imported == [], f"{script} {' '.join(args)} imported {imported} before failing"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_loads_no_ml_library(script):
+    result, imported = run_probed(script, "--help")
+    assert result.returncode == 0 and ("usage:" in result.stdout or "settings (key=value" in result.stdout), \
+        result.stdout[-2000:] + result.stderr[-2000:]
+    assert imported == [], f"{script} --help imported {imported}"
+
+
+def test_the_probe_sees_the_ml_libraries_load():
+    """The negative control: arguments that pass the checks, so the tool loads torch and then fails."""
+    result, imported = run_probed("tools/merge_adapter.py", "--adapter", "no/such/adapter", "--out", "o")
+    assert result.returncode != 0 and "merge_adapter: refused: no/such/adapter has no" in result.stderr, \
+        result.stderr[-2000:]
+    assert {"torch", "transformers"} <= set(imported), imported
 
 
 def test_yaml_values_are_checked_too(tmp_path):

@@ -16,13 +16,8 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
-
-from halluc.lora import BaseMismatch, merge_adapter, read_adapter_info
-from halluc.tokens import backtrack_id
-
 log = logging.getLogger("merge_adapter")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
 
 
 def main(argv=None) -> Path:
@@ -33,6 +28,11 @@ def main(argv=None) -> Path:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved weights")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # The ML libraries load here, after the arguments were checked.
+    import torch
+
+    from halluc.lora import BaseMismatch, merge_adapter, read_adapter_info
+    from halluc.tokens import backtrack_id
 
     try:
         info = read_adapter_info(args.adapter)
@@ -43,7 +43,7 @@ def main(argv=None) -> Path:
     except (BaseMismatch, FileNotFoundError, OSError, ValueError) as e:
         raise SystemExit(f"merge_adapter: refused: {e}") from None
     out = Path(args.out)
-    model.to(DTYPES[args.dtype]).save_pretrained(out)
+    model.to(getattr(torch, args.dtype)).save_pretrained(out)
     tokenizer.save_pretrained(out)
     bt = backtrack_id(tokenizer)
     log.info("wrote %s: %s, vocabulary %d, BT id %d", out, type(model).__name__,

@@ -16,13 +16,11 @@ import json
 import logging
 from pathlib import Path
 
-from halluc.attention import edit_tree, position_ids
 from halluc.config import load_config
 from halluc.data import PREPARED_INFO, build_sft_dataset
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, lab_splits, lab_tokenizer
 from halluc.tasks import get_task
-from halluc.tokens import add_backtrack_token, load_tokenizer
 
 
 def parse_args(argv=None):
@@ -85,6 +83,8 @@ def load_problems(a):
 
 
 def edit_tree_columns(roles: list[int], mode: str, positions: str) -> dict:
+    from halluc.attention import edit_tree, position_ids
+
     end, depth = edit_tree(roles, mode)
     return {"attn_end": end.tolist(), "position_ids": position_ids(depth=depth, scheme=positions).tolist()}
 
@@ -92,7 +92,9 @@ def edit_tree_columns(roles: list[int], mode: str, positions: str) -> dict:
 def main(argv=None):
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    problems = load_problems(a)
+    problems = load_problems(a)  # the lab settings (--lab) are checked here, before torch loads
+    from halluc.tokens import add_backtrack_token, load_tokenizer
+
     if a.tokenizer:
         tokenizer = load_tokenizer(a.tokenizer)
     elif a.task == "arith":  # the lab base's own tokenizer (same lab settings and seed: the same ids)

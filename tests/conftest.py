@@ -1,6 +1,14 @@
-"""Shared fixtures: a lab tokenizer trained here and tiny models built from a config in code."""
+"""Shared fixtures: a lab tokenizer trained here and tiny models built from a config in code.
+
+scripts/test.sh runs the suite on every core with pytest-xdist: each worker is a process with its
+share of the cores' threads, and what many tests need (the lab policy, the lab bases) is built once
+per run in `shared_dir`, a folder all workers share, under a file lock (a second worker waits).
+"""
 from __future__ import annotations
 
+import fcntl
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,6 +19,14 @@ from halluc.tasks import arith
 GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 
 
+def pytest_configure(config):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # the cores split between workers: two workers x two threads on two cores thrash
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # and the recipes the tests start as processes
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -18,6 +34,35 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory) -> Path:
+    """A folder every xdist worker of this run sees (the run's temporary root; one process: its own)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    (root / "shared").mkdir(exist_ok=True)
+    return root / "shared"
+
+
+@contextmanager
+def once(path: Path):
+    """Build what lives at `path` once per run: workers take an exclusive lock, the first builds."""
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield path.exists()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def lab_cache(shared_dir) -> Path:
+    """The recipes' cache_dir for tests: lab bases are keyed by their settings and built under a lock,
+    so tests with the same base settings in any worker train it once per run."""
+    (shared_dir / "lab-cache").mkdir(exist_ok=True)
+    return shared_dir / "lab-cache"
 
 
 @pytest.fixture(scope="session")
@@ -60,17 +105,20 @@ POLICY_LAB = ["base.steps=400", "sft.steps=40", "base.batch_size=32", "sft.batch
 
 
 @pytest.fixture(scope="session")
-def lab_policy(tmp_path_factory):
+def lab_policy(shared_dir):
     """(folder, model, tokenizer, test problems) of a tiny lab policy with BT and a verifier head,
-    trained once per test session (~30 s): masked SFT with verifier_head_weight=1 (technique 10)."""
+    trained once per test run (~30 s; workers share it): masked SFT with verifier_head_weight=1
+    (technique 10)."""
     from halluc.lab import LabConfig, lab_splits
     from halluc.model import load_causal_lm
     from halluc.tokens import load_tokenizer
     from halluc.verifier_head import load_head
 
-    out = tmp_path_factory.mktemp("lab-policy")
-    load_script("recipes/masked_sft.py").main([f"output_dir={out}/sft", f"cache_dir={out}/cache",
-                                               "verifier_head_weight=1.0", "eval_max_new_tokens=8", *POLICY_LAB])
+    out = shared_dir / "lab-policy"
+    with once(out) as built:
+        if not built:
+            load_script("recipes/masked_sft.py").main([f"output_dir={out}/sft", f"cache_dir={out}/cache",
+                                                       "verifier_head_weight=1.0", "eval_max_new_tokens=8", *POLICY_LAB])
     folder = out / "sft" / "checkpoint"
     model = load_causal_lm(str(folder)).eval()
     load_head(folder, model)
@@ -92,7 +140,7 @@ def load_script(relative: str):
 
 
 def kill_when_paused(args: list[str], pause_dir: Path, step: int, log_path: Path, recipe: str = "recipes/masked_sft.py",
-                     timeout: float = 180) -> None:
+                     timeout: float = 1200) -> None:
     """Run `recipe args` through tests/helpers/pausing_recipe.py until the stage training in
     `pause_dir` ends step `step`, then `kill -9` it: no cleanup, no final save."""
     import os

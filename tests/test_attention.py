@@ -198,23 +198,6 @@ def test_packing_never_attends_across_examples(trace_list, max_len):
             assert row["position_ids"][s] == 0 and row["pred_pos"][s] == -1 and row["labels"][s] == IGNORE_INDEX
 
 
-def test_edit_tree_is_fast():
-    rng = np.random.default_rng(0)
-    roles = rng.choice([Role.KEPT, Role.BACKTRACK], size=2048, p=[0.9, 0.1])
-    roles[:64] = Role.PROMPT
-    edit_tree(roles)
-    best = min(_timed(edit_tree, roles) for _ in range(20))
-    assert best < 1e-3, f"edit_tree on 2048 tokens took {best * 1e3:.2f} ms"
-
-
-def _timed(fn, *args):
-    import time
-
-    t = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t
-
-
 def test_pack_real_fraction_on_synthetic_lengths():
     rng = np.random.default_rng(0)
     exs = [example_of("P" * 8 + "K" * int(n)) for n in rng.integers(20, 400, size=300)]

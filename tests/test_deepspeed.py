@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 JOB = ROOT / "tests" / "helpers" / "ds_job.py"
 
 
-def launch(launcher: list[str], out: Path, *args: str, timeout: int = 300) -> list[dict]:
+def launch(launcher: list[str], out: Path, *args: str, timeout: int = 1200) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     r = subprocess.run([*launcher, str(JOB), "--out", str(out), *args], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=timeout)

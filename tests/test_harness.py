@@ -65,7 +65,7 @@ def test_lm_eval_command_line_runs_offline_on_a_local_gsm8k_file(lab_tokenizer, 
         [sys.executable, "-m", "halluc.harness", "run", "--model", "halluc", "--model_args",
          f"pretrained={folder},max_gen_toks=16", "--tasks", "halluc_gsm8k", "--include_path",
          str(ROOT / "halluc" / "harness_tasks"), "--output_path", str(tmp_path / "out")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, capture_output=True, text=True, timeout=1200,
         env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
              "HOME": str(tmp_path)})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -72,9 +72,8 @@ def test_read_stepwise_names_the_file_and_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One cache for the module: the recipe runs on the lab policy share its labelled data and PRM."""
-    return tmp_path_factory.mktemp("prm-cache")
+def cache(lab_cache):
+    return lab_cache  # lab bases trained once per test run, whichever test needs one first
 
 
 TINY = ["lab.train_size=2000", "lab.sft_size=200", "lab.test_size=24", "step_data.problems=120",

@@ -24,8 +24,8 @@ KILL_AFTER_STEP = 13
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("base-cache")  # the base model is trained once for both variants
+def cache(lab_cache):
+    return lab_cache  # lab bases trained once per test run, whichever test needs one first
 
 
 @pytest.mark.slow
@@ -52,7 +52,7 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_loss(tmp_path, cache, va
 
     resumed = subprocess.run([sys.executable, "recipes/masked_sft.py", *args, "resume=true"], cwd=ROOT,
                              env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                             timeout=300)
+                             timeout=1200)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
     assert f"resuming from {out / 'checkpoint-10'}" in resumed.stderr + resumed.stdout
     after = json.loads((out / "eval.json").read_text())["sft_train"]

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, load_script
 
+# one cluster at a time on this machine: the module runs in one xdist worker (scripts/test.sh: --dist loadfile)
 pytestmark = pytest.mark.slow
 RECIPE_ARGS = ("base.steps=10 sft.steps=10 base.batch_size=8 sft.batch_size=8 lab.train_size=200 "
                "lab.sft_size=100 lab.test_size=8 tiny.hidden=32 eval_max_new_tokens=24")
@@ -52,10 +53,10 @@ def submit_two_tasks(cluster, tmp_path, script: str, out, save_steps: int, recip
            "NPROC_PER_NODE": "1", "DEEPSPEED_CONFIG": "ds_configs/zero3.json", "RECIPE_ARGS": recipe_args}
     job = cluster.submit("--partition=debug", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1",
                          "--time=10", str(ROOT / "slurm" / script), env=env, cwd=tmp_path)
-    record = cluster.wait(job, timeout=300)
+    record = cluster.wait(job, timeout=1200)
     log_file = tmp_path / "logs" / f"slurm-{job}.out"
     log = log_file.read_text(errors="replace") if log_file.exists() else "(no log)"
-    assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
+    assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:] + "\n" + cluster.log_tails()
     return job, log_file, log
 
 
@@ -70,11 +71,13 @@ def test_sbatch_masked_sft_with_two_tasks_then_requeue_resumes(cluster, tmp_path
     assert (out / "checkpoint-10" / "trainer_state.json").exists()
 
     # What preemption does with --requeue: the same job again, same id, same OUTPUT_DIR.
+    cluster.wait_idle()
     cluster.run("scontrol", "requeue", job)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip the requeue hold-off
-    record = cluster.wait(job, timeout=300)
+    record = cluster.wait(job, timeout=1200)
     log = log_file.read_text(errors="replace")
-    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-4000:]
+    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "1"), \
+        log[-4000:] + "\n" + cluster.log_tails()
     assert f"job {job} restart 1:" in log  # --open-mode=append keeps both runs in one log
     assert f"resuming from {out / 'checkpoint-10'}" in log
     again = json.loads((out / "eval.json").read_text())

@@ -98,6 +98,26 @@ class Cluster:
         self.run("scancel", job_id, check=False)
         raise TimeoutError(f"job {job_id} still queued/running after {timeout} s: {self.job(job_id)}")
 
+    def wait_idle(self, timeout: float = 120, poll: float = 0.5) -> None:
+        """Wait until the node is idle again: a finished job's steps and cleanup can outlast its queue
+        entry on a loaded machine, and a job requeued before that may fail to launch."""
+        deadline, state = time.monotonic() + timeout, ""
+        while time.monotonic() < deadline:
+            state = self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip()
+            if state == "idle":
+                return
+            time.sleep(poll)
+        raise RuntimeError(f"node not idle after {timeout} s (state {state!r})\n{self.log_tails()}")
+
+    def log_tails(self, lines: int = 15) -> str:
+        """The last lines of slurmctld's and slurmd's logs (why a job failed to launch)."""
+        out = []
+        for name in ("slurmctld.log", "slurmd.log"):
+            path = self.root / name
+            if path.exists():
+                out.append(f"--- {name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(out)
+
     def stop(self) -> None:
         """End the daemons this cluster started (by the pids in their pid files), nothing else."""
         for pid_file in reversed(self.pid_files):

@@ -32,15 +32,30 @@ def labels_from_roles(ids: list[int], roles: list[int], masked: bool = True) -> 
 
 
 def tokenize_problem(problem: Problem, tokenizer) -> tuple[list[int], list[list[int]]]:
-    prompt = tokenizer(problem.prompt, add_special_tokens=True)["input_ids"]
-    steps = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in problem.steps]
-    return prompt, steps
+    return tokenize_problems([problem], tokenizer)[0]
+
+
+def tokenize_problems(problems: list[Problem], tokenizer) -> list[tuple[list[int], list[list[int]]]]:
+    """(prompt ids, ids of each step) per problem, in two tokenizer calls for all of them: every
+    piece is still tokenized on its own (a batch call gives each text the ids it gets alone), but
+    the tokenizer's per-call overhead is paid twice, not once per piece."""
+    if not problems:
+        return []
+    prompts = tokenizer([p.prompt for p in problems], add_special_tokens=True, return_attention_mask=False)["input_ids"]
+    pieces = [s for p in problems for s in p.steps]
+    flat = tokenizer(pieces, add_special_tokens=False, return_attention_mask=False)["input_ids"] if pieces else []
+    out, at = [], 0
+    for p, prompt in zip(problems, prompts):
+        out.append((list(prompt), [list(ids) for ids in flat[at:at + len(p.steps)]]))
+        at += len(p.steps)
+    return out
 
 
 def make_example(problem: Problem, tokenizer, errors: ErrorConfig, bt_id: int | None,
-                 rng: random.Random) -> Example:
-    """One example from one problem; checks the invariant apply_backtrack(response) == clean."""
-    prompt, steps = tokenize_problem(problem, tokenizer)
+                 rng: random.Random, tokenized: tuple[list[int], list[list[int]]] | None = None) -> Example:
+    """One example from one problem; checks the invariant apply_backtrack(response) == clean.
+    `tokenized`: the problem's `tokenize_problem` ids, when they were computed in bulk already."""
+    prompt, steps = tokenized if tokenized is not None else tokenize_problem(problem, tokenizer)
     eos = tokenizer.eos_token_id
     if errors.source == "none" or bt_id is None or rng.random() >= errors.example_rate:
         return clean_example(prompt, steps, eos)
@@ -94,9 +109,9 @@ def build_sft_dataset(problems: list[Problem], tokenizer, errors: ErrorConfig, b
     if overlong not in ("drop", "truncate"):
         raise ValueError(f"overlong must be drop or truncate, not {overlong!r}")
 
-    def build(row, idx):
+    def build(problem, idx, tokenized):
         rng = random.Random(seed * 1_000_003 + idx)  # per example: same data for any num_proc
-        ex = make_example(row_to_problem(row), tokenizer, errors, bt_id, rng)
+        ex = make_example(problem, tokenizer, errors, bt_id, rng, tokenized)
         cut = fit_length(ex.ids, ex.roles, max_len)
         keep = cut is not None and (cut == len(ex.ids) or overlong == "truncate")
         cut = cut or 0
@@ -104,10 +119,20 @@ def build_sft_dataset(problems: list[Problem], tokenizer, errors: ErrorConfig, b
                 "labels": labels_from_roles(ex.ids[:cut], ex.roles[:cut], masked),
                 "keep": keep, "overlong": len(ex.ids) > max_len}
 
+    def build_batch(batch, indices):
+        # batched: the problems of a batch are tokenized together (tokenize_problems), and
+        # `datasets` formats a batch once instead of every row; each example is built as before
+        problems_here = [row_to_problem(dict(zip(batch, values))) for values in zip(*batch.values())]
+        out = {k: [] for k in ("input_ids", "roles", "labels", "keep", "overlong")}
+        for problem, idx, tokenized in zip(problems_here, indices, tokenize_problems(problems_here, tokenizer)):
+            for k, v in build(problem, idx, tokenized).items():
+                out[k].append(v)
+        return out
+
     if not problems:
         raise ValueError("no problems to build examples from (an empty training file?)")
-    ds = problems_to_dataset(problems).map(build, with_indices=True, num_proc=num_proc,
-                                           desc="building examples")
+    ds = problems_to_dataset(problems).map(build_batch, with_indices=True, batched=True, batch_size=1000,
+                                           num_proc=num_proc, desc="building examples")
     n_over, n_drop = sum(ds["overlong"]), len(ds) - sum(ds["keep"])
     if n_over:
         log.warning("%d of %d examples (%.0f%%) are longer than max_len=%d tokens: %s (%d dropped); raise "

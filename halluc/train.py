@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -37,10 +38,14 @@ class LabelStats:
     started: float = 0.0
 
     def count(self, row: dict) -> None:
-        response = [lab for lab, role in zip(row["labels"], row["roles"]) if role != Role.PROMPT]
+        # numpy, not a Python loop over tokens: this runs for every row of every batch (a
+        # per-token loop with enum comparisons was ~9 ms of a ~90 ms step on the lab base)
+        roles, labels = np.asarray(row["roles"]), np.asarray(row["labels"])
+        n = min(len(roles), len(labels))
+        response = roles[:n] != Role.PROMPT
         self.tokens += len(row["input_ids"])
-        self.response_tokens += len(response)
-        self.masked_response += sum(lab == IGNORE_INDEX for lab in response)
+        self.response_tokens += int(response.sum())
+        self.masked_response += int((labels[:n][response] == IGNORE_INDEX).sum())
 
 
 class TreeCollator:

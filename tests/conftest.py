@@ -6,7 +6,6 @@ per run in `shared_dir`, a folder all workers share, under a file lock (a second
 """
 from __future__ import annotations
 
-import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,13 +47,12 @@ def shared_dir(tmp_path_factory) -> Path:
 
 @contextmanager
 def once(path: Path):
-    """Build what lives at `path` once per run: workers take an exclusive lock, the first builds."""
-    with open(f"{path}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield path.exists()
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """Build what lives at `path` once per run: workers take the recipes' exclusive file lock, the
+    first builds, the others wait and find it built."""
+    from halluc.stages import file_lock
+
+    with file_lock(Path(f"{path}.lock")):
+        yield path.exists()
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ sys.path.insert(0, "tests")
 from conftest import load_script
 import test_golden as g
 torch.set_num_threads(int(sys.argv[3]))
-extra = g.GOLDEN[sys.argv[1]][0] if sys.argv[1] in g.GOLDEN else g.CONTROLS[sys.argv[1]]
+extra = g.GOLDEN[sys.argv[1]][0] if sys.argv[1] in g.GOLDEN else g.CONTROLS[sys.argv[1]][1]
 report = load_script("recipes/masked_sft.py").main([f"output_dir={sys.argv[2]}/out", f"cache_dir={sys.argv[2]}/cache",
                                                     *g.COMMON, *extra])
 print("LOSSES", json.dumps([loss for _, loss in report["sft_train"]["losses"]]))
@@ -66,8 +66,9 @@ def main() -> None:
         worst = max(worst, *drifts)
         print(f"| {name} | " + " | ".join(f"{d:.1e}" for d in drifts) + " |", flush=True)
     for name in g.CONTROLS:  # what a real change moves (this CPU only)
-        move = max(abs(a - b) for a, b in zip(losses(name, {}), g.GOLDEN[g.CONTROL_OF[name]][1]))
-        print(f"| control: {name} (vs {g.CONTROL_OF[name]}) | {move:.1e} |" + " |" * (len(MACHINES) - 1), flush=True)
+        pinned = g.CONTROLS[name][0]
+        move = max(abs(a - b) for a, b in zip(losses(name, {}), g.GOLDEN[pinned][1]))
+        print(f"| control: {name} (vs {pinned}) | {move:.1e} |" + " |" * (len(MACHINES) - 1), flush=True)
     print(f"\nlargest drift {worst:.1e}; tests/test_golden.py: TOLERANCE {g.TOLERANCE}, controls must move {g.CONTROL_MARGIN}x that")
 
 

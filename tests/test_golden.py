@@ -32,22 +32,19 @@ GOLDEN = {
 }
 
 
-# Controls: what each kind of change the pins exist to catch moves them by (the configuration's pins
-# they are compared with in brackets): labels, the attention mask alone, the data.
+# Controls: what each kind of change the pins exist to catch moves them by: (the configuration whose
+# pins they are compared with, its settings changed) for labels, the attention mask alone, the data.
 CONTROLS = {
-    "unmasked labels": ["masked=false"],                                                       # [causal]
-    "causal mask on the packed rewound rows": ["attention=causal", "positions=rewound", "pack=256"],  # [block_errors]
-    "errors on 40% of examples, not 50%": ["errors.example_rate=0.4"],                            # [causal]
+    "unmasked labels": ("causal", ["masked=false"]),
+    "causal mask on the packed rewound rows": ("block_errors", ["attention=causal", "positions=rewound", "pack=256"]),
+    "errors on 40% of examples, not 50%": ("causal", ["errors.example_rate=0.4"]),
 }
-CONTROL_OF = {"unmasked labels": "causal", "causal mask on the packed rewound rows": "block_errors",
-              "errors on 40% of examples, not 50%": "causal"}
 # The tolerance comes from measured drift: benchmarks/golden_drift.py (2026-12-04) re-ran every
 # configuration with the kernels of an AVX2-only CPU, of a CPU without vector units, and with two
 # threads. Largest |loss - pin|: causal 1.3e-6, unmasked_random 1.6e-7, block_errors 3.5e-5 (2
 # threads; 1.8e-5 with AVX2 kernels, where an AMD EPYC measured 2.3e-5 and failed the old 2e-5).
 # TOLERANCE is ~6x the largest drift; the controls moved 4.2e-2 (labels), 1.8e-1 (mask), 2.5e-1
 # (data), at least 200x the tolerance, and must keep moving at least CONTROL_MARGIN times it.
-MEASURED_DRIFT = 3.5e-5
 TOLERANCE = 2e-4
 CONTROL_MARGIN = 100
 
@@ -81,6 +78,7 @@ def test_recipe_losses_equal_the_pinned_values(name, tmp_path, base_cache):
 def test_each_change_the_pins_catch_moves_them_far_beyond_the_tolerance(name, tmp_path, base_cache):
     """Negative controls: a changed label, mask or data moves the losses off their pins by far more than
     the tolerance (which is itself far above the drift of other CPUs)."""
-    losses = _losses(CONTROLS[name], tmp_path / "out", base_cache)
-    move = max(abs(a - b) for a, b in zip(losses, GOLDEN[CONTROL_OF[name]][1]))
+    pinned, extra = CONTROLS[name]
+    losses = _losses(extra, tmp_path / "out", base_cache)
+    move = max(abs(a - b) for a, b in zip(losses, GOLDEN[pinned][1]))
     assert move > CONTROL_MARGIN * TOLERANCE, (name, move)

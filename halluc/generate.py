@@ -14,7 +14,8 @@ instead each cache slot has a per-row "alive" bit, which is the 2D attention mas
 gets (sdpa honours zeros in the middle of a 2D mask; tests/test_generate.py checks it against
 one training forward). Slots that are dead in every row at the END of the cache are cropped
 (`cache.crop(-n)`), so batch 1 always crops and never carries a hole: its mask stays all ones
-and attention takes the same fast path as HF `generate()`.
+and attention takes the same fast path as HF `generate()`. Finished rows leave the batch and the
+cache (`batch_select_indices`) once they are a quarter of it, so a long row does not drag them along.
 
 The BT id is an argument (from `halluc.tokens.backtrack_id`, never `encode`); None means the
 model has no BT and this is plain decoding.
@@ -182,34 +183,36 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
                 use_cache=True, logits_to_keep=1, **cache_arg)
     slots = width  # cache length
 
+    # the rows still generating, in cache order: a finished row leaves (batch_select_indices)
+    batch, batch_prompts, batch_forced = list(rows), prompts, forced_tokens
     for step in range(max_new_tokens):
         logits = out.logits[:, -1, :]
         if verifier is not None:  # after an erasing run, the rewrite starts from the clean prefix's logits
-            restart = [r for r, row in enumerate(rows) if not row.done and row.erasing and not row.forced_bts
+            restart = [r for r, row in enumerate(batch) if not row.done and row.erasing and not row.forced_bts
                        and row.trace and row.trace[-1] == bt]
             if restart:
                 logits = logits.clone()
                 for r in restart:  # never a BT first: that would erase the clean prefix
-                    logits[r] = rows[r].step_logits
+                    logits[r] = batch[r].step_logits
                     logits[r, bt] = float("-inf")
-        guarded = _guarded(logits, rows, bt, guards)
+        guarded = _guarded(logits, batch, bt, guards)
         forced = set()
         if verifier is not None:
-            tokens = _choose_guided(guarded, rows, sampling, guide, step_ends, sample_rng)
-            forced = _steer(verifier, guide, rows, tokens, prompts, bt, eos, step_ends)
+            tokens = _choose_guided(guarded, batch, sampling, guide, step_ends, sample_rng)
+            forced = _steer(verifier, guide, batch, tokens, batch_prompts, bt, eos, step_ends)
         else:
             tokens = _choose(guarded, sampling, sample_rng).tolist()
 
         # Emit: forced tokens, forced BTs, then the visible bookkeeping of each row.
         logprobs = torch.log_softmax(logits.float(), dim=-1) if record_logprobs else None
-        for r, row in enumerate(rows):
+        for r, row in enumerate(batch):
             if row.done:
                 continue
             if forced_tokens is not None:
-                if step >= len(forced_tokens[r]):
+                if step >= len(batch_forced[r]):
                     row.done, row.stop = True, "forced_end"
                     continue
-                tokens[r] = forced_tokens[r][step]
+                tokens[r] = batch_forced[r][step]
             elif bt is not None and force_backtrack_rate > 0 and row.trace and row.trace[-1] != bt \
                     and force_rng.random() < force_backtrack_rate:
                 tokens[r] = bt
@@ -227,15 +230,23 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
                     row.done, row.stop = True, "stop_token"
             if row.resample_from is not None and tokens[r] != bt and tokens[r] in step_ends and not row.forced_bts:
                 row.resample_from = None
-            if forced_tokens is not None and not row.done and len(row.trace) >= len(forced_tokens[r]):
+            if forced_tokens is not None and not row.done and len(row.trace) >= len(batch_forced[r]):
                 row.done, row.stop = True, "forced_end"
-        if all(row.done for row in rows):
+        if all(row.done for row in batch):
             break
+        finished = [r for r, row in enumerate(batch) if row.done]
+        if len(finished) * 4 >= len(batch):  # finished rows leave the batch (and the cache) once they are a quarter
+            keep = [r for r, row in enumerate(batch) if not row.done]
+            cache.batch_select_indices(torch.tensor(keep, device=device))
+            alive = alive[keep]
+            batch, tokens = [batch[r] for r in keep], [tokens[r] for r in keep]
+            batch_prompts = [batch_prompts[r] for r in keep]
+            batch_forced = None if forced_tokens is None else [batch_forced[r] for r in keep]
 
         # Rewind: a normal token after a BT run closes the run; its slots and the erased
         # tokens' slots die, and the new token goes to the rewound position.
         any_dead = False
-        for r, row in enumerate(rows):
+        for r, row in enumerate(batch):
             if row.done:
                 continue
             if tokens[r] != bt and row.dead_after_run:
@@ -251,8 +262,8 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
             slots = _crop_dead_tail(cache, alive, slots)
 
         # Feed: every live row's new token takes slot `slots`.
-        pos = [0] * n
-        for r, row in enumerate(rows):
+        pos = [0] * len(batch)
+        for r, row in enumerate(batch):
             if row.done:
                 tokens[r] = pad  # a filler query nobody attends to
                 continue

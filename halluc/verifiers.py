@@ -1,8 +1,9 @@
 """One API for "is the text so far already wrong?" (issue 12), used by guided decoding, search and
 evaluation alike.
 
-A verifier is called with `[(prompt ids, visible response ids)]` and the batch rows they stand for,
-and returns P(the text so far is right) per item:
+A verifier is called with `[(prompt ids, visible response ids)]` and their rows in the generator's
+latest forward (finished rows leave that batch, so a row is not a prompt's index), and returns
+P(the text so far is right) per item:
 - `PRMVerifier`: a process reward model (halluc.prm) reads the text, scoring its last token;
 - `HeadVerifier`: the policy's verifier head (halluc.verifier_head) at the newest position of the
   forward the generator just ran, free (the rows' hidden states are already there);

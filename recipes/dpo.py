@@ -55,7 +55,7 @@ class Config:
     precompute_ref: bool = False          # sigmoid/ipo: reference log-probs once, cached (no live reference)
     lab: LabConfig = field(default_factory=LabConfig)
     tiny: ModelConfig = field(default_factory=ModelConfig)
-    base: Stage = field(default_factory=lambda: Stage(steps=1800, batch_size=32, lr=3e-3))
+    base: Stage = field(default_factory=lambda: Stage(steps=900, batch_size=32, lr=3e-3))
     sft: Stage = field(default_factory=lambda: Stage(steps=600, batch_size=32, lr=1e-3))  # the lab SFT model
     errors: ErrorConfig = field(default_factory=ErrorConfig)  # the lab SFT model's synthetic errors
     sampler: Sampler = field(default_factory=lambda: Sampler(problems=2500, per_problem=2))

@@ -51,7 +51,7 @@ class Config:
     data: TraceData = field(default_factory=TraceData)
     lab: LabConfig = field(default_factory=LabConfig)
     tiny: ModelConfig = field(default_factory=ModelConfig)
-    base: Stage = field(default_factory=lambda: Stage(steps=1800, batch_size=32, lr=3e-3))
+    base: Stage = field(default_factory=lambda: Stage(steps=900, batch_size=32, lr=3e-3))
     sft: Stage = field(default_factory=lambda: Stage(steps=600, batch_size=32, lr=1e-3))
     errors: ErrorConfig = field(default_factory=ErrorConfig)
     attention: Literal["causal", "block_errors"] = "causal"

@@ -62,7 +62,7 @@ class Config:
     seed: int = 0                          # data, splits, sampling, initialisation, order
     lab: LabConfig = field(default_factory=LabConfig)
     tiny: ModelConfig = field(default_factory=ModelConfig)
-    base: Stage = field(default_factory=lambda: Stage(steps=1800, batch_size=32, lr=3e-3))
+    base: Stage = field(default_factory=lambda: Stage(steps=900, batch_size=32, lr=3e-3))
     sft: Stage = field(default_factory=lambda: Stage(steps=600, batch_size=32, lr=1e-3))  # per round
     rounds: PositiveInt = 1
     round_examples: PositiveInt = 10000    # training examples per round (the mix's fractions of it)

@@ -20,7 +20,7 @@ def load_recipe_config(argv):
 def test_yaml_then_overrides():
     cfg = load_recipe_config(["sft.steps=7", "--errors.source", "random", "masked=false", "model=null"])
     assert cfg.sft.steps == 7 and cfg.errors.source == "random" and cfg.masked is False and cfg.model is None
-    assert cfg.base.steps == 1800  # from the YAML file
+    assert cfg.base.steps == 900  # from the YAML file
 
 
 def test_unknown_key_and_bad_type_are_named(tmp_path):

@@ -492,9 +492,13 @@ def test_kill_9_mid_dpo_then_resume_continues_from_the_checkpoint(tmp_path, sft_
                              text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     assert f"resuming from {out / 'checkpoint-4'}" in resumed.stdout + resumed.stderr
-    whole = tmp_path / "whole"
-    subprocess.run([sys.executable, "recipes/dpo.py", *args[:-2], f"output_dir={whole}", "lr=1e-2"], cwd=ROOT,
-                   check=True, capture_output=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    whole = tmp_path / "whole"  # the unbroken run, here on 1 thread like the subprocesses (the same float sums)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        load_script("recipes/dpo.py").main([*args[:-2], f"output_dir={whole}", "lr=1e-2"])
+    finally:
+        torch.set_num_threads(threads)
     losses = lambda d: [h["loss"] for h in json.loads((d / "train.json").read_text()) if "loss" in h]  # noqa: E731
     assert losses(out)[-3:] == pytest.approx(losses(whole)[-3:], abs=1e-5)  # steps 6-8 as in an unbroken run
 
@@ -516,10 +520,8 @@ def test_zero3_with_two_processes_trains_like_one_process(tmp_path, sft_dir):
     data.write_text("".join(json.dumps(r) + "\n" for r in _more_pairs(16)))
     common = [f"model={sft_dir}", f"data={data}", "steps=4", "lr=1e-2", "lab.test_size=4", "eval_max_new_tokens=8",
               "loss=tdpo2"]
+    load_script("recipes/dpo.py").main([*common, "batch_size=4", f"output_dir={tmp_path}/one"])  # one process: this one
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "recipes/dpo.py", *common, "batch_size=4", f"output_dir={tmp_path}/one"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    assert one.returncode == 0, one.stderr[-3000:]
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     two = subprocess.run([*launcher, "recipes/dpo.py", *common, "batch_size=2", "deepspeed=ds_configs/zero3.json",
                           f"output_dir={tmp_path}/two"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)

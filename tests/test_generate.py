@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 from conftest import load_script
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from halluc.attention import dense_mask, edit_tree, position_ids
 from halluc.evaluate import evaluate_problems, markdown_table, score_problem
@@ -103,31 +103,55 @@ def test_keep_matches_causal_forward(model):
         assert gen.token_forwards == len(prompt) + len(trace) - 1  # the last forced token is never fed
 
 
-def bt_rule_hook(model):
+def bt_rule_hook(model, ends: bool = False):
     """Make BT the argmax after inputs that are multiples of 4, and continue a run at
-    positions not divisible by 3: a deterministic mix of BT runs of different lengths."""
+    positions not divisible by 3: a deterministic mix of BT runs of different lengths. `ends`:
+    EOS after an input 2 mod 11 past position 12 too, so rows end at different steps."""
     def hook(module, args, kwargs, out):
         ids, pos = kwargs["input_ids"][:, -1], kwargs["position_ids"][:, -1]
         wants_bt = (ids % 4 == 0) | ((ids == BT) & (pos % 3 != 0))
         out.logits[:, -1, BT] += 10.0 * wants_bt
+        if ends:
+            out.logits[:, -1, EOS] += 20.0 * ((ids % 11 == 2) & (pos > 12))
         return out
     return model.register_forward_hook(hook, with_kwargs=True)
 
 
-@pytest.mark.parametrize("semantics", ["rewind", "keep"])
-def test_batched_equals_one_by_one(model, semantics):
+def spy_on_batch_select(monkeypatch, wrong: bool = False) -> list[list[int]]:
+    """Record which rows each `batch_select_indices` keeps (`wrong`: keep them in reverse order, a
+    negative control: each row would then continue from another row's cache)."""
+    calls, select = [], DynamicCache.batch_select_indices
+
+    def spy(cache, indices):
+        calls.append(indices.tolist())
+        return select(cache, indices.flip(0) if wrong else indices)
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", spy)
+    return calls
+
+
+def batched_and_single(model, semantics):
+    """8 prompts, greedy with the BT rule hook, rows ending at different steps."""
     rng = random.Random(3)
-    prompts = [[rng.randrange(2, BT) for _ in range(k)] for k in (3, 11, 6, 1)]
-    handle = bt_rule_hook(model)
+    prompts = [[rng.randrange(2, BT) for _ in range(k)] for k in (3, 11, 6, 1, 4, 8, 2, 5)]
+    handle = bt_rule_hook(model, ends=True)
     try:
         kw = dict(max_new_tokens=40, backtrack_id=BT, eos_token_id=EOS, semantics=semantics,
                   guards=LoopGuards(max_backtracks=100, max_backtracks_per_position=100), record_logits=True)
-        batched = generate(model, prompts, **kw)
-        single = [generate(model, [p], **kw)[0] for p in prompts]
+        return generate(model, prompts, **kw), [generate(model, [p], **kw)[0] for p in prompts]
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("semantics", ["rewind", "keep"])
+def test_batched_equals_one_by_one(model, semantics, monkeypatch):
+    """Each row of a batch generates what it generates alone, also after finished rows left the
+    batch and the cache (batch_select_indices)."""
+    selected = spy_on_batch_select(monkeypatch)
+    batched, single = batched_and_single(model, semantics)
+    assert selected and all(len(kept) < 8 for kept in selected)  # finished rows left mid-generation
+    assert {g.stop for g in batched} == {"eos", "length"}
     assert sum(g.n_backtracks for g in batched) > 10
-    assert len({tuple(g.trace) for g in batched}) == len(prompts)  # different BT patterns per row
+    assert len({tuple(g.trace) for g in batched}) == len(batched)  # different BT patterns per row
     for b, s in zip(batched, single):
         assert b.trace == s.trace and b.visible == s.visible == apply_backtrack(b.trace, BT)
         assert (b.n_backtracks, b.n_erased, b.token_forwards, b.stop) == (s.n_backtracks, s.n_erased,
@@ -135,6 +159,15 @@ def test_batched_equals_one_by_one(model, semantics):
         assert (torch.stack(b.logits) - torch.stack(s.logits)).abs().max() < 1e-4
         if semantics == "rewind":
             assert b.token_forwards == b.prompt_len + len(b.trace) - (b.stop == "length")
+
+
+@pytest.mark.parametrize("semantics", ["rewind", "keep"])
+def test_rows_continuing_from_the_wrong_cache_rows_are_caught(model, semantics, monkeypatch):
+    """Negative control of the test above: leaving finished rows with the rows misassigned changes
+    what the remaining rows generate."""
+    spy_on_batch_select(monkeypatch, wrong=True)
+    batched, single = batched_and_single(model, semantics)
+    assert any(b.trace != s.trace for b, s in zip(batched, single))
 
 
 def hf_greedy(model, prompts, max_new_tokens, eos):

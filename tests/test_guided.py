@@ -195,12 +195,13 @@ def test_the_head_scores_in_generation_equal_a_full_forward(policy):
     as the head over the finished text (solution_scores), at every step end."""
     model, tok, bt, problems = policy
     prompts = _prompts(tok, problems)[:8]
+    assert len(set(map(tuple, prompts))) == len(prompts)
     head = HeadVerifier(model)
-    seen: dict[int, list[float]] = {}
+    seen: dict[tuple, list[float]] = {}  # by prompt: `rows` are rows of the latest forward, not prompt indices
 
     def recording(items, rows):
-        for r, s in zip(rows, head(items, rows)):
-            seen.setdefault(r, []).append(s)
+        for (prompt, _), s in zip(items, head(items, rows)):
+            seen.setdefault(tuple(prompt), []).append(s)
         return [1.0] * len(items)  # never erase: the trace is the text
 
     gens = _run(model, tok, bt, prompts, recording, sampling=Sampling())
@@ -215,7 +216,7 @@ def test_the_head_scores_in_generation_equal_a_full_forward(policy):
         if cur and g.stop == "eos":
             steps.append(cur)
         want = solution_scores("head", model, [prompts[r]], [steps])[0]
-        torch.testing.assert_close(torch.tensor(seen.get(r, [])), torch.tensor(want), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(seen.get(tuple(prompts[r]), [])), torch.tensor(want), atol=1e-4, rtol=1e-4)
 
 
 def _contexts(g, prompt, bt, ends, semantics, erase, own_pairs_leave=True, rewrite_from_bt=True):
@@ -278,6 +279,25 @@ def _contexts(g, prompt, bt, ends, semantics, erase, own_pairs_leave=True, rewri
     return plain, same, hits
 
 
+@torch.no_grad()
+def last_logits(model, contexts: list[list[int]]) -> list[torch.Tensor]:
+    """The logits after each context, from one plain causal forward per context that is not a prefix of
+    another (a causal model's logits at a position see only the tokens before it). Sorted, a context is
+    a prefix of another exactly when it is a prefix of the next one; rows are right padded (never seen)."""
+    order = sorted(range(len(contexts)), key=lambda k: contexts[k])
+    row_of, rows, after = {}, [], None
+    for k in reversed(order):
+        if after is not None and contexts[after][:len(contexts[k])] == contexts[k]:
+            row_of[k] = row_of[after]
+        else:
+            row_of[k] = len(rows)
+            rows.append(contexts[k])
+        after = k
+    width = max(map(len, rows))
+    logits = model(input_ids=torch.tensor([r + [0] * (width - len(r)) for r in rows])).logits
+    return [logits[row_of[k], len(c) - 1] for k, c in enumerate(contexts)]
+
+
 # Sampled traces differ from machine to machine (float sums in other orders flip samples), so the test
 # below samples many (2 semantics x 2 erase modes x 2 BT biases x 6 seeds x 12 prompts = 48 runs) and
 # asserts that every rule applied. Counts on one machine (measured / asserted minimum): erasing runs
@@ -310,13 +330,9 @@ def test_the_cache_after_a_verifiers_runs_equals_a_forward_over_the_kept_text(po
             hits += h
             hits["rows at the own-BT cap"] += g.n_backtracks - sum(run["n"] for run in _replay(g, bt, ends)[0]) \
                 >= OWN_BT_CAP
-            contexts = list(plain.items())
-            if contexts:
-                with torch.no_grad():  # one forward for all contexts, right padded (causal: pads are never seen)
-                    width = max(len(c) for _, c in contexts)
-                    logits = model(input_ids=torch.tensor([c + [0] * (width - len(c)) for _, c in contexts])).logits
-                for k, (i, c) in enumerate(contexts):
-                    worst = max(worst, float((g.logits[i] - logits[k, len(c) - 1])[not_bt].abs().max()))
+            if plain:
+                for i, replayed in zip(plain, last_logits(model, list(plain.values()))):
+                    worst = max(worst, float((g.logits[i] - replayed)[not_bt].abs().max()))
             for i, j in same.items():
                 worst = max(worst, float((g.logits[i] - g.logits[j])[not_bt].abs().max()))
         return worst, hits

@@ -55,10 +55,15 @@ def test_tiny_sweep_runs_reports_and_resumes(tmp_path):
     again = sweep(spec, "--out", out, "--jobs", "2")
     assert again.returncode == 0 and "8 runs: 8 finished already, 0 to run" in again.stdout
     assert [p.stat().st_mtime for p in evals] == stamps
-    # a killed sweep: a run without eval.json runs again, the others are kept
-    (out / "swapped/masked/seed-1/eval.json").unlink()
-    resumed = sweep(spec, "--out", out, "--jobs", "2")
+    # a killed sweep: a run without eval.json runs again, the others are kept. The runs above were
+    # forked from the runner (Linux, CPU torch); this one runs in its own process and must measure
+    # exactly what its forked twin measured
+    killed = out / "swapped/masked/seed-1/eval.json"
+    forked = json.loads(killed.read_text())["after"]
+    killed.unlink()
+    resumed = sweep(spec, "--out", out, "--jobs", "2", "--launch", "process")
     assert "8 runs: 7 finished already, 1 to run" in resumed.stdout and "done   swapped/masked/seed-1" in resumed.stdout
+    assert json.loads(killed.read_text())["after"] == forked
     assert len((out / "wall.jsonl").read_text().splitlines()) == 3
     # an arm edited since is not finished: its runs would run again (the others stay finished)
     runner = load_script("tools/sweep.py")

@@ -51,8 +51,9 @@ def test_recipe_end_to_end_tiny(tmp_path):
     """The recipe with a tiny configuration: base, eval, SFT, eval, checkpoint, TensorBoard, JSON."""
     recipe = load_script("recipes/masked_sft.py")
     report = recipe.main([f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}/cache", "base.steps=30",
-                          "sft.steps=20", "attention=block_errors", "positions=rewound", "pack=256", "lab.train_size=400", "lab.sft_size=200", "lab.test_size=16",
-                          "tiny.hidden=32", "eval_max_new_tokens=40"])
+                          "sft.steps=20", "attention=block_errors", "positions=rewound", "pack=256", "lab.train_size=400",
+                          "lab.sft_size=200", "lab.test_size=16", "tiny.hidden=32", "eval_max_new_tokens=40",
+                          "base.batch_size=8", "sft.batch_size=8"])  # 8 packed rows: ~40 examples a step
     out = tmp_path / "out"
     saved = json.loads((out / "eval.json").read_text())
     config = json.loads((out / "checkpoint" / "config.json").read_text())
@@ -78,7 +79,7 @@ def test_recipe_end_to_end_tiny(tmp_path):
     # the second run reuses the cached base
     again = recipe.main([f"output_dir={tmp_path}/out2", f"cache_dir={tmp_path}/cache", "base.steps=30",
                          "sft.steps=2", "lab.train_size=400", "lab.sft_size=200", "lab.test_size=16",
-                         "tiny.hidden=32", "eval_max_new_tokens=40", "pack=256"])  # the base's settings
+                         "tiny.hidden=32", "eval_max_new_tokens=40", "pack=256", "base.batch_size=8"])  # the base's settings
     assert again["before"] == report["before"]
 
 

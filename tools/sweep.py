@@ -188,7 +188,7 @@ def execute(sweep: Sweep, runs: list[Run], jobs: int, launch: str = "auto") -> l
     leader_done: dict[int, bool] = {}  # a finished run of the seed left its base in the cache
     for r in runs:
         leader_done[r.seed] = leader_done.get(r.seed, False) or r.finished
-    fork = launch == "fork" or (launch == "auto" and can_fork())
+    fork = bool(todo) and (launch == "fork" or (launch == "auto" and can_fork()))
     if fork:
         import halluc.train  # noqa: F401  (what every run imports first: the children start with it)
         tqdm_module.tqdm.monitor_interval = 0  # no monitor thread in the parent: forked children get none

@@ -10,6 +10,7 @@ named; then each settings dataclass's `check()` rejects combinations that cannot
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import types
@@ -74,16 +75,37 @@ def load_config(cls, argv: list[str] | None = None, default_file: str | None = N
     return cfg
 
 
+CHECK_SETTINGS = "--check-settings"
+
+
 def run_recipe(load, train, argv: list[str] | None = None):
     """A recipe's command line: the launcher's arguments stripped (the deepspeed launcher adds
-    --local_rank), the settings loaded and checked by `load`, logging on, then `train(cfg)`."""
+    --local_rank), the settings loaded and checked by `load`, logging on, then `train(cfg)`.
+    `RECIPE --check-settings` trains nothing: see `check_settings_lines`."""
     import logging
 
     from halluc.distributed import strip_launcher_args
 
-    cfg = load(strip_launcher_args(sys.argv[1:] if argv is None else argv))
+    args = strip_launcher_args(sys.argv[1:] if argv is None else argv)
+    if args == [CHECK_SETTINGS]:
+        return check_settings_lines(load)
+    cfg = load(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     return train(cfg)
+
+
+def check_settings_lines(load, lines=None, out=None) -> None:
+    """For tools that plan many runs of a recipe (tools/sweep.py) without importing it: every input
+    line is one run's arguments as a JSON list; every output line is {"settings": the effective
+    settings, flat} or {"error": why they fail}, in order. No ML library loads."""
+    for line in lines if lines is not None else sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            result = {"settings": flat_dict(json.loads(json.dumps(as_dict(load(json.loads(line))))))}
+        except SystemExit as e:
+            result = {"error": str(e)}
+        print(json.dumps(result), file=out or sys.stdout, flush=True)
 
 
 def _check(cfg, where: str, prefix: str = "") -> None:

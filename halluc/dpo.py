@@ -202,6 +202,7 @@ def precomputed_reference(reference, rows: list[dict], backend: str, cache_dir, 
     GPU, fp32 on CPU)."""
     import numpy as np
 
+    from halluc.artifacts import build_once, write_whole
     from halluc.distributed import is_main
     from halluc.lora import fingerprint
 
@@ -210,17 +211,14 @@ def precomputed_reference(reference, rows: list[dict], backend: str, cache_dir, 
     for r in rows:
         for key in ("input_ids", "labels", "attn_end", "position_ids", "pred_pos", "branch_ids", "unit_starts"):
             digest.update(np.asarray(r[key], dtype=np.int64).tobytes())
-    cache = Path(cache_dir) / f"ref-logps-{digest.hexdigest()[:16]}.json"
-    if cache.exists():
-        log.info("reference log-probs from %s", cache)
-        values = json.loads(cache.read_text())
-    else:
-        values = reference_log_probs(reference, rows, backend, batch_size, device)
-        if is_main():
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps(values))
-            tmp.replace(cache)
+    cache = Path(cache_dir) / f"ref-logps-{digest.hexdigest()[:16]}.json"  # its own key: the rows' tokens, streamed
+    with build_once(cache, what="the reference log-probs") as build:  # every rank computes, rank 0 writes
+        if build:
+            values = reference_log_probs(reference, rows, backend, batch_size, device)
+            if is_main():
+                write_whole(cache, json.dumps(values))
+        else:
+            values = json.loads(cache.read_text())
     out, i = [], 0
     for r in rows:
         n = len(r["unit_starts"])

@@ -51,6 +51,7 @@ from transformers import DynamicCache
 from halluc.decoding import SEMANTICS, Guide, LoopGuards, Sampling  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
+LEAVE_AT = 0.25  # finished rows leave the batch once they are this share of it (a copy of the cache)
 
 @dataclass
 class Generation:
@@ -184,7 +185,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
     slots = width  # cache length
 
     # the rows still generating, in cache order: a finished row leaves (batch_select_indices)
-    batch, batch_prompts, batch_forced = list(rows), prompts, forced_tokens
+    batch, batch_prompts, batch_forced, batch_at = list(rows), prompts, forced_tokens, list(range(n))
     for step in range(max_new_tokens):
         logits = out.logits[:, -1, :]
         if verifier is not None:  # after an erasing run, the rewrite starts from the clean prefix's logits
@@ -198,10 +199,10 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
         guarded = _guarded(logits, batch, bt, guards)
         forced = set()
         if verifier is not None:
-            tokens = _choose_guided(guarded, batch, sampling, guide, step_ends, sample_rng)
+            tokens = _choose_guided(guarded, batch, sampling, guide, step_ends, sample_rng, (n, batch_at))
             forced = _steer(verifier, guide, batch, tokens, batch_prompts, bt, eos, step_ends)
         else:
-            tokens = _choose(guarded, sampling, sample_rng).tolist()
+            tokens = _choose(guarded, sampling, sample_rng, (n, batch_at)).tolist()
 
         # Emit: forced tokens, forced BTs, then the visible bookkeeping of each row.
         logprobs = torch.log_softmax(logits.float(), dim=-1) if record_logprobs else None
@@ -234,12 +235,12 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
                 row.done, row.stop = True, "forced_end"
         if all(row.done for row in batch):
             break
-        finished = [r for r, row in enumerate(batch) if row.done]
-        if len(finished) * 4 >= len(batch):  # finished rows leave the batch (and the cache) once they are a quarter
+        finished = sum(row.done for row in batch)
+        if finished and finished >= LEAVE_AT * len(batch):  # finished rows leave the batch and the cache
             keep = [r for r, row in enumerate(batch) if not row.done]
             cache.batch_select_indices(torch.tensor(keep, device=device))
             alive = alive[keep]
-            batch, tokens = [batch[r] for r in keep], [tokens[r] for r in keep]
+            batch, tokens, batch_at = [batch[r] for r in keep], [tokens[r] for r in keep], [batch_at[r] for r in keep]
             batch_prompts = [batch_prompts[r] for r in keep]
             batch_forced = None if forced_tokens is None else [batch_forced[r] for r in keep]
 
@@ -295,7 +296,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
 
 
 def _choose_guided(logits: torch.Tensor, rows: list[_Row], sampling: Sampling, guide: Guide, step_ends,
-                   rng: torch.Generator) -> list[int]:
+                   rng: torch.Generator, draws: tuple[int, list[int]] | None = None) -> list[int]:
     """The next tokens when a verifier guides: rows rewriting an erased step are resampled
     (temperature) or have a verbatim repeat of an erased version banned; the rest as usual."""
     rewriting = [r for r, row in enumerate(rows) if not row.done and row.resample_from is not None]
@@ -304,7 +305,7 @@ def _choose_guided(logits: torch.Tensor, rows: list[_Row], sampling: Sampling, g
         if banned:
             logits = logits.clone()
             logits[[r for r, _ in banned], [t for _, t in banned]] = float("-inf")
-    tokens = _choose(logits, sampling, rng)
+    tokens = _choose(logits, sampling, rng, draws)
     if rewriting and guide.resample == "sample":
         hot = Sampling(guide.temperature, sampling.top_p, sampling.seed)
         tokens[rewriting] = _choose(logits[rewriting], hot, rng)
@@ -418,7 +419,11 @@ def _guarded(logits: torch.Tensor, rows: list[_Row], bt: int | None, guards: Loo
     return logits
 
 
-def _choose(logits: torch.Tensor, sampling: Sampling, rng: torch.Generator) -> torch.Tensor:
+def _choose(logits: torch.Tensor, sampling: Sampling, rng: torch.Generator,
+            draws: tuple[int, list[int]] | None = None) -> torch.Tensor:
+    """Greedy, or a sample of softmax(logits / T) (top-p). `draws` = (rows of the whole batch, the rows
+    these logits are): the random numbers are drawn for the whole batch and these rows take theirs,
+    so a row samples the same whether finished rows have left the batch or not."""
     if sampling.temperature <= 0:
         return logits.argmax(-1)
     scaled = logits.float() / sampling.temperature
@@ -429,7 +434,12 @@ def _choose(logits: torch.Tensor, sampling: Sampling, rng: torch.Generator) -> t
         drop = probs.cumsum(-1) - probs >= sampling.top_p
         sorted_logits[drop] = float("-inf")
         scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(scaled.softmax(-1), 1, generator=rng)[:, 0]
+    probs = scaled.softmax(-1)
+    # torch.multinomial(probs, 1) is argmax(probs / q), q ~ Exp(1) drawn for every entry (the same
+    # numbers from the same generator state); drawn here for the whole batch, then this batch's rows
+    n, rows = draws if draws is not None else (len(probs), None)
+    q = torch.empty((n, probs.shape[-1]), dtype=probs.dtype, device=probs.device).exponential_(1, generator=rng)
+    return (probs / (q if rows is None else q[rows])).argmax(-1)
 
 
 def _cache_kwarg(model) -> str:

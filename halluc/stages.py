@@ -7,18 +7,15 @@ Under several processes every rank trains; only rank 0 evaluates and writes file
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from halluc.artifacts import artifact_path, build_once, write_whole
 from halluc.checkpoint import resume_from, save_full
 from halluc.config import Stage, as_dict
 from halluc.data import build_sft_dataset
@@ -103,39 +100,24 @@ def lab_base_model(lab: LabConfig, tiny: ModelConfig, stage: Stage, train_proble
     # everything the base's weights depend on (the global batch through the number of processes)
     key = json.dumps([base_settings(lab), as_dict(tiny), as_dict(stage), run.seed, run.pack, max_len, world_size()],
                      sort_keys=True)
-    cached = Path(cache_dir) / f"base-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(cached.with_suffix(".lock")):
-        if (cached / "train.json").exists():  # written last: a base killed while saving is trained again
-            log.info("reusing the cached base model %s", cached)
-            return load_causal_lm(str(cached)), AutoTokenizer.from_pretrained(cached), cached
-        tokenizer = lab_tokenizer(train_problems, tiny.vocab_size)
-        model = tiny_llama(len(tokenizer), tiny.hidden, tiny.layers, tiny.heads, init_range=tiny.init_range,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        log.info("training the tiny base (%.2fM params) on clean %s for %d steps", model.num_parameters() / 1e6,
-                 lab.task, stage.steps)
-        data = build_sft_dataset(train_problems, tokenizer, ErrorConfig(source="none"), None, max_len=max_len,
-                                 num_proc=num_proc, seed=run.seed)
-        trainer = train_stage(model, data, stage, str(cached) + ".run", run, tokenizer=tokenizer)
-        save_full(trainer, tokenizer, cached)
-        (cached / "train.json").write_text(json.dumps(train_history(trainer)))
+    cached = artifact_path(cache_dir, "base", key)
+    with build_once(cached, "train.json", what="the cached base model") as build:  # train.json: written last
+        if build:
+            tokenizer = lab_tokenizer(train_problems, tiny.vocab_size)
+            model = tiny_llama(len(tokenizer), tiny.hidden, tiny.layers, tiny.heads, init_range=tiny.init_range,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            log.info("training the tiny base (%.2fM params) on clean %s for %d steps", model.num_parameters() / 1e6,
+                     lab.task, stage.steps)
+            data = build_sft_dataset(train_problems, tokenizer, ErrorConfig(source="none"), None, max_len=max_len,
+                                     num_proc=num_proc, seed=run.seed)
+            trainer = train_stage(model, data, stage, str(cached) + ".run", run, tokenizer=tokenizer)
+            save_full(trainer, tokenizer, cached)
+            (cached / "train.json").write_text(json.dumps(train_history(trainer)))
+    if not build:
+        return load_causal_lm(str(cached)), AutoTokenizer.from_pretrained(cached), cached
     if run.deepspeed:  # continue from the saved weights (under ZeRO-3 memory holds only shards)
         model = load_causal_lm(str(cached))
     return model, tokenizer, cached
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive file lock (one process; under a launcher every rank trains together instead)."""
-    if world_size() > 1:
-        yield
-        return
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def evaluate_on_main(model, tokenizer, splits: dict, task, max_new_tokens: int, label: str,
@@ -144,25 +126,23 @@ def evaluate_on_main(model, tokenizer, splits: dict, task, max_new_tokens: int, 
     evaluations); None on the other ranks. With cache_dir (a cached base model's folder), reuse
     or write the results there: the base's evaluation is the same for every arm of a sweep.
     The file is keyed by the settings and the scoring code's hash."""
+    def evaluate() -> dict:
+        model.eval()
+        return {name: evaluate_problems(model, tokenizer, problems, task, max_new_tokens, desc=f"eval {label} {name}")
+                for name, problems in splits.items()}
+
     results = None
-    cache_file = None
-    if cache_dir is not None:
+    if is_main() and cache_dir is None:
+        results = evaluate()
+    elif is_main():
         problems = json.dumps({k: [p.prompt for p in v] for k, v in sorted(splits.items())})
-        key = f"{max_new_tokens}-{problems}-{evaluation_version()}"
-        cache_file = Path(cache_dir) / f"eval-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
-    if is_main():
-        if cache_file is not None and Path(cache_file).exists():
-            log.info("reusing the evaluation in %s", cache_file)
-            results = json.loads(Path(cache_file).read_text())
-        else:
-            model.eval()
-            results = {name: evaluate_problems(model, tokenizer, problems, task, max_new_tokens,
-                                               desc=f"eval {label} {name}")
-                       for name, problems in splits.items()}
-            if cache_file is not None:  # written whole or not at all: a run reading it never sees half
-                tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-                tmp.write_text(json.dumps(results))
-                os.replace(tmp, cache_file)
+        cache_file = artifact_path(cache_dir, "eval", f"{max_new_tokens}-{problems}-{evaluation_version()}", ".json")
+        with build_once(cache_file, what="the evaluation") as build:
+            if build:
+                results = evaluate()
+                write_whole(cache_file, json.dumps(results))
+            else:
+                results = json.loads(cache_file.read_text())
     barrier()
     return results
 
@@ -260,44 +240,3 @@ def finish_run(out: Path, cfg, report: dict, step: int, label: str) -> dict:
     if examples := backtrack_samples(report["after"]):
         print("\nsamples that backtracked (⌫ = one BT):\n" + examples)
     return report
-
-
-# --------------------------------------------------------------------------- the lab's masked SFT model
-
-SFT_SHARED = ("seed", "lab", "tiny", "base", "sft", "errors", "attention", "positions", "backend", "num_proc",
-              "deepspeed", "eval_max_new_tokens")
-
-
-def lab_sft_model(cfg, extra: dict | None = None) -> tuple[str, dict]:
-    """(checkpoint folder, evaluation) of the lab's masked SFT model: recipes/masked_sft.py with this
-    run's SFT_SHARED settings (and `extra` masked_sft settings, e.g. verifier_head_weight), the rest
-    its defaults, trained once per settings under cfg.cache_dir. Later recipes (dpo, prm) start from it."""
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("masked_sft", Path(__file__).parents[1] / "recipes" / "masked_sft.py")
-    masked_sft = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("masked_sft", masked_sft)
-    spec.loader.exec_module(masked_sft)
-    # max_len stays masked_sft's own, so the lab default starts from the main job's model (and shares its base)
-    settings = {name: as_dict(getattr(cfg, name)) if dataclasses.is_dataclass(getattr(cfg, name))
-                else getattr(cfg, name) for name in SFT_SHARED}
-    if world_size() > 1:  # batch sizes are per process (one process keeps the keys made before this)
-        settings["world_size"] = world_size()
-    settings.update(extra or {})  # only when given: the keys of plain SFT models stay what they were
-    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    folder = Path(cfg.cache_dir) / f"sft-{key}"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(folder.with_suffix(".lock")):
-        if not (folder / "eval.json").exists():  # written last
-            log.info("training the lab's masked SFT model into %s", folder)
-            sft_cfg = masked_sft.Config(output_dir=str(folder), cache_dir=cfg.cache_dir, overwrite=True)
-            for name in SFT_SHARED:
-                setattr(sft_cfg, name, getattr(cfg, name))
-            for name, value in (extra or {}).items():
-                setattr(sft_cfg, name, value)
-            masked_sft.train(sft_cfg)
-        else:
-            log.info("reusing the lab's masked SFT model %s", folder)
-    barrier()
-    return str(folder / "checkpoint"), json.loads((folder / "eval.json").read_text())["after"]

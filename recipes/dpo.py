@@ -116,8 +116,8 @@ def train(cfg: Config) -> dict | None:
     from halluc.lora import apply_lora, base_identity
     from halluc.model import load_causal_lm
     from halluc.pairs import load_pairs, pair_rows
-    from halluc.stages import (RunSettings, evaluate_on_main, finish_run, lab_sft_model, start_run, train_history,
-                               train_stage)
+    from halluc.sft import lab_sft_model
+    from halluc.stages import RunSettings, evaluate_on_main, finish_run, start_run, train_history, train_stage
     from halluc.tasks import get_task
     from halluc.tokens import backtrack_id, has_backtrack, load_tokenizer
 
@@ -214,19 +214,19 @@ def own_pairs(cfg: Config, start: str, model, tokenizer, task, problems, bt_id) 
     made once per (model weights, sampler settings, seed) under cache_dir."""
     import random
 
-    from halluc.distributed import is_main, local_device, wait_for_file
+    from halluc.distributed import local_device
     from halluc.generate import Sampling
     from halluc.lora import fingerprint
     from halluc.own_errors import make_round, save_round
-    from halluc.stages import file_lock
+    from halluc.artifacts import artifact_path, build_once
 
     s = cfg.sampler
     # everything the pairs depend on: the weights, the sampler, the seed, the problems, the task
     key = json.dumps([fingerprint(model), as_dict(s), cfg.seed, cfg.max_len, as_dict(cfg.lab),
                       hashlib.sha1("\n".join(p.prompt for p in problems).encode()).hexdigest()])
-    folder = Path(cfg.cache_dir) / f"pairs-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-    with file_lock(folder.with_suffix(".lock")):
-        if is_main() and not (folder / "stats.json").exists():
+    folder = artifact_path(cfg.cache_dir, "pairs", key)
+    with build_once(folder, "stats.json", ranks="main", what="the pairs from the model's own errors") as build:
+        if build:
             pick = random.Random(cfg.seed).sample(range(len(problems)), min(s.problems, len(problems)))
             model.eval().to(local_device())
             rows, pairs, stats = make_round(model, tokenizer, task, [problems[i] for i in pick], k=s.k,
@@ -238,9 +238,6 @@ def own_pairs(cfg: Config, start: str, model, tokenizer, task, problems, bt_id) 
                                  "give data=pairs")
             save_round(folder, rows, pairs, stats)
             log.info("pairs from the model's own errors: %s", json.dumps(stats.as_dict()))
-        elif is_main():
-            log.info("reusing the pairs in %s", folder)
-    wait_for_file(folder / "stats.json", "the pairs from the model's own errors")
     return str(folder / "pairs")
 
 

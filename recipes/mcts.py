@@ -103,7 +103,8 @@ def train(cfg: Config) -> dict | None:
     from halluc.lab import lab_splits
     from halluc.mcts import load_trees, save_trees, search
     from halluc.model import load_causal_lm
-    from halluc.stages import lab_sft_model, start_run
+    from halluc.sft import lab_sft_model
+    from halluc.stages import start_run
     from halluc.tasks import get_task
     from halluc.tokens import load_tokenizer
 

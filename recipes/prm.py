@@ -144,7 +144,8 @@ def train(cfg: Config) -> dict | None:
     from halluc.generate import Guide, Sampling
     from halluc.lab import lab_splits
     from halluc.model import load_causal_lm
-    from halluc.stages import evaluate_on_main, finish_run, lab_sft_model, start_run
+    from halluc.sft import lab_sft_model
+    from halluc.stages import evaluate_on_main, finish_run, start_run
     from halluc.tasks import get_task
     from halluc.tokens import load_tokenizer
     from halluc.verifier_head import load_head
@@ -238,21 +239,20 @@ def train(cfg: Config) -> dict | None:
 def step_rows(cfg: Config, policy, tokenizer, task, splits) -> tuple[list, list, dict]:
     """(train rows, held-out rows, their statistics): data= / test_data=, or labelled here from the
     lab and cached under cache_dir by (policy weights, settings, problems)."""
-    from halluc.distributed import is_main, local_device, wait_for_file
+    from halluc.artifacts import artifact_path, build_once
+    from halluc.distributed import local_device
     from halluc.generate import Sampling
     from halluc.lora import fingerprint
     from halluc.prm import read_stepwise, write_stepwise
-    from halluc.stages import file_lock
     from halluc.step_labels import agreement, labelled_solutions, rollout_labels
 
     s = cfg.step_data
     if cfg.data and (cfg.test_data or cfg.verifier == "oracle"):
         return read_stepwise(cfg.data), read_stepwise(cfg.test_data) if cfg.test_data else [], {"data": cfg.data}
     key = json.dumps([fingerprint(policy), as_dict(s), cfg.seed, as_dict(cfg.lab), cfg.eval_max_new_tokens])
-    folder = Path(cfg.cache_dir) / f"steps-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(folder.with_suffix(".lock")):
-        if is_main() and not (folder / "stats.json").exists():
+    folder = artifact_path(cfg.cache_dir, "steps", key)
+    with build_once(folder, "stats.json", ranks="main", what="the labelled solutions") as build:
+        if build:
             sampling = Sampling(s.temperature, 1.0, cfg.seed)
             policy.eval().to(local_device())
             stats = {}
@@ -276,7 +276,6 @@ def step_rows(cfg: Config, policy, tokenizer, task, splits) -> tuple[list, list,
             write_stepwise(folder / "test.jsonl", made["test"])
             (folder / "stats.json").write_text(json.dumps(stats, indent=1))
             log.info("labelled solutions in %s: %s", folder, json.dumps(stats))
-    wait_for_file(folder / "stats.json", "the labelled solutions")
     stats = json.loads((folder / "stats.json").read_text())
     train_rows = read_stepwise(cfg.data) if cfg.data else read_stepwise(folder / "train.jsonl")
     test_rows = read_stepwise(cfg.test_data) if cfg.test_data else read_stepwise(folder / "test.jsonl")
@@ -299,7 +298,8 @@ def train_prm(cfg: Config, policy, policy_dir: str, tokenizer, rows: list[dict])
     from halluc.prm import StepClassification, StepCollator, load_prm, prm_example
     from halluc.distributed import world_size
     from halluc.lora import fingerprint
-    from halluc.stages import RunSettings, file_lock, train_history, train_stage
+    from halluc.artifacts import artifact_path, build_once
+    from halluc.stages import RunSettings, train_history, train_stage
 
     base = cfg.prm_base or policy_dir
     if cfg.prm_base:
@@ -316,13 +316,12 @@ def train_prm(cfg: Config, policy, policy_dir: str, tokenizer, rows: list[dict])
     base_key = fingerprint(policy) if base == policy_dir else [str(base), _weights_stamp(base)]
     settings = [data_key, base_key, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed, as_dict(cfg.lora), cfg.deepspeed,
                 world_size()]
-    folder = Path(cfg.cache_dir) / f"prm-{hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:10]}"
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder = artifact_path(cfg.cache_dir, "prm", json.dumps(settings))
     # the PRM runs its own plain causal forward (StepClassification): the native backend, rows unpacked
     run = RunSettings(seed=cfg.seed, backend="native", pack=0, deepspeed=cfg.deepspeed, save_steps=cfg.save_steps,
                       save_total_limit=cfg.save_total_limit, resume=cfg.resume)
-    with file_lock(folder.with_suffix(".lock")):
-        if not (folder / "train.json").exists():
+    with build_once(folder, "train.json", what="the trained PRM") as build:  # train.json: written last
+        if build:
             model = load_prm(base, new_head=True)
             record_training(model, recipe="prm", labels=cfg.step_data.labels, seed=cfg.seed)
             if cfg.lora.enabled:
@@ -344,8 +343,6 @@ def train_prm(cfg: Config, policy, policy_dir: str, tokenizer, rows: list[dict])
             if is_main():
                 (folder / "train.json").write_text(json.dumps(train_history(trainer)))
                 (folder / "log_history.json").write_text(json.dumps(trainer.state.log_history))
-        else:
-            log.info("reusing the trained PRM %s", folder)
     barrier()
     return str(folder), json.loads((folder / "train.json").read_text())
 

@@ -49,7 +49,7 @@ def shared_dir(tmp_path_factory) -> Path:
 def once(path: Path):
     """Build what lives at `path` once per run: workers take the recipes' exclusive file lock, the
     first builds, the others wait and find it built."""
-    from halluc.stages import file_lock
+    from halluc.artifacts import file_lock
 
     with file_lock(Path(f"{path}.lock")):
         yield path.exists()

@@ -129,10 +129,14 @@ def spy_on_batch_select(monkeypatch, wrong: bool = False) -> list[list[int]]:
     return calls
 
 
+def ending_prompts():
+    rng = random.Random(3)
+    return [[rng.randrange(2, BT) for _ in range(k)] for k in (3, 11, 6, 1, 4, 8, 2, 5)]
+
+
 def batched_and_single(model, semantics):
     """8 prompts, greedy with the BT rule hook, rows ending at different steps."""
-    rng = random.Random(3)
-    prompts = [[rng.randrange(2, BT) for _ in range(k)] for k in (3, 11, 6, 1, 4, 8, 2, 5)]
+    prompts = ending_prompts()
     handle = bt_rule_hook(model, ends=True)
     try:
         kw = dict(max_new_tokens=40, backtrack_id=BT, eos_token_id=EOS, semantics=semantics,
@@ -140,6 +144,55 @@ def batched_and_single(model, semantics):
         return generate(model, prompts, **kw), [generate(model, [p], **kw)[0] for p in prompts]
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("semantics", ["rewind", "keep"])
+def test_a_sampled_row_is_the_same_whether_finished_rows_leave_or_not(model, semantics, monkeypatch):
+    """Sampling draws its random numbers for the whole batch, so finished rows leaving the batch
+    (generate.LEAVE_AT) changes no sample: the same traces and logits as a batch that keeps them."""
+    import halluc.generate as generation
+
+    def run(seed):
+        handle = bt_rule_hook(model, ends=True)
+        try:
+            return generate(model, ending_prompts(), max_new_tokens=40, backtrack_id=BT, eos_token_id=EOS,
+                            semantics=semantics, sampling=Sampling(1.0, 0.95, seed), record_logits=True,
+                            guards=LoopGuards(max_backtracks=100, max_backtracks_per_position=100))
+        finally:
+            handle.remove()
+
+    selected = spy_on_batch_select(monkeypatch)
+    leaving = {seed: run(seed) for seed in range(3)}
+    assert selected and {g.stop for gens in leaving.values() for g in gens} == {"eos", "length"}
+    monkeypatch.setattr(generation, "LEAVE_AT", 2.0)  # finished rows stay to the end
+    for seed, gens in leaving.items():
+        staying = run(seed)
+        assert [g.trace for g in gens] == [g.trace for g in staying]
+        for a, b in zip(gens, staying):
+            assert (torch.stack(a.logits) - torch.stack(b.logits)).abs().max() < 1e-4
+    assert len({tuple(g.trace) for gens in leaving.values() for g in gens}) > 8  # the seeds sample differently
+
+
+def test_drawing_only_for_the_rows_left_would_change_samples(model, monkeypatch):
+    """Negative control of the test above: random numbers drawn for the rows still in the batch (as
+    torch.multinomial on the smaller batch would) change what the rows sample after others finished."""
+    import halluc.generate as generation
+
+    choose = generation._choose
+    monkeypatch.setattr(generation, "_choose", lambda logits, sampling, rng, draws=None: choose(logits, sampling, rng))
+
+    def run(seed):
+        handle = bt_rule_hook(model, ends=True)
+        try:
+            return generate(model, ending_prompts(), max_new_tokens=40, backtrack_id=BT, eos_token_id=EOS,
+                            sampling=Sampling(1.0, 0.95, seed),
+                            guards=LoopGuards(max_backtracks=100, max_backtracks_per_position=100))
+        finally:
+            handle.remove()
+
+    leaving = [run(seed) for seed in range(3)]
+    monkeypatch.setattr(generation, "LEAVE_AT", 2.0)
+    assert any([g.trace for g in gens] != [g.trace for g in run(seed)] for seed, gens in enumerate(leaving))
 
 
 @pytest.mark.parametrize("semantics", ["rewind", "keep"])

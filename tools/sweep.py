@@ -10,7 +10,7 @@ On Linux with a CPU build of torch (`--launch auto`), the runner imports the tra
 and forks each run from itself: a run then skips the ~4.5 s of imports a new process pays (most of
 a tiny run). `--launch process` starts each run as that command line (GPU builds always do: a
 forked child cannot use CUDA its parent touched); both give the same results (tests/test_sweep.py).
-Every run's settings are checked before anything starts (the recipe's `load`, about a second).
+Every run's settings are checked before anything starts (`RECIPE --check-settings`, about a second).
 A run whose folder holds eval.json made with the run's settings is finished and skipped, so a
 killed sweep resumes where it stopped (an interrupted run, or an arm edited since, runs again). Runs of one seed share the cached lab base, so the
 first run of each seed goes first and the others of that seed wait for it. `--jobs` runs go at
@@ -24,7 +24,6 @@ with every seed's own value. "base" is what every arm of a seed starts from, bef
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import runpy
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from halluc.config import as_dict, flat_dict
+from halluc.config import CHECK_SETTINGS, flat_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 FINISHED = "eval.json"
@@ -116,17 +115,17 @@ def plan(sweep: Sweep, out: Path) -> list[Run]:
 
 
 def check_settings(sweep: Sweep, runs: list[Run]) -> None:
-    """Parse every run's settings with the recipe's own loader before anything starts."""
-    path = ROOT / sweep.recipe
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    recipe = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = recipe  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(recipe)
-    for run in runs:
-        try:
-            run.settings = flat_dict(json.loads(json.dumps(as_dict(recipe.load(run.args)))))
-        except SystemExit as e:
-            raise SystemExit(f"{run.name}: {e}") from None
+    """Every run's settings, checked by the recipe's own loader before anything starts: one
+    `RECIPE --check-settings` process for all runs (halluc.config.check_settings_lines), no ML library."""
+    proc = subprocess.run([sys.executable, str(ROOT / sweep.recipe), CHECK_SETTINGS], cwd=ROOT, capture_output=True,
+                          text=True, input="".join(json.dumps(run.args) + "\n" for run in runs))
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or len(results) != len(runs):
+        raise SystemExit(f"{sweep.recipe} --check-settings failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    for run, result in zip(runs, results):
+        if "error" in result:
+            raise SystemExit(f"{run.name}: {result['error']}")
+        run.settings = result["settings"]
 
 
 class Forked:

@@ -1,0 +1,224 @@
+"""The masked SFT stage (techniques 1 and 2; 3, 4 and 10 as options): recipes/masked_sft.py, and the
+lab's SFT model every later recipe starts from (`lab_sft_model`: DPO, PRM, MCTS).
+
+Steps of `train_sft`: (1) a base model that never saw a BT (the tiny lab base trained on clean
+`arith`, cached, or model=DIR); (2) evaluate it in and out of distribution; (3) add the BT token,
+initialise its rows; (4) SFT on examples with errors + BTs + corrections, errors masked out of the
+loss (token cross-entropy, the trainer's default objective); (5) evaluate again; print the
+before/after table; write checkpoint (or adapter), TensorBoard, eval.json, eval.md.
+
+The settings (`SFTConfig`) load without the ML libraries, so a bad one fails in about a second.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from halluc.config import LoraSettings, NonNegativeFloat, NonNegativeInt, PositiveInt, Stage, as_dict, check_model_path
+from halluc.curriculum import Curriculum
+from halluc.distributed import zero_stage
+from halluc.errors import ErrorConfig
+from halluc.lab import LabConfig, ModelConfig
+
+log = logging.getLogger("masked_sft")
+
+
+@dataclass
+class SFTConfig:
+    """The settings of recipes/masked_sft.py (its YAML: recipes/configs/masked_sft.yaml)."""
+
+
+    output_dir: str = "runs/masked_sft"  # checkpoint/ (or adapter/), tb/, eval.json, eval.md, config.yaml
+    cache_dir: str = "runs/cache"        # trained lab bases, reused by any run with the same base settings
+    model: str | None = None            # a local HF causal-LM folder; None = tiny lab base
+    data: str | None = None             # a folder from tools/prepare_data.py: the SFT examples (else built here)
+    seed: int = 0                        # data, splits, initialisation, order
+    lab: LabConfig = field(default_factory=LabConfig)
+    tiny: ModelConfig = field(default_factory=ModelConfig)
+    base: Stage = field(default_factory=lambda: Stage(steps=900, batch_size=32, lr=3e-3))
+    sft: Stage = field(default_factory=lambda: Stage(steps=600, batch_size=32, lr=1e-3))
+    errors: ErrorConfig = field(default_factory=ErrorConfig)
+    curriculum: Curriculum = field(default_factory=Curriculum)  # technique 3: SFT in phases, easy to hard
+    masked: bool = True                 # False: train on the error tokens too (ablation)
+    bt_init: Literal["semantic", "mean", "random"] = "semantic"  # technique 2: how the new BT row starts
+    # Technique 4. Default causal: errors stay visible to what follows (Physics-of-LM "retry"
+    # data; their pretraining study found no loss from it) and plain generate() is its exact
+    # inference twin. block_errors + rewound is the twin of KV-rewinding generation.
+    attention: Literal["causal", "block_errors"] = "causal"  # block_errors: corrections cannot see errors
+    positions: Literal["original", "rewound"] = "original"  # rewound: as a cropped KV cache numbers them
+    backend: Literal["auto", "native", "dense", "dense_units", "flex", "varlen", "varlen_kv"] = "auto"  # docs/attention.md
+    pack: NonNegativeInt = 0            # >0: pack examples into rows of this many tokens
+    max_len: PositiveInt = 256          # longer examples are dropped (or truncated, see overlong)
+    overlong: Literal["drop", "truncate"] = "drop"
+    num_proc: PositiveInt | None = None  # processes for building examples (datasets.map)
+    deepspeed: str | None = None        # ds_configs/zero2.json | zero3.json | zero3_offload.json
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    save_steps: NonNegativeInt = 0      # >0: checkpoint-N every this many steps, in each stage's dir
+    save_total_limit: PositiveInt = 2   # newest checkpoint-N folders kept
+    resume: bool = False                # continue each stage from its newest checkpoint-N
+    overwrite: bool = False             # replace an earlier run in output_dir (else the run refuses)
+    reinit_bt: bool = False             # model=DIR that already has a BT token: re-initialise its row too
+    eval_max_new_tokens: PositiveInt = 192  # generation budget per test problem
+    # Technique 10: >0 trains a verifier head ("this step is wrong", at step ends) jointly with the
+    # LM loss, weighted by this; saved beside the checkpoint (halluc/verifier_head.py)
+    verifier_head_weight: NonNegativeFloat = 0.0
+
+    def check(self) -> None:
+        if self.attention == "block_errors" and self.positions != "rewound":
+            raise ValueError("attention=block_errors needs positions=rewound: that pair is the exact twin of "
+                             "KV-rewinding generation; with original positions no decoder matches training")
+        if self.data and (self.errors != ErrorConfig() or not self.masked):
+            raise ValueError("errors.* and masked are fixed when the data is prepared (tools/prepare_data.py "
+                             f"--errors ... --unmasked); data={self.data} is used as it is")
+        if self.lab.task != "arith" and not self.lab.train_file and not (self.data and self.model):
+            raise ValueError(f"lab.task={self.lab.task} needs lab.train_file (the tiny base trains on it, and SFT "
+                             "examples are built from it), or model=DIR with a prepared data=DIR")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=true and overwrite=true contradict each other: choose one")
+        if any(p.source == "own" for p in self.curriculum.phases):
+            raise ValueError("curriculum phases with source=own need the model's own errors: recipes/self_correct.py")
+        if self.curriculum.phases and self.data:
+            raise ValueError("a curriculum builds its phases' data itself: drop data=DIR")
+        if self.verifier_head_weight and self.curriculum.phases:
+            raise ValueError("verifier_head_weight trains the head in one SFT stage: drop curriculum.phases")
+        if self.verifier_head_weight and self.lora.enabled and zero_stage(self.deepspeed) == 3:
+            raise ValueError("verifier_head_weight with LoRA under ZeRO-3 is not supported (the head is saved "
+                             "from the live module, which ZeRO-3 shards): use ZeRO-2 or a full fine-tune")
+        check_paths_and_backend(self)
+
+
+def check_paths_and_backend(cfg) -> None:
+    """What a recipe reads must exist, and backend=native only realises plain causal rows: checked
+    at load, not after the base stage."""
+    if cfg.model:
+        try:
+            check_model_path(cfg.model)
+        except FileNotFoundError as e:
+            raise ValueError(f"model={cfg.model}: {e}") from None
+    if getattr(cfg, "data", None) and not (Path(cfg.data) / "dataset_info.json").exists():
+        raise ValueError(f"data={cfg.data}: not a dataset folder written by tools/prepare_data.py")
+    if cfg.backend == "native" and (cfg.attention != "causal" or cfg.positions != "original" or cfg.pack):
+        raise ValueError("backend=native runs the model's own causal kernel: it needs attention=causal, "
+                         "positions=original and pack=0 (backend=auto picks an edit-tree backend otherwise)")
+
+
+def train_sft(cfg: SFTConfig) -> dict | None:
+    """The whole recipe: base, its evaluation, BT token, masked SFT, evaluation, report (rank 0's)."""
+    # The ML libraries load here, after every setting was checked.
+    from transformers import set_seed
+
+    from halluc.checkpoint import save_stage
+    from halluc.curriculum import phase_datasets, train_phases
+    from halluc.data import build_sft_dataset, load_prepared
+    from halluc.distributed import is_main, world_size
+    from halluc.lab import lab_splits
+    from halluc.stages import (RunSettings, add_backtrack, base_and_evaluation, evaluate_on_main, finish_run,
+                               start_run, train_history, train_stage)
+    from halluc.tasks import get_task
+
+    set_seed(cfg.seed)
+    run = RunSettings.of(cfg)
+    out = start_run(cfg)
+    t0 = time.perf_counter()
+    task = get_task(cfg.lab.task)
+    splits = lab_splits(cfg.lab, cfg.seed)
+    tests = {name: splits[name] for name in ("test_id", "test_ood") if name in splits}
+
+    # (1) + (2): the base and its evaluation (cached with a cached lab base: every arm of a sweep shares it)
+    model, tokenizer, base_path, before = base_and_evaluation(cfg, run, splits, tests, task)
+    t_base = time.perf_counter() - t0
+
+    # (3) the BT token, its initialisation (technique 2) and the record of how the model is trained
+    model, bt_id, used, identity = add_backtrack(model, tokenizer, cfg, "masked_sft", base_path)
+
+    # (4) masked SFT with the default objective, token cross-entropy
+    t1 = time.perf_counter()
+    if cfg.curriculum.phases:  # technique 3: phases from easy to hard (order=shuffled: the control)
+        cur = cfg.curriculum
+        pool, probe = splits["sft"][:len(splits["sft"]) - cur.probe_size], splits["sft"][-cur.probe_size:]
+        datasets, counts = phase_datasets(cur, pool, tokenizer, bt_id, cfg.errors, examples=len(pool),
+                                          masked=cfg.masked, max_len=cfg.max_len, overlong=cfg.overlong,
+                                          seed=cfg.seed + 1, num_proc=cfg.num_proc)
+        trainer = train_phases(model, datasets, cur, counts, out, run, cfg.sft, cfg.attention, cfg.positions,
+                               tokenizer, probe=(probe, task, cfg.eval_max_new_tokens))
+    else:
+        if cfg.data:
+            data = load_prepared(cfg.data, tokenizer, task=cfg.lab.task)
+        else:
+            data = build_sft_dataset(splits["sft"], tokenizer, cfg.errors, bt_id, masked=cfg.masked,
+                                     max_len=cfg.max_len, overlong=cfg.overlong, seed=cfg.seed + 1,
+                                     num_proc=cfg.num_proc)
+        objective, collator = None, None
+        if cfg.verifier_head_weight:  # technique 10: the head and its step labels
+            from halluc.train import TreeCollator
+            from halluc.verifier_head import HeadCollator, HeadObjective, attach_head, step_end_ids
+
+            attach_head(model)
+            objective = HeadObjective(cfg.verifier_head_weight)
+            collator = HeadCollator(TreeCollator(cfg.attention, cfg.positions),
+                                    step_end_ids(tokenizer, task.STEP_SEPARATOR), tokenizer.eos_token_id)
+        trainer = train_stage(model, data, cfg.sft, str(out), run, cfg.attention, cfg.positions, tokenizer=tokenizer,
+                              adapter_info=identity if cfg.lora.enabled else None, objective=objective,
+                              collator=collator)
+    t_sft = time.perf_counter() - t1
+    saved = out / ("adapter" if cfg.lora.enabled else "checkpoint")
+    live = model
+    model = save_stage(trainer, model, tokenizer, saved, cfg.deepspeed, identity if cfg.lora.enabled else None)
+    if cfg.verifier_head_weight:
+        from halluc.verifier_head import load_head, save_head_from, split_head
+
+        if is_main():  # the head leaves the LM's weights, so AutoModelForCausalLM loads them as they are
+            save_head_from(live, saved) if cfg.lora.enabled else split_head(saved)
+        if model is not None and model is not live:  # reloaded after DeepSpeed
+            load_head(saved, model)
+
+    # (5) evaluate, report
+    after = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, "sft")
+    if not is_main():
+        return None
+    report = {"config": as_dict(cfg), "backtrack_id": bt_id, "bt_init_words": used,
+              "before": before, "after": after, "saved": str(saved), "world_size": world_size(),
+              "sft_train": train_history(trainer),
+              "seconds": {"base": round(t_base, 1), "sft": round(t_sft, 1),
+                          "total": round(time.perf_counter() - t0, 1)}}
+    finish_run(out, cfg, report, trainer.state.global_step, "masked SFT" if cfg.masked else "unmasked SFT")
+    print(f"\n{'adapter' if cfg.lora.enabled else 'checkpoint'}: {saved}   eval: {out / 'eval.json'}   "
+          f"tensorboard: {out / 'tb'}   total {report['seconds']['total']:.0f} s")
+    return report
+
+
+# --------------------------------------------------------------------------- the lab's masked SFT model
+
+SFT_SHARED = ("seed", "lab", "tiny", "base", "sft", "errors", "attention", "positions", "backend", "num_proc",
+              "deepspeed", "eval_max_new_tokens")
+
+
+def lab_sft_model(cfg, extra: dict | None = None) -> tuple[str, dict]:
+    """(checkpoint folder, evaluation) of the lab's masked SFT model: `train_sft` with this run's
+    SFT_SHARED settings (and `extra` SFTConfig settings, e.g. verifier_head_weight), the rest their
+    defaults, trained once per settings under cfg.cache_dir. Later recipes (dpo, prm, mcts) start from it."""
+    from halluc.artifacts import artifact_path, build_once
+    from halluc.distributed import barrier, world_size
+    # max_len stays masked_sft's own, so the lab default starts from the main job's model (and shares its base)
+    settings = {name: as_dict(getattr(cfg, name)) if dataclasses.is_dataclass(getattr(cfg, name))
+                else getattr(cfg, name) for name in SFT_SHARED}
+    if world_size() > 1:  # batch sizes are per process (one process keeps the keys made before this)
+        settings["world_size"] = world_size()
+    settings.update(extra or {})  # only when given: the keys of plain SFT models stay what they were
+    folder = artifact_path(cfg.cache_dir, "sft", json.dumps(settings, sort_keys=True))
+    with build_once(folder, "eval.json", what="the lab's masked SFT model") as build:  # eval.json: written last
+        if build:
+            log.info("training the lab's masked SFT model into %s", folder)
+            sft_cfg = SFTConfig(output_dir=str(folder), cache_dir=cfg.cache_dir, overwrite=True)
+            for name in SFT_SHARED:
+                setattr(sft_cfg, name, getattr(cfg, name))
+            for name, value in (extra or {}).items():
+                setattr(sft_cfg, name, value)
+            train_sft(sft_cfg)
+    barrier()
+    return str(folder / "checkpoint"), json.loads((folder / "eval.json").read_text())["after"]

@@ -337,6 +337,23 @@ def check_model_path(path: str, what: str = "model") -> None:
         raise FileNotFoundError(f"{what} {path}: no such folder, and HF_HUB_OFFLINE=1 forbids the hub")
 
 
+def check_run_rules(cfg, model_paths: tuple[str, ...] = ("model",)) -> None:
+    """The rules every recipe's settings share; each recipe's `check()` calls it first. Raises
+    ValueError: block_errors without rewound positions (no decoder is its twin), resume together with
+    overwrite, a model path (of the fields in `model_paths`) that is not there."""
+    if getattr(cfg, "attention", "causal") == "block_errors" and getattr(cfg, "positions", None) != "rewound":
+        raise ValueError("attention=block_errors needs positions=rewound: that pair is the exact twin of "
+                         "KV-rewinding generation; with original positions no decoder matches training")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("resume=true and overwrite=true contradict each other: choose one")
+    for name in model_paths:
+        if getattr(cfg, name):
+            try:
+                check_model_path(getattr(cfg, name))
+            except FileNotFoundError as e:
+                raise ValueError(f"{name}={getattr(cfg, name)}: {e}") from None
+
+
 HEAD_WEIGHTS = "verifier_head.safetensors"  # a saved verifier head (halluc.verifier_head, which imports torch)
 
 

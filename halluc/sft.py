@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from halluc.config import LoraSettings, NonNegativeFloat, NonNegativeInt, PositiveInt, Stage, as_dict, check_model_path
+from halluc.config import (LoraSettings, NonNegativeFloat, NonNegativeInt, PositiveInt, Stage, as_dict,
+                           check_run_rules)
 from halluc.curriculum import Curriculum
 from halluc.distributed import zero_stage
 from halluc.errors import ErrorConfig
@@ -69,17 +70,13 @@ class SFTConfig:
     verifier_head_weight: NonNegativeFloat = 0.0
 
     def check(self) -> None:
-        if self.attention == "block_errors" and self.positions != "rewound":
-            raise ValueError("attention=block_errors needs positions=rewound: that pair is the exact twin of "
-                             "KV-rewinding generation; with original positions no decoder matches training")
+        check_run_rules(self)
         if self.data and (self.errors != ErrorConfig() or not self.masked):
             raise ValueError("errors.* and masked are fixed when the data is prepared (tools/prepare_data.py "
                              f"--errors ... --unmasked); data={self.data} is used as it is")
         if self.lab.task != "arith" and not self.lab.train_file and not (self.data and self.model):
             raise ValueError(f"lab.task={self.lab.task} needs lab.train_file (the tiny base trains on it, and SFT "
                              "examples are built from it), or model=DIR with a prepared data=DIR")
-        if self.resume and self.overwrite:
-            raise ValueError("resume=true and overwrite=true contradict each other: choose one")
         if any(p.source == "own" for p in self.curriculum.phases):
             raise ValueError("curriculum phases with source=own need the model's own errors: recipes/self_correct.py")
         if self.curriculum.phases and self.data:
@@ -93,13 +90,8 @@ class SFTConfig:
 
 
 def check_paths_and_backend(cfg) -> None:
-    """What a recipe reads must exist, and backend=native only realises plain causal rows: checked
-    at load, not after the base stage."""
-    if cfg.model:
-        try:
-            check_model_path(cfg.model)
-        except FileNotFoundError as e:
-            raise ValueError(f"model={cfg.model}: {e}") from None
+    """What a recipe reads must exist (model=: check_run_rules), and backend=native only realises plain
+    causal rows: checked at load, not after the base stage."""
     if getattr(cfg, "data", None) and not (Path(cfg.data) / "dataset_info.json").exists():
         raise ValueError(f"data={cfg.data}: not a dataset folder written by tools/prepare_data.py")
     if cfg.backend == "native" and (cfg.attention != "causal" or cfg.positions != "original" or cfg.pack):
@@ -110,24 +102,15 @@ def check_paths_and_backend(cfg) -> None:
 def train_sft(cfg: SFTConfig) -> dict | None:
     """The whole recipe: base, its evaluation, BT token, masked SFT, evaluation, report (rank 0's)."""
     # The ML libraries load here, after every setting was checked.
-    from transformers import set_seed
-
     from halluc.checkpoint import save_stage
     from halluc.curriculum import phase_datasets, train_phases
     from halluc.data import build_sft_dataset, load_prepared
     from halluc.distributed import is_main, world_size
-    from halluc.lab import lab_splits
     from halluc.stages import (RunSettings, add_backtrack, base_and_evaluation, evaluate_on_main, finish_run,
-                               start_run, train_history, train_stage)
-    from halluc.tasks import get_task
+                               open_run, train_history, train_stage)
 
-    set_seed(cfg.seed)
+    out, task, splits, tests, t0 = open_run(cfg)
     run = RunSettings.of(cfg)
-    out = start_run(cfg)
-    t0 = time.perf_counter()
-    task = get_task(cfg.lab.task)
-    splits = lab_splits(cfg.lab, cfg.seed)
-    tests = {name: splits[name] for name in ("test_id", "test_ood") if name in splits}
 
     # (1) + (2): the base and its evaluation (cached with a cached lab base: every arm of a sweep shares it)
     model, tokenizer, base_path, before = base_and_evaluation(cfg, run, splits, tests, task)

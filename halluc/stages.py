@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from transformers import AutoTokenizer
 
@@ -169,6 +171,32 @@ def start_run(cfg) -> Path:
         log.info("settings (also in %s):\n%s", out / "config.yaml", describe(cfg))
     barrier()
     return out
+
+
+class Opening(NamedTuple):
+    """What every training recipe starts from (`open_run`)."""
+
+    out: Path       # the claimed output_dir
+    task: object    # the lab task (halluc.tasks): verifier, answer extraction, step separator
+    splits: dict    # the lab's problems: train, sft, test_id, test_ood (those it has)
+    tests: dict     # the splits evaluated: test_id, test_ood
+    t0: float       # time.perf_counter() when the run started
+
+
+def open_run(cfg, splits: bool = True) -> Opening:
+    """The opening every training recipe shares: seed everything, claim output_dir (`start_run`),
+    pick the task, draw the lab's splits (splits=False: none, for runs that read every input)."""
+    from transformers import set_seed
+
+    from halluc.lab import lab_splits
+    from halluc.tasks import get_task
+
+    set_seed(cfg.seed)
+    out = start_run(cfg)
+    t0 = time.perf_counter()
+    task = get_task(cfg.lab.task)
+    drawn = lab_splits(cfg.lab, cfg.seed) if splits else {}
+    return Opening(out, task, drawn, {name: drawn[name] for name in ("test_id", "test_ood") if name in drawn}, t0)
 
 
 def base_and_evaluation(cfg, run: RunSettings, splits: dict, tests: dict, task):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from halluc.config import (LoraSettings, NonNegativeFloat, NonNegativeInt, PositiveInt, Range, Sampler, Stage,
-                           as_dict, check_model_path, load_config, run_recipe)
+                           as_dict, check_run_rules, load_config, run_recipe)
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
 
@@ -74,25 +74,17 @@ class Config:
     eval_max_new_tokens: PositiveInt = 192
 
     def check(self) -> None:
-        if self.attention == "block_errors" and self.positions != "rewound":
-            raise ValueError("attention=block_errors needs positions=rewound (the twin of KV-rewinding generation)")
+        check_run_rules(self, ("model", "ref_model"))
         if self.precompute_ref and self.loss.startswith("tdpo"):
             raise ValueError(f"loss={self.loss} needs the reference's whole distribution at every token: "
                              "precompute_ref=true only stores log-prob sums (sigmoid, ipo)")
-        if self.resume and self.overwrite:
-            raise ValueError("resume=true and overwrite=true contradict each other: choose one")
         if self.lab.task != "arith" and not self.lab.train_file and not (self.model and self.data):
             raise ValueError(f"lab.task={self.lab.task} needs lab.train_file (problems to sample errors from), "
                              "or model=DIR with data=pairs")
         for name in ("model", "ref_model"):
-            if getattr(self, name):
-                try:
-                    check_model_path(getattr(self, name))
-                except FileNotFoundError as e:
-                    raise ValueError(f"{name}={getattr(self, name)}: {e}") from None
-                if (Path(getattr(self, name)) / "halluc_adapter.json").exists():
-                    raise ValueError(f"{name}={getattr(self, name)} is a LoRA adapter: merge it first "
-                                     "(tools/merge_adapter.py) and give the merged folder")
+            if getattr(self, name) and (Path(getattr(self, name)) / "halluc_adapter.json").exists():
+                raise ValueError(f"{name}={getattr(self, name)} is a LoRA adapter: merge it first "
+                                 "(tools/merge_adapter.py) and give the merged folder")
         if self.data and not Path(self.data).exists():
             raise ValueError(f"data={self.data}: no such file or folder")
 
@@ -106,28 +98,19 @@ def main(argv=None):
 
 
 def train(cfg: Config) -> dict | None:
-    from transformers import set_seed
-
     from halluc.backends import choose_backend
     from halluc.checkpoint import record_training, save_stage
     from halluc.distributed import is_main, local_device, world_size
     from halluc.dpo import PairCollator, PreferenceObjective, disable_dropout, precomputed_reference
-    from halluc.lab import lab_splits
     from halluc.lora import apply_lora, base_identity
     from halluc.model import load_causal_lm
     from halluc.pairs import load_pairs, pair_rows
     from halluc.sft import lab_sft_model
-    from halluc.stages import RunSettings, evaluate_on_main, finish_run, start_run, train_history, train_stage
-    from halluc.tasks import get_task
+    from halluc.stages import RunSettings, evaluate_on_main, finish_run, open_run, train_history, train_stage
     from halluc.tokens import backtrack_id, has_backtrack, load_tokenizer
 
-    set_seed(cfg.seed)
+    out, task, splits, tests, t0 = open_run(cfg, splits=cfg.lab.task == "arith" or bool(cfg.lab.train_file))
     run = RunSettings.of(cfg)
-    out = start_run(cfg)
-    t0 = time.perf_counter()
-    task = get_task(cfg.lab.task)
-    splits = lab_splits(cfg.lab, cfg.seed) if (cfg.lab.task == "arith" or cfg.lab.train_file) else {}
-    tests = {name: splits[name] for name in ("test_id", "test_ood") if name in splits}
 
     # (1) the policy to start from, and its evaluation
     start, before = (cfg.model, None) if cfg.model else lab_sft_model(cfg)

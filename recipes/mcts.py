@@ -28,8 +28,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from halluc.config import (HEAD_WEIGHTS, NonNegativeFloat, NonNegativeInt, PositiveInt, Stage, as_dict,
-                           check_model_path, has_head, load_config, run_recipe)
+from halluc.config import (HEAD_WEIGHTS, NonNegativeInt, PositiveInt, Stage, as_dict, check_run_rules, has_head,
+                           load_config, run_recipe)
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
 from halluc.mcts import SearchConfig, TraceData
@@ -66,20 +66,13 @@ class Config:
     max_len: NonNegativeInt = 256         # traces longer than this are dropped
 
     def check(self) -> None:
-        if self.resume and self.overwrite:
-            raise ValueError("resume=true and overwrite=true contradict each other: choose one")
+        check_run_rules(self, ("model", "prm"))
         if self.value == "prm" and not self.prm:
             raise ValueError("value=prm needs prm=DIR (a PRM trained by recipes/prm.py)")
         if self.value == "rollouts" and not self.search.rollouts:
             raise ValueError("value=rollouts needs search.rollouts > 0")
         if self.lab.task != "arith" and not self.lab.train_file:
             raise ValueError(f"lab.task={self.lab.task} needs lab.train_file (the problems to search)")
-        for name in ("model", "prm"):
-            if getattr(self, name):
-                try:
-                    check_model_path(getattr(self, name))
-                except FileNotFoundError as e:
-                    raise ValueError(f"{name}={getattr(self, name)}: {e}") from None
         if self.value == "head" and self.model and not has_head(self.model):
             raise ValueError(f"value=head: model={self.model} has no verifier head ({HEAD_WEIGHTS})")
         if self.value == "head" and not self.model:
@@ -96,23 +89,16 @@ def main(argv=None):
 
 def train(cfg: Config) -> dict | None:
     import torch
-    from transformers import set_seed
 
     from halluc.distributed import is_main, local_device
     from halluc.generate import generate_text
-    from halluc.lab import lab_splits
     from halluc.mcts import load_trees, save_trees, search
     from halluc.model import load_causal_lm
     from halluc.sft import lab_sft_model
-    from halluc.stages import start_run
-    from halluc.tasks import get_task
+    from halluc.stages import open_run
     from halluc.tokens import load_tokenizer
 
-    set_seed(cfg.seed)
-    out = start_run(cfg)
-    t0 = time.perf_counter()
-    task = get_task(cfg.lab.task)
-    splits = lab_splits(cfg.lab, cfg.seed)
+    out, task, splits, _, t0 = open_run(cfg)
     policy_dir = cfg.model or lab_sft_model(cfg)[0]
     if not is_main():
         return None  # the search runs on one process

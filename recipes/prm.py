@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from halluc.config import (HEAD_WEIGHTS, Fraction, LoraSettings, NonNegativeFloat, NonNegativeInt, PositiveInt, Stage,
-                           as_dict, check_model_path, has_head, load_config, run_recipe)
+from halluc.config import (Fraction, HEAD_WEIGHTS, LoraSettings, NonNegativeFloat, NonNegativeInt, PositiveInt,
+                           Stage, as_dict, check_run_rules, has_head, load_config, run_recipe)
 from halluc.distributed import zero_stage
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
@@ -98,10 +98,7 @@ class Config:
     eval_max_new_tokens: PositiveInt = 192
 
     def check(self) -> None:
-        if self.attention == "block_errors" and self.positions != "rewound":
-            raise ValueError("attention=block_errors needs positions=rewound (the twin of KV-rewinding generation)")
-        if self.resume and self.overwrite:
-            raise ValueError("resume=true and overwrite=true contradict each other: choose one")
+        check_run_rules(self, ("model", "prm", "prm_base"))
         if self.verifier == "none" and self.decode != "greedy":
             raise ValueError(f"decode={self.decode} needs a verifier (prm, head or oracle)")
         if self.lab.task != "arith" and not self.lab.train_file and not self.model:
@@ -110,12 +107,6 @@ class Config:
             raise ValueError(f"lab.task={self.lab.task} needs lab.test_file: the problems decoded and scored")
         if self.lora.enabled and zero_stage(self.deepspeed) == 3:
             raise ValueError("the PRM merges its LoRA adapter at the end: use ZeRO-2 or no DeepSpeed with lora.enabled")
-        for name in ("model", "prm", "prm_base"):
-            if getattr(self, name):
-                try:
-                    check_model_path(getattr(self, name))
-                except FileNotFoundError as e:
-                    raise ValueError(f"{name}={getattr(self, name)}: {e}") from None
         if self.verifier == "head" and self.model and not has_head(self.model):
             raise ValueError(f"verifier=head: model={self.model} has no verifier head ({HEAD_WEIGHTS}); train one "
                              "with recipes/masked_sft.py verifier_head_weight=0.5, or drop model= to use the lab's")
@@ -137,26 +128,17 @@ def main(argv=None):
 
 
 def train(cfg: Config) -> dict | None:
-    from transformers import set_seed
-
     from halluc.distributed import is_main, local_device, world_size
     from halluc.evaluate import evaluate_best_of_n, evaluate_problems
     from halluc.generate import Guide, Sampling
-    from halluc.lab import lab_splits
     from halluc.model import load_causal_lm
     from halluc.sft import lab_sft_model
-    from halluc.stages import evaluate_on_main, finish_run, start_run
-    from halluc.tasks import get_task
+    from halluc.stages import evaluate_on_main, finish_run, open_run
     from halluc.tokens import load_tokenizer
     from halluc.verifier_head import load_head
     from halluc.verifiers import HeadVerifier, OracleVerifier, PRMVerifier, process_bench, solution_scores
 
-    set_seed(cfg.seed)
-    out = start_run(cfg)
-    t0 = time.perf_counter()
-    task = get_task(cfg.lab.task)
-    splits = lab_splits(cfg.lab, cfg.seed)
-    tests = {name: splits[name] for name in ("test_id", "test_ood") if name in splits}
+    out, task, splits, tests, t0 = open_run(cfg)
 
     # (1) the policy, and the plain greedy decoding every arm is compared with
     if cfg.model:

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from halluc.config import (Fraction, LoraSettings, NonNegativeInt, PositiveInt, Sampler, Stage, as_dict, load_config,
-                           run_recipe)
+from halluc.config import (Fraction, LoraSettings, NonNegativeInt, PositiveInt, Sampler, Stage, as_dict,
+                           check_run_rules, load_config, run_recipe)
 from halluc.curriculum import Curriculum
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
@@ -99,13 +99,10 @@ class Config:
         return any(p.source == "own" for p in phases) if phases else self.mix.own > 0
 
     def check(self) -> None:
-        if self.attention == "block_errors" and self.positions != "rewound":
-            raise ValueError("attention=block_errors needs positions=rewound (the twin of KV-rewinding generation)")
+        check_run_rules(self, ())
         if self.lora.enabled:
             raise ValueError("lora.enabled: each round samples from the full model it trained; merge adapters "
                              "between rounds is not supported here (train with masked_sft for LoRA)")
-        if self.resume and self.overwrite:
-            raise ValueError("resume=true and overwrite=true contradict each other: choose one")
         if self.lab.task != "arith" and not self.lab.train_file:
             raise ValueError(f"lab.task={self.lab.task} needs lab.train_file (the problems to sample)")
         if self.error_source == "mcts" and not self.uses_own_errors():
@@ -125,24 +122,15 @@ def train(cfg: Config) -> dict | None:
     # The ML libraries load here, after every setting was checked.
     import json
 
-    from transformers import set_seed
-
     from halluc.checkpoint import save_stage
     from halluc.curriculum import phase_datasets, train_phases
     from halluc.distributed import is_main
-    from halluc.lab import lab_splits
     from halluc.model import load_causal_lm
     from halluc.stages import (RunSettings, add_backtrack, base_and_evaluation, evaluate_on_main, finish_run,
-                               start_run, train_history, train_stage)
-    from halluc.tasks import get_task
+                               open_run, train_history, train_stage)
 
-    set_seed(cfg.seed)
+    out, task, splits, tests, t0 = open_run(cfg)
     run = RunSettings.of(cfg)
-    out = start_run(cfg)
-    t0 = time.perf_counter()
-    task = get_task(cfg.lab.task)
-    splits = lab_splits(cfg.lab, cfg.seed)
-    tests = {name: splits[name] for name in ("test_id", "test_ood") if name in splits}
     model, tokenizer, base_path, before = base_and_evaluation(cfg, run, splits, tests, task)
     model, bt_id, used, _ = add_backtrack(model, tokenizer, cfg, "self_correct", base_path)
 

@@ -81,6 +81,11 @@ BAD_SETTINGS = [
     ("recipes/mcts.py", ["value=x"], "value='x': choose one of oracle, prm, head, rollouts, none"),
     ("recipes/mcts.py", ["value=prm"], "value=prm needs prm=DIR"),
     ("recipes/mcts.py", ["value=head", "model={model}"], "has no verifier head (verifier_head.safetensors)"),
+    # the rules every recipe shares (halluc.config.check_run_rules), in each recipe
+    *[(f"recipes/{name}.py", ["attention=block_errors"], "attention=block_errors needs positions=rewound")
+      for name in ("self_correct", "dpo", "prm", "mcts")],
+    *[(f"recipes/{name}.py", ["resume=true", "overwrite=true"], "resume=true and overwrite=true contradict")
+      for name in ("masked_sft", "self_correct", "dpo", "prm", "mcts")],
     ("recipes/evaluate.py", ["--model", "m", "--semantics", "x"], "argument --semantics: invalid choice: 'x'"),
     ("recipes/evaluate.py", ["--prm", "p"], "--prm needs --data FILE.jsonl"),
     ("recipes/generate.py", ["--model", "m"], "give --prompt TEXT (one or more) or --prompts-file FILE"),

@@ -78,6 +78,21 @@ def load_config(cls, argv: list[str] | None = None, default_file: str | None = N
 CHECK_SETTINGS = "--check-settings"
 
 
+def recipe_entry(config_cls, train, recipe_file: str):
+    """(load, main) of a training recipe: `load(argv)` reads configs/<recipe>.yaml beside the recipe,
+    then `--config FILE`, then key=value overrides, every value checked before any ML library loads;
+    `main(argv)` runs `train` on them (`run_recipe`)."""
+    default_file = str(Path(recipe_file).parent / "configs" / f"{Path(recipe_file).stem}.yaml")
+
+    def load(argv: list[str]):
+        return load_config(config_cls, argv, default_file=default_file)
+
+    def main(argv=None):
+        return run_recipe(load, train, argv)
+
+    return load, main
+
+
 def run_recipe(load, train, argv: list[str] | None = None):
     """A recipe's command line: the launcher's arguments stripped (the deepspeed launcher adds
     --local_rank), the settings loaded and checked by `load`, logging on, then `train(cfg)`.

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from halluc.config import (LoraSettings, NonNegativeFloat, NonNegativeInt, PositiveInt, Range, Sampler, Stage,
-                           as_dict, check_run_rules, load_config, run_recipe)
+                           as_dict, check_run_rules, recipe_entry)
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
 
@@ -87,14 +87,6 @@ class Config:
                                  "(tools/merge_adapter.py) and give the merged folder")
         if self.data and not Path(self.data).exists():
             raise ValueError(f"data={self.data}: no such file or folder")
-
-
-def load(argv: list[str]) -> Config:
-    return load_config(Config, argv, default_file=str(Path(__file__).parent / "configs/dpo.yaml"))
-
-
-def main(argv=None):
-    return run_recipe(load, train, argv)
 
 
 def train(cfg: Config) -> dict | None:
@@ -246,6 +238,8 @@ def load_reference(path: str, tokenizer):
                          f"fewer than the tokenizer's {len(tokenizer)}: the BT row is missing")
     return reference
 
+
+load, main = recipe_entry(Config, train, __file__)  # configs/dpo.yaml, --config FILE, key=value
 
 if __name__ == "__main__":
     main()

@@ -15,21 +15,12 @@ so a bad one fails in about a second. DPO, PRM and MCTS start from the model it 
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from halluc.config import load_config, run_recipe
+from halluc.config import recipe_entry
 from halluc.sft import SFTConfig as Config
 from halluc.sft import train_sft as train
 
 
-def load(argv: list[str]) -> Config:
-    """The settings: configs/masked_sft.yaml, then `--config FILE`, then key=value overrides."""
-    return load_config(Config, argv, default_file=str(Path(__file__).parent / "configs/masked_sft.yaml"))
-
-
-def main(argv=None):
-    return run_recipe(load, train, argv)
-
+load, main = recipe_entry(Config, train, __file__)  # configs/masked_sft.yaml, --config FILE, key=value
 
 if __name__ == "__main__":
     main()

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from halluc.config import (HEAD_WEIGHTS, NonNegativeInt, PositiveInt, Stage, as_dict, check_run_rules, has_head,
-                           load_config, run_recipe)
+                           recipe_entry)
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
 from halluc.mcts import SearchConfig, TraceData
@@ -77,14 +77,6 @@ class Config:
             raise ValueError(f"value=head: model={self.model} has no verifier head ({HEAD_WEIGHTS})")
         if self.value == "head" and not self.model:
             raise ValueError("value=head needs model=DIR with a head (recipes/masked_sft.py verifier_head_weight=1)")
-
-
-def load(argv: list[str]) -> Config:
-    return load_config(Config, argv, default_file=str(Path(__file__).parent / "configs/mcts.yaml"))
-
-
-def main(argv=None):
-    return run_recipe(load, train, argv)
 
 
 def train(cfg: Config) -> dict | None:
@@ -212,6 +204,8 @@ def write_data(cfg: Config, folder: Path, trees, problems, tokenizer) -> dict:
     write_stepwise(folder / "steps.jsonl", values)
     return counts
 
+
+load, main = recipe_entry(Config, train, __file__)  # configs/mcts.yaml, --config FILE, key=value
 
 if __name__ == "__main__":
     main()

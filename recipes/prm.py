@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from halluc.config import (Fraction, HEAD_WEIGHTS, LoraSettings, NonNegativeFloat, NonNegativeInt, PositiveInt,
-                           Stage, as_dict, check_run_rules, has_head, load_config, run_recipe)
+                           Stage, as_dict, check_run_rules, has_head, recipe_entry)
 from halluc.distributed import zero_stage
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
@@ -117,14 +117,6 @@ class Config:
         for name in ("data", "test_data"):
             if getattr(self, name) and not Path(getattr(self, name)).exists():
                 raise ValueError(f"{name}={getattr(self, name)}: no such file or folder")
-
-
-def load(argv: list[str]) -> Config:
-    return load_config(Config, argv, default_file=str(Path(__file__).parent / "configs/prm.yaml"))
-
-
-def main(argv=None):
-    return run_recipe(load, train, argv)
 
 
 def train(cfg: Config) -> dict | None:
@@ -334,6 +326,8 @@ def _weights_stamp(folder: str) -> list:
     files = sorted(p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin"))
     return [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in files]
 
+
+load, main = recipe_entry(Config, train, __file__)  # configs/prm.yaml, --config FILE, key=value
 
 if __name__ == "__main__":
     main()

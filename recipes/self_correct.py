@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 from halluc.config import (Fraction, LoraSettings, NonNegativeInt, PositiveInt, Sampler, Stage, as_dict,
-                           check_run_rules, load_config, run_recipe)
+                           check_run_rules, recipe_entry)
 from halluc.curriculum import Curriculum
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
@@ -108,14 +108,6 @@ class Config:
         if self.error_source == "mcts" and not self.uses_own_errors():
             raise ValueError("error_source=mcts makes the own share of the mix: set mix.own > 0 (or a phase with "
                              "source: own), else no search runs")
-
-
-def load(argv: list[str]) -> Config:
-    return load_config(Config, argv, default_file=str(Path(__file__).parent / "configs/self_correct.yaml"))
-
-
-def main(argv=None):
-    return run_recipe(load, train, argv)
 
 
 def train(cfg: Config) -> dict | None:
@@ -298,6 +290,8 @@ def log_round(tb_dir: Path, summary: dict) -> None:
                 if m.get(key) is not None:
                     w.add_scalar(f"round/{split}/{key}", m[key], r)
 
+
+load, main = recipe_entry(Config, train, __file__)  # configs/self_correct.yaml, --config FILE, key=value
 
 if __name__ == "__main__":
     main()

@@ -225,3 +225,26 @@ def precomputed_reference(reference, rows: list[dict], backend: str, cache_dir, 
         out.append({**r, "ref_logps": np.asarray(values[i:i + n], dtype=np.float32)})
         i += n
     return out
+
+
+def check_reference_tokenizer(path: str, tokenizer) -> None:
+    """Fail early (before any evaluation) when the reference cannot score the policy's token ids."""
+    from halluc.tokens import has_backtrack, load_tokenizer
+
+    theirs = load_tokenizer(path)
+    if not has_backtrack(theirs) or theirs.get_vocab() != tokenizer.get_vocab():
+        why = "has no <|BACKTRACK|> token" if not has_backtrack(theirs) else "is not the policy's tokenizer"
+        raise SystemExit(f"ref_model={path}: its tokenizer {why}; a reference must score the same token ids "
+                         "(give the SFT checkpoint the policy came from)")
+
+
+def load_reference(path: str, tokenizer):
+    """The reference model from `path` (its tokenizer checked at the start of the run): it must
+    have the BT row the policy's tokenizer names."""
+    from halluc.model import load_causal_lm
+
+    reference = load_causal_lm(path)
+    if reference.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        raise SystemExit(f"ref_model={path}: its embedding has {reference.get_input_embeddings().weight.shape[0]} rows, "
+                         f"fewer than the tokenizer's {len(tokenizer)}: the BT row is missing")
+    return reference

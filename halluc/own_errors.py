@@ -342,3 +342,36 @@ def save_round(folder, rows: list[dict], pairs: list[dict], stats: RoundStats | 
     sft.save_to_disk(str(folder / "sft"))
     Dataset.from_list(pairs).save_to_disk(str(folder / "pairs")) if pairs else None
     (folder / "stats.json").write_text(json.dumps(stats if isinstance(stats, dict) else stats.as_dict(), indent=1))
+
+
+def own_pairs(cfg, start: str, model, tokenizer, task, problems, bt_id) -> str:
+    """A folder of pairs from the starting model's own errors (technique 5's sampler and judge),
+    made once per (model weights, sampler settings, seed) under cache_dir (an artifact). Reads the DPO
+    recipe's settings by name: sampler, seed, max_len, lab, cache_dir."""
+    import hashlib
+    import random
+
+    from halluc.artifacts import artifact_path, build_once
+    from halluc.config import as_dict
+    from halluc.distributed import local_device
+    from halluc.lora import fingerprint
+
+    s = cfg.sampler
+    # everything the pairs depend on: the weights, the sampler, the seed, the problems, the task
+    key = json.dumps([fingerprint(model), as_dict(s), cfg.seed, cfg.max_len, as_dict(cfg.lab),
+                      hashlib.sha1("\n".join(p.prompt for p in problems).encode()).hexdigest()])
+    folder = artifact_path(cfg.cache_dir, "pairs", key)
+    with build_once(folder, "stats.json", ranks="main", what="the pairs from the model's own errors") as build:
+        if build:
+            pick = random.Random(cfg.seed).sample(range(len(problems)), min(s.problems, len(problems)))
+            model.eval().to(local_device())
+            rows, pairs, stats = make_round(model, tokenizer, task, [problems[i] for i in pick], k=s.k,
+                                            sampling=Sampling(s.temperature, s.top_p, cfg.seed),
+                                            max_new_tokens=s.max_new_tokens, correction_tries=s.correction_tries,
+                                            per_problem=s.per_problem, bt_id=bt_id, max_len=cfg.max_len)
+            if not pairs:
+                raise SystemExit(f"{start} made no pair from {len(pick)} problems x {s.k} samples ({json.dumps(stats.as_dict())}): "
+                                 "give data=pairs")
+            save_round(folder, rows, pairs, stats)
+            log.info("pairs from the model's own errors: %s", json.dumps(stats.as_dict()))
+    return str(folder / "pairs")

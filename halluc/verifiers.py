@@ -8,7 +8,8 @@ P(the text so far is right) per item:
 - `HeadVerifier`: the policy's verifier head (halluc.verifier_head) at the newest position of the
   forward the generator just ran, free (the rows' hidden states are already there);
 - `OracleVerifier`: the task's own step verifier (the skyline, and the tests' perfect verifier).
-`solution_scores` gives per-step scores of whole solutions (ProcessBench evaluation, best-of-N),
+`make_verifier(kind, ...)` builds any of them by name. Each also scores whole solutions, P(right) at
+the end of every step (`verifier.solution_scores`: ProcessBench evaluation, best-of-N, MCTS values),
 and `best_of_n` / `weighted_vote` pick among N samples with them.
 """
 from __future__ import annotations
@@ -41,21 +42,38 @@ class PRMVerifier:
         pad = self.tokenizer.pad_token_id or 0
         return [s[0] for s in step_scores(self.prm, seqs, [[len(s) - 1] for s in seqs], self.batch_size, pad)]
 
+    def solution_scores(self, prompt_ids, step_ids) -> list[list[float]]:
+        """P(right) at the end of every step of every solution (the policy's token ids)."""
+        if not self.same_ids:
+            raise ValueError("whole-solution scores need a PRM with the policy's tokenizer")
+        return _step_end_scores(self.prm, "prm", prompt_ids, step_ids, self.batch_size, self.tokenizer.pad_token_id or 0)
+
 
 class HeadVerifier:
-    """The policy's own verifier head: P(right) = 1 - sigmoid(wrong logit) at the newest position of
-    each row in the policy's latest forward (so it must be called right after that forward)."""
+    """The policy's own verifier head: P(right) = 1 - sigmoid(wrong logit). reads="forward": at the
+    newest position of each row in the policy's latest forward (free during generation; it must be
+    called right after that forward); reads="text": one forward of its own over each text (MCTS
+    values open steps long after the forward that wrote them)."""
 
-    def __init__(self, policy):
+    def __init__(self, policy, reads: str = "forward", pad_id: int = 0, batch_size: int = 64):
         from halluc.verifier_head import get_head
 
+        if reads not in ("forward", "text"):
+            raise ValueError(f"reads must be 'forward' or 'text', got {reads!r}")
+        self.policy, self.reads, self.pad_id, self.batch_size = policy, reads, pad_id, batch_size
         self.head = get_head(policy)
         if self.head is None:
             raise ValueError("the policy has no verifier head (halluc.verifier_head.load_head)")
 
-    def __call__(self, items, rows: list[int]) -> list[float]:
+    def __call__(self, items, rows: list[int] | None = None) -> list[float]:
+        if self.reads == "text":
+            return [s[-1] for s in self.solution_scores([p for p, _ in items], [[v] for _, v in items])]
         last = self.head.last
         return [float(torch.sigmoid(-last[r, -1])) for r in rows]
+
+    def solution_scores(self, prompt_ids, step_ids) -> list[list[float]]:
+        """P(right) at the end of every step of every solution, one forward per batch."""
+        return _step_end_scores(self.policy, "head", prompt_ids, step_ids, self.batch_size, self.pad_id)
 
 
 class OracleVerifier:
@@ -81,6 +99,28 @@ class OracleVerifier:
             out.append(float(self.text_is_right(problem, self.tokenizer.decode(visible, skip_special_tokens=True))))
         return out
 
+    def solution_scores(self, prompt_ids, step_ids) -> list[list[float]]:
+        """1.0 / 0.0 at the end of every step: the text up to there is still right."""
+        return [self([(p, [t for s in steps[:i + 1] for t in s]) for i in range(len(steps))])
+                for p, steps in zip(prompt_ids, step_ids)]
+
+
+def make_verifier(kind: str | None, *, policy=None, tokenizer=None, task=None, problems=None, prm=None,
+                  prm_tokenizer=None, head_reads: str = "forward"):
+    """The verifier named `kind`, for guided decoding, MCTS values and evaluation alike: "oracle" (the
+    task's verifier on `problems`), "prm" (the `prm` model with `prm_tokenizer`, reading the policy's
+    text), "head" (the policy's head, loaded already: halluc.verifier_head.load_head; `head_reads`:
+    HeadVerifier's reads), or "none" / None: no verifier (None)."""
+    if kind in (None, "none"):
+        return None
+    if kind == "oracle":
+        return OracleVerifier(task, problems, tokenizer)
+    if kind == "prm":
+        return PRMVerifier(prm, prm_tokenizer, tokenizer)
+    if kind == "head":
+        return HeadVerifier(policy, reads=head_reads, pad_id=(tokenizer.pad_token_id or 0) if tokenizer else 0)
+    raise ValueError(f"verifier kind must be oracle, prm, head or none, got {kind!r}")
+
 
 def split_steps_ids(visible: list[int], ends) -> list[list[int]]:
     """Token ids of a response cut into steps after every step-end token (a last partial step kept)."""
@@ -102,18 +142,16 @@ def step_positions(prompt_len: int, step_lengths: list[int]) -> list[int]:
     return ends
 
 
-def solution_scores(verifier_kind: str, model, prompt_ids: list[list[int]], step_ids: list[list[list[int]]],
-                    batch_size: int = 64, pad_id: int = 0) -> list[list[float]]:
-    """P(right) at the end of every step of every solution, in one forward per batch: with a PRM
-    (`verifier_kind="prm"`, model = the PRM) or a policy's head ("head", model = the policy)."""
+def _step_end_scores(model, reads: str, prompt_ids: list[list[int]], step_ids: list[list[list[int]]],
+                     batch_size: int = 64, pad_id: int = 0) -> list[list[float]]:
+    """P(right) at the end of every step of every solution, in one forward per batch: a PRM's
+    (reads="prm", model = the PRM) or a policy's head's (reads="head", model = the policy)."""
     seqs = [list(p) + [t for s in steps for t in s] for p, steps in zip(prompt_ids, step_ids)]
     where = [step_positions(len(p), [len(s) for s in steps]) for p, steps in zip(prompt_ids, step_ids)]
-    if verifier_kind == "prm":
+    if reads == "prm":
         from halluc.prm import step_scores
 
         return step_scores(model, seqs, where, batch_size, pad_id)
-    if verifier_kind != "head":
-        raise ValueError(f"verifier_kind must be prm or head, got {verifier_kind!r}")
     from halluc.prm import scores_at
     from halluc.verifier_head import get_head
 
@@ -150,9 +188,9 @@ def weighted_vote(answers: list[str | None], scores: list[float]) -> int:
     return max((i for i, a in enumerate(answers) if a == winner), key=lambda i: (scores[i], -i))
 
 
-def process_bench(kind: str, scorer, rows: list[dict], tokenizer, threshold: float = 0.5) -> dict:
-    """ProcessBench-style scores (halluc.process_scores) of a PRM ("prm") or a policy's head ("head")
-    on stepwise rows, overall and per row `source`."""
+def process_bench(verifier, rows: list[dict], tokenizer, threshold: float = 0.5) -> dict:
+    """ProcessBench-style scores (halluc.process_scores) of a verifier (a PRM, a policy's head, the
+    oracle) on stepwise rows, overall and per row `source`."""
     import dataclasses
 
     from halluc.process_scores import first_below, first_false, process_score, step_auc
@@ -162,7 +200,7 @@ def process_bench(kind: str, scorer, rows: list[dict], tokenizer, threshold: flo
     prompt_ids = [r.get("prompt_ids") or tokenizer(r["prompt"])["input_ids"] for r in rows]
     step_ids = [r.get("completion_ids") or [tokenizer(s, add_special_tokens=False)["input_ids"] for s in r["completions"]]
                 for r in rows]
-    scores = solution_scores(kind, scorer, prompt_ids, step_ids, pad_id=tokenizer.pad_token_id or 0)
+    scores = verifier.solution_scores(prompt_ids, step_ids)
     out = {}
     for source in ["all"] + sorted({r.get("source", "given") for r in rows}):
         pick = [i for i, r in enumerate(rows) if source == "all" or r.get("source", "given") == source]

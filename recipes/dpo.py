@@ -20,7 +20,6 @@ steps=0 evaluates the starting model only (the baseline arm of a sweep).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -93,7 +92,9 @@ def train(cfg: Config) -> dict | None:
     from halluc.backends import choose_backend
     from halluc.checkpoint import record_training, save_stage
     from halluc.distributed import is_main, local_device, world_size
-    from halluc.dpo import PairCollator, PreferenceObjective, disable_dropout, precomputed_reference
+    from halluc.dpo import (PairCollator, PreferenceObjective, check_reference_tokenizer, disable_dropout,
+                            load_reference, precomputed_reference)
+    from halluc.own_errors import own_pairs
     from halluc.lora import apply_lora, base_identity
     from halluc.model import load_causal_lm
     from halluc.pairs import load_pairs, pair_rows
@@ -182,61 +183,6 @@ def train(cfg: Config) -> dict | None:
     print(f"\n{'adapter' if cfg.lora.enabled else 'checkpoint'}: {saved}   eval: {out / 'eval.json'}   "
           f"total {report['seconds']['total']:.0f} s")
     return report
-
-
-def own_pairs(cfg: Config, start: str, model, tokenizer, task, problems, bt_id) -> str:
-    """A folder of pairs from the starting model's own errors (technique 5's sampler and judge),
-    made once per (model weights, sampler settings, seed) under cache_dir."""
-    import random
-
-    from halluc.distributed import local_device
-    from halluc.generate import Sampling
-    from halluc.lora import fingerprint
-    from halluc.own_errors import make_round, save_round
-    from halluc.artifacts import artifact_path, build_once
-
-    s = cfg.sampler
-    # everything the pairs depend on: the weights, the sampler, the seed, the problems, the task
-    key = json.dumps([fingerprint(model), as_dict(s), cfg.seed, cfg.max_len, as_dict(cfg.lab),
-                      hashlib.sha1("\n".join(p.prompt for p in problems).encode()).hexdigest()])
-    folder = artifact_path(cfg.cache_dir, "pairs", key)
-    with build_once(folder, "stats.json", ranks="main", what="the pairs from the model's own errors") as build:
-        if build:
-            pick = random.Random(cfg.seed).sample(range(len(problems)), min(s.problems, len(problems)))
-            model.eval().to(local_device())
-            rows, pairs, stats = make_round(model, tokenizer, task, [problems[i] for i in pick], k=s.k,
-                                            sampling=Sampling(s.temperature, s.top_p, cfg.seed),
-                                            max_new_tokens=s.max_new_tokens, correction_tries=s.correction_tries,
-                                            per_problem=s.per_problem, bt_id=bt_id, max_len=cfg.max_len)
-            if not pairs:
-                raise SystemExit(f"{start} made no pair from {len(pick)} problems x {s.k} samples ({json.dumps(stats.as_dict())}): "
-                                 "give data=pairs")
-            save_round(folder, rows, pairs, stats)
-            log.info("pairs from the model's own errors: %s", json.dumps(stats.as_dict()))
-    return str(folder / "pairs")
-
-
-def check_reference_tokenizer(path: str, tokenizer) -> None:
-    """Fail early (before any evaluation) when the reference cannot score the policy's token ids."""
-    from halluc.tokens import has_backtrack, load_tokenizer
-
-    theirs = load_tokenizer(path)
-    if not has_backtrack(theirs) or theirs.get_vocab() != tokenizer.get_vocab():
-        why = "has no <|BACKTRACK|> token" if not has_backtrack(theirs) else "is not the policy's tokenizer"
-        raise SystemExit(f"ref_model={path}: its tokenizer {why}; a reference must score the same token ids "
-                         "(give the SFT checkpoint the policy came from)")
-
-
-def load_reference(path: str, tokenizer):
-    """The reference model from `path` (its tokenizer checked at the start of the run): it must
-    have the BT row the policy's tokenizer names."""
-    from halluc.model import load_causal_lm
-
-    reference = load_causal_lm(path)
-    if reference.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        raise SystemExit(f"ref_model={path}: its embedding has {reference.get_input_embeddings().weight.shape[0]} rows, "
-                         f"fewer than the tokenizer's {len(tokenizer)}: the BT row is missing")
-    return reference
 
 
 load, main = recipe_entry(Config, train, __file__)  # configs/dpo.yaml, --config FILE, key=value

@@ -112,20 +112,21 @@ def score_verifier(args) -> dict:
     from halluc.prm import load_prm, read_stepwise
     from halluc.tokens import load_tokenizer
     from halluc.verifier_head import has_head, load_head
-    from halluc.verifiers import process_bench
+    from halluc.verifiers import make_verifier, process_bench
 
     t0 = time.perf_counter()
     rows = read_stepwise(args.data)[:args.limit]
     tokenizer = load_tokenizer(args.prm)
     if has_head(args.prm):
-        kind, scorer = "head", load_causal_lm(args.prm)
-        load_head(args.prm, scorer)
+        kind, policy, prm = "head", load_causal_lm(args.prm), None
+        load_head(args.prm, policy)
     else:
         try:
-            kind, scorer = "prm", load_prm(args.prm)
+            kind, policy, prm = "prm", None, load_prm(args.prm)
         except ValueError as e:
             raise SystemExit(f"--prm {args.prm}: {e}") from None
-    scores = process_bench(kind, scorer, rows, tokenizer, args.threshold)
+    verifier = make_verifier(kind, policy=policy, tokenizer=tokenizer, prm=prm, prm_tokenizer=tokenizer)
+    scores = process_bench(verifier, rows, tokenizer, args.threshold)
     out = Path(args.out or args.prm)
     out.mkdir(parents=True, exist_ok=True)
     report = {"verifier": str(args.prm), "kind": kind, "data": str(args.data), "threshold": args.threshold,

@@ -142,25 +142,24 @@ def train(cfg: Config) -> dict | None:
 
 
 def make_value(cfg: Config, policy, tokenizer, task, problems):
-    """The verifier API object that values an open step (halluc.verifiers), or None."""
+    """The verifier that values an open step (halluc.verifiers.make_verifier), or None (rollouts, none)."""
     from halluc.distributed import local_device
-    from halluc.verifiers import OracleVerifier, PRMVerifier, solution_scores
+    from halluc.verifiers import make_verifier
 
-    if cfg.value == "oracle":
-        return OracleVerifier(task, problems, tokenizer)
+    prm = prm_tokenizer = None
     if cfg.value == "prm":
         from halluc.prm import load_prm
         from halluc.tokens import load_tokenizer
 
-        return PRMVerifier(load_prm(cfg.prm).eval().to(local_device()), load_tokenizer(cfg.prm), tokenizer)
+        prm, prm_tokenizer = load_prm(cfg.prm).eval().to(local_device()), load_tokenizer(cfg.prm)
     if cfg.value == "head":
         from halluc.verifier_head import load_head
 
         load_head(cfg.model, policy)
-        # one forward over each text (the generator's own head scores are gone by valuing time)
-        return lambda items, rows: [s[-1] for s in solution_scores(
-            "head", policy, [p for p, _ in items], [[v] for _, v in items], pad_id=tokenizer.pad_token_id or 0)]
-    return None
+    # the head reads each text in a forward of its own: the generator's head scores are gone by valuing time
+    return make_verifier(cfg.value if cfg.value in ("oracle", "prm", "head") else None, policy=policy,
+                         tokenizer=tokenizer, task=task, problems=problems, prm=prm, prm_tokenizer=prm_tokenizer,
+                         head_reads="text")
 
 
 def search_stats(trees, budget: int, greedy_right: list[bool] | None, seconds: float) -> dict:

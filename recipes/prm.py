@@ -20,8 +20,6 @@ test problems: greedy, guided by the verifier, best-of-N or weighted voting; eva
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import time
@@ -124,11 +122,12 @@ def train(cfg: Config) -> dict | None:
     from halluc.evaluate import evaluate_best_of_n, evaluate_problems
     from halluc.generate import Guide, Sampling
     from halluc.model import load_causal_lm
+    from halluc.prm_stages import check_same_vocab, step_rows, train_prm
     from halluc.sft import lab_sft_model
     from halluc.stages import evaluate_on_main, finish_run, open_run
     from halluc.tokens import load_tokenizer
     from halluc.verifier_head import load_head
-    from halluc.verifiers import HeadVerifier, OracleVerifier, PRMVerifier, process_bench, solution_scores
+    from halluc.verifiers import make_verifier, process_bench
 
     out, task, splits, tests, t0 = open_run(cfg)
 
@@ -166,8 +165,14 @@ def train(cfg: Config) -> dict | None:
 
     policy.to(local_device())
     prm = load_prm(prm_dir).eval().to(local_device()) if prm_dir else None
-    kind, scorer = {"prm": ("prm", prm), "head": ("head", policy)}.get(cfg.verifier, (None, None))
-    bench = process_bench(kind, scorer, test_rows, tokenizer, cfg.threshold) if kind else None
+
+    def verifier_for(problems):  # halluc.verifiers: the same object guides, ranks samples and is scored
+        return make_verifier(cfg.verifier, policy=policy, tokenizer=tokenizer, task=task, problems=problems, prm=prm,
+                             prm_tokenizer=load_tokenizer(prm_dir) if prm_dir else None)
+
+    bench = None
+    if cfg.verifier in ("prm", "head"):
+        bench = process_bench(verifier_for([]), test_rows, tokenizer, cfg.threshold)
     if bench:
         log.info("ProcessBench-style scores of the %s on %d held-out solutions: %s", cfg.verifier, len(test_rows),
                  json.dumps(bench["all"]))
@@ -179,24 +184,14 @@ def train(cfg: Config) -> dict | None:
     for name, problems in tests.items():
         desc = f"eval {cfg.decode} {cfg.verifier} {name}"
         if cfg.decode in ("best_of_n", "vote"):
-            def score_steps(prompt_ids, step_ids):
-                if kind:
-                    return solution_scores(kind, scorer, prompt_ids, step_ids, pad_id=tokenizer.pad_token_id or 0)
-                oracle = OracleVerifier(task, problems, tokenizer)
-                return [[oracle([(p, [t for s in steps[:i + 1] for t in s])])[0] for i in range(len(steps))]
-                        for p, steps in zip(prompt_ids, step_ids)]
-            after[name] = evaluate_best_of_n(policy, tokenizer, problems, task, score_steps, cfg.n,
-                                             "best" if cfg.decode == "best_of_n" else "vote",
+            after[name] = evaluate_best_of_n(policy, tokenizer, problems, task, verifier_for(problems).solution_scores,
+                                             cfg.n, "best" if cfg.decode == "best_of_n" else "vote",
                                              Sampling(cfg.temperature, 1.0, cfg.seed), cfg.eval_max_new_tokens,
                                              desc=desc)
         else:
-            verifier = None
-            if cfg.decode == "guided":
-                verifier = {"prm": lambda: PRMVerifier(prm, load_tokenizer(prm_dir), tokenizer),
-                            "head": lambda: HeadVerifier(policy),
-                            "oracle": lambda: OracleVerifier(task, problems, tokenizer)}[cfg.verifier]()
             after[name] = evaluate_problems(policy, tokenizer, problems, task, cfg.eval_max_new_tokens, desc=desc,
-                                            verifier=verifier, guide=guide)
+                                            verifier=verifier_for(problems) if cfg.decode == "guided" else None,
+                                            guide=guide)
     t_decode = time.perf_counter() - t1
 
     report = {"config": as_dict(cfg), "policy": str(policy_dir), "prm": prm_dir, "step_data": data_stats,
@@ -208,123 +203,6 @@ def train(cfg: Config) -> dict | None:
     print(f"\n{'PRM: ' + str(prm_dir) if prm_dir else ''}   eval: {out / 'eval.json'}   "
           f"total {report['seconds']['total']:.0f} s")
     return report
-
-
-def step_rows(cfg: Config, policy, tokenizer, task, splits) -> tuple[list, list, dict]:
-    """(train rows, held-out rows, their statistics): data= / test_data=, or labelled here from the
-    lab and cached under cache_dir by (policy weights, settings, problems)."""
-    from halluc.artifacts import artifact_path, build_once
-    from halluc.distributed import local_device
-    from halluc.generate import Sampling
-    from halluc.lora import fingerprint
-    from halluc.prm import read_stepwise, write_stepwise
-    from halluc.step_labels import agreement, labelled_solutions, rollout_labels
-
-    s = cfg.step_data
-    if cfg.data and (cfg.test_data or cfg.verifier == "oracle"):
-        return read_stepwise(cfg.data), read_stepwise(cfg.test_data) if cfg.test_data else [], {"data": cfg.data}
-    key = json.dumps([fingerprint(policy), as_dict(s), cfg.seed, as_dict(cfg.lab), cfg.eval_max_new_tokens])
-    folder = artifact_path(cfg.cache_dir, "steps", key)
-    with build_once(folder, "stats.json", ranks="main", what="the labelled solutions") as build:
-        if build:
-            sampling = Sampling(s.temperature, 1.0, cfg.seed)
-            policy.eval().to(local_device())
-            stats = {}
-            made = {}
-            for name, problems in (("train", splits["sft"][:s.problems]), ("test", splits["test_id"][:s.test_problems])):
-                rows, stats[name] = labelled_solutions(policy, tokenizer, task, problems, wrong_steps=s.wrong_steps,
-                                                       samples=s.samples, sampling=sampling,
-                                                       max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed + len(name))
-                made[name] = rows
-            by_prompt = {p.prompt: p for p in splits["sft"][:s.problems]}
-            own = [r for r in made["train"] if r["source"] == "sample"]
-            check = own[:s.agreement] if s.labels == "verifier" else made["train"]
-            if check:  # Math-Shepherd labels where asked, and their agreement with the verifier's
-                items = [(by_prompt[r["prompt"]], r["completions"]) for r in check]
-                rolled = rollout_labels(policy, tokenizer, task, items, s.rollouts, sampling, cfg.eval_max_new_tokens)
-                stats["agreement"] = agreement([r["labels"] for r in check], [x.hard for x in rolled])
-                if s.labels == "rollouts":
-                    for r, x in zip(check, rolled):
-                        r["verifier_labels"], r["labels"], r["soft_labels"] = r["labels"], x.hard, x.soft
-            write_stepwise(folder / "train.jsonl", made["train"])
-            write_stepwise(folder / "test.jsonl", made["test"])
-            (folder / "stats.json").write_text(json.dumps(stats, indent=1))
-            log.info("labelled solutions in %s: %s", folder, json.dumps(stats))
-    stats = json.loads((folder / "stats.json").read_text())
-    train_rows = read_stepwise(cfg.data) if cfg.data else read_stepwise(folder / "train.jsonl")
-    test_rows = read_stepwise(cfg.test_data) if cfg.test_data else read_stepwise(folder / "test.jsonl")
-    return train_rows, test_rows, {**stats, "folder": str(folder)}
-
-
-def check_same_vocab(name: str, folder: str, tokenizer) -> None:
-    """The PRM scores the policy's token ids as they are: its tokenizer must be the policy's."""
-    from halluc.tokens import load_tokenizer
-
-    if load_tokenizer(folder).get_vocab() != tokenizer.get_vocab():
-        raise SystemExit(f"{name}={folder} has another tokenizer than the policy: the PRM reads the policy's "
-                         "token ids (use a PRM started from a checkpoint with the policy's tokenizer)")
-
-
-def train_prm(cfg: Config, policy, policy_dir: str, tokenizer, rows: list[dict]) -> tuple[str, dict]:
-    """(folder, training log) of a PRM trained on `rows`, cached under cache_dir by its data and settings."""
-    from halluc.checkpoint import record_training, save_full
-    from halluc.distributed import barrier, is_main
-    from halluc.prm import StepClassification, StepCollator, load_prm, prm_example
-    from halluc.distributed import world_size
-    from halluc.lora import fingerprint
-    from halluc.artifacts import artifact_path, build_once
-    from halluc.stages import RunSettings, train_history, train_stage
-
-    base = cfg.prm_base or policy_dir
-    if cfg.prm_base:
-        check_same_vocab("prm_base", cfg.prm_base, tokenizer)
-    examples = [prm_example(r, tokenizer) for r in rows]
-    kept = [e for e in examples if len(e["input_ids"]) <= cfg.max_len]
-    if len(kept) < len(examples):
-        log.warning("%d of %d labelled solutions are longer than max_len=%d and were dropped",
-                    len(examples) - len(kept), len(examples), cfg.max_len)
-    if not kept:
-        raise SystemExit("no labelled solution left to train the PRM on")
-    data_key = hashlib.sha1(json.dumps([[e["input_ids"], e["labels"]] for e in kept]).encode()).hexdigest()
-    # the base by its weights (a retrained policy in the same folder is another base); batch sizes are per process
-    base_key = fingerprint(policy) if base == policy_dir else [str(base), _weights_stamp(base)]
-    settings = [data_key, base_key, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed, as_dict(cfg.lora), cfg.deepspeed,
-                world_size()]
-    folder = artifact_path(cfg.cache_dir, "prm", json.dumps(settings))
-    # the PRM runs its own plain causal forward (StepClassification): the native backend, rows unpacked
-    run = RunSettings(seed=cfg.seed, backend="native", pack=0, deepspeed=cfg.deepspeed, save_steps=cfg.save_steps,
-                      save_total_limit=cfg.save_total_limit, resume=cfg.resume)
-    with build_once(folder, "train.json", what="the trained PRM") as build:  # train.json: written last
-        if build:
-            model = load_prm(base, new_head=True)
-            record_training(model, recipe="prm", labels=cfg.step_data.labels, seed=cfg.seed)
-            if cfg.lora.enabled:
-                from halluc.lora import apply_lora
-
-                model = apply_lora(model, dataclasses.replace(cfg.lora, train_bt_rows=False), None,
-                                   task_type="TOKEN_CLS")
-            trainer = train_stage(model, kept, Stage(cfg.steps, cfg.batch_size, cfg.lr), str(folder) + ".run", run,
-                                  objective=StepClassification(), tokenizer=tokenizer,
-                                  collator=StepCollator(tokenizer.pad_token_id or 0))
-            if cfg.lora.enabled:  # a plain HF folder: the adapter merged into the PRM
-                merged = trainer.model.merge_and_unload()
-                if is_main():
-                    merged.save_pretrained(folder)
-                    tokenizer.save_pretrained(folder)
-                barrier()
-            else:
-                save_full(trainer, tokenizer, folder)
-            if is_main():
-                (folder / "train.json").write_text(json.dumps(train_history(trainer)))
-                (folder / "log_history.json").write_text(json.dumps(trainer.state.log_history))
-    barrier()
-    return str(folder), json.loads((folder / "train.json").read_text())
-
-
-def _weights_stamp(folder: str) -> list:
-    """(name, size, mtime) of a checkpoint's weight files: a cheap identity of weights not loaded here."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin"))
-    return [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in files]
 
 
 load, main = recipe_entry(Config, train, __file__)  # configs/prm.yaml, --config FILE, key=value

@@ -14,7 +14,7 @@ import torch
 from halluc.generate import Guide, LoopGuards, Sampling, generate
 from halluc.tasks import arith
 from halluc.verifier_head import load_head, step_end_ids
-from halluc.verifiers import HeadVerifier, OracleVerifier, solution_scores
+from halluc.verifiers import HeadVerifier, OracleVerifier
 
 NO_OWN_BT = LoopGuards(max_backtracks=0)
 
@@ -192,7 +192,7 @@ def test_a_verifiers_bts_are_not_counted_by_the_loop_guards(policy):
 
 def test_the_head_scores_in_generation_equal_a_full_forward(policy):
     """HeadVerifier reads the head at the newest position of each decoding forward: the same numbers
-    as the head over the finished text (solution_scores), at every step end."""
+    as the head over the finished text (HeadVerifier.solution_scores), at every step end."""
     model, tok, bt, problems = policy
     prompts = _prompts(tok, problems)[:8]
     assert len(set(map(tuple, prompts))) == len(prompts)
@@ -215,8 +215,34 @@ def test_the_head_scores_in_generation_equal_a_full_forward(policy):
                 cur = []
         if cur and g.stop == "eos":
             steps.append(cur)
-        want = solution_scores("head", model, [prompts[r]], [steps])[0]
+        want = head.solution_scores([prompts[r]], [steps])[0]
         torch.testing.assert_close(torch.tensor(seen.get(tuple(prompts[r]), [])), torch.tensor(want), atol=1e-4, rtol=1e-4)
+
+
+def test_every_verifier_kind_is_made_by_name_and_scores_whole_solutions_as_it_scores_prefixes(policy):
+    """make_verifier builds each kind; a verifier's solution scores are its scores of each step prefix
+    (the oracle), and a head reading texts gives the last step's solution score."""
+    from halluc.verifiers import PRMVerifier, make_verifier
+
+    model, tok, bt, problems = policy
+    prompts = _prompts(tok, problems)[:6]
+    steps = [[tok(s, add_special_tokens=False)["input_ids"] for s in p.steps[:3]] for p in problems[:6]]
+    for s in steps[1::2]:
+        s[1] = s[0]  # a step written twice: wrong from there on
+    oracle = make_verifier("oracle", tokenizer=tok, task=arith, problems=problems)
+    assert isinstance(oracle, OracleVerifier)
+    solution_scores = oracle.solution_scores(prompts, steps)
+    for p, s, scores in zip(prompts, steps, solution_scores):
+        assert scores == [oracle([(p, [t for x in s[:i + 1] for t in x])])[0] for i in range(len(s))]
+    assert {x for scores in solution_scores for x in scores} == {0.0, 1.0}
+    head = make_verifier("head", policy=model, tokenizer=tok, head_reads="text")
+    assert isinstance(head, HeadVerifier)
+    items = [(p, [t for x in s for t in x]) for p, s in zip(prompts, steps)]
+    assert head(items) == pytest.approx([s[-1] for s in head.solution_scores(prompts, [[v] for _, v in items])])
+    assert isinstance(make_verifier("prm", prm=model, prm_tokenizer=tok, tokenizer=tok), PRMVerifier)
+    assert make_verifier("none") is None and make_verifier(None) is None
+    with pytest.raises(ValueError, match="verifier kind must be"):
+        make_verifier("judge")
 
 
 def _contexts(g, prompt, bt, ends, semantics, erase, own_pairs_leave=True, rewrite_from_bt=True):

@@ -182,14 +182,14 @@ def test_a_short_own_share_shrinks_every_part_of_the_mix(bt_tokenizer, arith_pro
     keeps the error share of the synthetic arm), and clean examples come from other problems."""
     from halluc.data import build_sft_dataset
     from halluc.errors import ErrorConfig
+    from halluc.rounds import round_mix
     from halluc.tokens import backtrack_id
 
-    module = recipe()
-    cfg = module.load(["mix.own=0.5", "mix.clean=0.5", "round_examples=100"])
+    cfg = recipe().load(["mix.own=0.5", "mix.clean=0.5", "round_examples=100"])
     bt = backtrack_id(bt_tokenizer)
     own = [{**row, "problem": i} for i, row in
            enumerate(build_sft_dataset(arith_problems[:10], bt_tokenizer, ErrorConfig(example_rate=1.0), bt))]
-    data, counts = module.round_mix(cfg, 1, own, arith_problems, bt_tokenizer, bt)
+    data, counts = round_mix(cfg, 1, own, arith_problems, bt_tokenizer, bt)
     assert counts == {"own": 10, "clean": 10} and len(data) == 20
     own_prompts = {p.prompt for p in arith_problems[:10]}
     decoded = [bt_tokenizer.decode([i for i, r in zip(ids, roles) if r == Role.PROMPT], skip_special_tokens=True)

@@ -70,9 +70,13 @@ def test_sbatch_masked_sft_with_two_tasks_then_requeue_resumes(cluster, tmp_path
     assert (out / "checkpoint" / "model.safetensors").exists()
     assert (out / "checkpoint-10" / "trainer_state.json").exists()
 
-    # What preemption does with --requeue: the same job again, same id, same OUTPUT_DIR.
+    # What preemption does with --requeue: the same job again, same id, same OUTPUT_DIR. Requeued held,
+    # and released once the node is idle: requeueing sends the node a cleanup of the first run, and a
+    # launch that arrives before that cleanup ends is refused ("Job N already killed, do not launch").
     cluster.wait_idle()
-    cluster.run("scontrol", "requeue", job)
+    cluster.run("scontrol", "requeuehold", job)
+    cluster.wait_idle()
+    cluster.run("scontrol", "release", job)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip the requeue hold-off
     record = cluster.wait(job, timeout=1200)
     log = log_file.read_text(errors="replace")

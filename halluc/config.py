@@ -332,6 +332,23 @@ class LoraSettings:
     train_bt_rows: bool = True
 
 
+@dataclass(frozen=True)
+class PreferenceKind:
+    """A preference loss by name and what it needs (capabilities on the loss, as torchtune's rlhf
+    losses carry them). The formulas are halluc.losses.preference_loss; the names live here, torch-free,
+    so recipes check their settings with them before any ML library loads."""
+
+    name: str
+    reference: bool = True    # scored against a reference model (all but sft: the chosen side alone)
+    token_kl: bool = False    # the reference's whole distribution at every token (TDPO): a live reference
+    lengths: bool = False     # the completions' token counts (IPO's per-token means)
+
+
+PREFERENCE_KINDS = {kind.name: kind for kind in (
+    PreferenceKind("sigmoid"), PreferenceKind("ipo", lengths=True), PreferenceKind("tdpo1", token_kl=True),
+    PreferenceKind("tdpo2", token_kl=True), PreferenceKind("sft", reference=False))}
+
+
 def check_model_path(path: str, what: str = "model") -> None:
     """Fail at once, naming the path, when a local model folder is missing (instead of HF retrying
     the hub for a minute or complaining about repo ids). `org/name` is left to the hub unless its

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from halluc.backends import TargetModel, use_backend
+from halluc.config import PREFERENCE_KINDS
 from halluc.example import IGNORE_INDEX
 from halluc.losses import preference_loss, sequential_kl, sum_per_branch, target_log_probs
 from halluc.train import TreeCollator
@@ -46,7 +47,10 @@ class PreferenceObjective:
 
     def __init__(self, loss: str = "sigmoid", beta: float = 0.1, alpha: float = 0.5, sft_weight: float = 0.0,
                  reference=None):
+        if loss not in PREFERENCE_KINDS:
+            raise ValueError(f"loss must be one of {', '.join(PREFERENCE_KINDS)}, not {loss!r}")
         self.loss, self.beta, self.alpha, self.sft_weight = loss, beta, alpha, sft_weight
+        self.needs = PREFERENCE_KINDS[loss]  # what the loss needs: a reference, its token distributions
         self.reference = reference
         self._reference: TargetModel | None = None
         self._accelerator = None
@@ -63,11 +67,11 @@ class PreferenceObjective:
         if bool((lengths == 0).any()):
             raise ValueError("a pair has no scored token in one branch (empty or unlabelled completion)")
         chosen_nll = -logps[t.branch == 0].mean()
-        if self.loss == "sft":
+        if not self.needs.reference:  # sft: the chosen side alone
             return chosen_nll, {"logps/chosen": policy[:, 0].mean().detach(),
                                 "logps/rejected": policy[:, 1].mean().detach()}
         kl = None
-        if "ref_logps" in batch and not self.loss.startswith("tdpo"):
+        if "ref_logps" in batch and not self.needs.token_kl:
             reference = batch["ref_logps"].to(policy)
             if reference.shape != policy.shape:
                 raise ValueError(f"ref_logps has shape {tuple(reference.shape)}, the batch has {n_pairs} pairs")
@@ -77,7 +81,7 @@ class PreferenceObjective:
             if r.ids.shape != t.ids.shape or not torch.equal(r.ids, t.ids):
                 raise RuntimeError("the reference scored other tokens than the policy (different backends?)")
             reference = sum_per_branch(target_log_probs(r.logits, r.ids), r.unit, r.branch, n_pairs)
-            if self.loss.startswith("tdpo"):
+            if self.needs.token_kl:
                 kl = sum_per_branch(sequential_kl(t.logits, r.logits), t.unit, t.branch, n_pairs)
         loss = preference_loss(self.loss, policy, reference, self.beta, self.alpha, kl=kl, lengths=lengths).mean()
         if self.sft_weight:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from halluc.config import PREFERENCE_KINDS
+
 
 def token_cross_entropy(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean over targets of -log softmax(logits)[id]: (N, V), (N,) -> scalar, in fp32."""
@@ -40,7 +42,7 @@ def sum_per_branch(values: torch.Tensor, unit: torch.Tensor, branch: torch.Tenso
 # Per pair: `policy` and `reference` are (P, 2) tables of log-prob sums over the completion tokens,
 # column 0 the chosen completion, column 1 the rejected one (sum_per_branch of target_log_probs).
 
-PREFERENCE_LOSSES = ("sigmoid", "ipo", "tdpo1", "tdpo2")
+PREFERENCE_LOSSES = tuple(name for name, kind in PREFERENCE_KINDS.items() if kind.reference)
 
 
 def sequential_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
@@ -62,18 +64,31 @@ def preference_loss(kind: str, policy: torch.Tensor, reference: torch.Tensor, be
     tdpo1    -logsigmoid(beta * (u - (kl_r - kl_c)))                 (Zeng et al. 2024)
     tdpo2    -logsigmoid(beta * (u - alpha * (kl_r - sg(kl_c))))     (stop-gradient on the chosen KL)
     where `kl` (P, 2) is the sequential KL(ref || policy) summed over each completion."""
-    ratios = policy - reference
-    if kind == "sigmoid":
-        return -F.logsigmoid(beta * (ratios[:, 0] - ratios[:, 1]))
-    if kind == "ipo":
-        if lengths is None:
-            raise ValueError("ipo needs the completion lengths")
-        means = ratios / lengths.clamp(min=1)
-        return (means[:, 0] - means[:, 1] - 1 / (2 * beta)) ** 2
-    if kind in ("tdpo1", "tdpo2"):
-        if kl is None:
-            raise ValueError(f"{kind} needs the sequential KL of each completion (a live reference)")
-        if kind == "tdpo1":
-            return -F.logsigmoid(beta * (ratios[:, 0] - ratios[:, 1] - (kl[:, 1] - kl[:, 0])))
-        return -F.logsigmoid(beta * (ratios[:, 0] - ratios[:, 1] - alpha * (kl[:, 1] - kl[:, 0].detach())))
-    raise ValueError(f"loss must be one of {', '.join(PREFERENCE_LOSSES)}, not {kind!r}")
+    if kind not in _FORMULAS:
+        raise ValueError(f"loss must be one of {', '.join(PREFERENCE_LOSSES)}, not {kind!r}")
+    needs = PREFERENCE_KINDS[kind]
+    if needs.lengths and lengths is None:
+        raise ValueError(f"{kind} needs the completion lengths")
+    if needs.token_kl and kl is None:
+        raise ValueError(f"{kind} needs the sequential KL of each completion (a live reference)")
+    return _FORMULAS[kind](policy - reference, beta, alpha, kl, lengths)
+
+
+def _dpo(ratios, beta, alpha, kl, lengths):
+    return -F.logsigmoid(beta * (ratios[:, 0] - ratios[:, 1]))
+
+
+def _ipo(ratios, beta, alpha, kl, lengths):
+    means = ratios / lengths.clamp(min=1)
+    return (means[:, 0] - means[:, 1] - 1 / (2 * beta)) ** 2
+
+
+def _tdpo1(ratios, beta, alpha, kl, lengths):
+    return -F.logsigmoid(beta * (ratios[:, 0] - ratios[:, 1] - (kl[:, 1] - kl[:, 0])))
+
+
+def _tdpo2(ratios, beta, alpha, kl, lengths):
+    return -F.logsigmoid(beta * (ratios[:, 0] - ratios[:, 1] - alpha * (kl[:, 1] - kl[:, 0].detach())))
+
+
+_FORMULAS = {"sigmoid": _dpo, "ipo": _ipo, "tdpo1": _tdpo1, "tdpo2": _tdpo2}

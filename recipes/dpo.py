@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
-from halluc.config import (LoraSettings, NonNegativeFloat, NonNegativeInt, PositiveInt, Range, Sampler, Stage,
-                           as_dict, check_run_rules, recipe_entry)
+from halluc.config import (PREFERENCE_KINDS, LoraSettings, NonNegativeFloat, NonNegativeInt, PositiveInt, Range,
+                           Sampler, Stage, as_dict, check_run_rules, recipe_entry)
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, ModelConfig
 
@@ -74,7 +74,7 @@ class Config:
 
     def check(self) -> None:
         check_run_rules(self, ("model", "ref_model"))
-        if self.precompute_ref and self.loss.startswith("tdpo"):
+        if self.precompute_ref and PREFERENCE_KINDS[self.loss].token_kl:
             raise ValueError(f"loss={self.loss} needs the reference's whole distribution at every token: "
                              "precompute_ref=true only stores log-prob sums (sigmoid, ipo)")
         if self.lab.task != "arith" and not self.lab.train_file and not (self.model and self.data):
@@ -136,7 +136,7 @@ def train(cfg: Config) -> dict | None:
                     backtrack_token_id=bt_id, loss=cfg.loss, seed=cfg.seed)
     disable_dropout(model)
     reference = None
-    against_reference = bool(cfg.steps) and cfg.loss != "sft"
+    against_reference = bool(cfg.steps) and PREFERENCE_KINDS[cfg.loss].reference
     if against_reference and cfg.precompute_ref:
         source = load_reference(cfg.ref_model, tokenizer) if cfg.ref_model else model  # before any adapter
         disable_dropout(source)

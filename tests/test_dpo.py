@@ -558,3 +558,20 @@ def test_pairs_beyond_the_models_positions_are_dropped_not_indexed(tmp_path, bt_
                                                      "eval_max_new_tokens=4"])
     assert report["pairs"] == len(TEXT_PAIRS) + 1 and report["rows"] == len(TEXT_PAIRS)
     assert "exceeds the model's 48 positions" in caplog.text
+
+
+def test_the_recipe_offers_every_loss_kind_and_each_says_what_it_needs():
+    """Loss kinds are named objects with what they need (halluc.config.PREFERENCE_KINDS): the recipe
+    offers exactly them, and the objective refuses a name it does not know."""
+    import typing
+
+    from halluc.config import PREFERENCE_KINDS
+    from halluc.dpo import PreferenceObjective
+
+    offered = typing.get_args(typing.get_type_hints(load_script("recipes/dpo.py").Config)["loss"])
+    assert set(offered) == set(PREFERENCE_KINDS)
+    assert [k for k, v in PREFERENCE_KINDS.items() if v.token_kl] == ["tdpo1", "tdpo2"]
+    assert [k for k, v in PREFERENCE_KINDS.items() if v.lengths] == ["ipo"]
+    assert [k for k, v in PREFERENCE_KINDS.items() if not v.reference] == ["sft"]
+    with pytest.raises(ValueError, match="loss must be one of sigmoid, ipo, tdpo1, tdpo2, sft"):
+        PreferenceObjective("dpo")

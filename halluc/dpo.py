@@ -44,6 +44,10 @@ class PreferenceObjective:
     item_mean = True
     # precomputed reference sums are -100s of nats: bf16 would round them by whole nats
     fp32_inputs = ("ref_logps",)
+    laid_out = True  # pairs come laid out with the prompt once (halluc.pairs): never packed again
+
+    def collator(self, attention, positions, tokenizer):
+        return PairCollator()
 
     def __init__(self, loss: str = "sigmoid", beta: float = 0.1, alpha: float = 0.5, sft_weight: float = 0.0,
                  reference=None):

@@ -102,6 +102,10 @@ class StepClassification:
     """Cross-entropy of the PRM's 2-way logits at the labelled step ends (label 1 = still right)."""
 
     item_mean = True
+    backend = "native"  # the PRM runs its own plain forward over one solution per row
+
+    def collator(self, attention, positions, tokenizer):
+        return StepCollator(tokenizer.pad_token_id or 0)
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -76,7 +76,7 @@ def train_prm(cfg, policy, policy_dir: str, tokenizer, rows: list[dict]) -> tupl
     """(folder, training log) of a PRM trained on `rows`, cached under cache_dir by its data and settings."""
     from halluc.checkpoint import record_training, save_full
     from halluc.distributed import barrier, is_main
-    from halluc.prm import StepClassification, StepCollator, load_prm, prm_example
+    from halluc.prm import StepClassification, load_prm, prm_example
     from halluc.distributed import world_size
     from halluc.lora import fingerprint
     from halluc.artifacts import artifact_path, build_once
@@ -98,8 +98,8 @@ def train_prm(cfg, policy, policy_dir: str, tokenizer, rows: list[dict]) -> tupl
     settings = [data_key, base_key, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed, as_dict(cfg.lora), cfg.deepspeed,
                 world_size()]
     folder = artifact_path(cfg.cache_dir, "prm", json.dumps(settings))
-    # the PRM runs its own plain causal forward (StepClassification): the native backend, rows unpacked
-    run = RunSettings(seed=cfg.seed, backend="native", pack=0, deepspeed=cfg.deepspeed, save_steps=cfg.save_steps,
+    # rows unpacked; StepClassification brings its collator and the native backend (its own plain forward)
+    run = RunSettings(seed=cfg.seed, pack=0, deepspeed=cfg.deepspeed, save_steps=cfg.save_steps,
                       save_total_limit=cfg.save_total_limit, resume=cfg.resume)
     with build_once(folder, "train.json", what="the trained PRM") as build:  # train.json: written last
         if build:
@@ -111,8 +111,7 @@ def train_prm(cfg, policy, policy_dir: str, tokenizer, rows: list[dict]) -> tupl
                 model = apply_lora(model, dataclasses.replace(cfg.lora, train_bt_rows=False), None,
                                    task_type="TOKEN_CLS")
             trainer = train_stage(model, kept, Stage(cfg.steps, cfg.batch_size, cfg.lr), str(folder) + ".run", run,
-                                  objective=StepClassification(), tokenizer=tokenizer,
-                                  collator=StepCollator(tokenizer.pad_token_id or 0))
+                                  objective=StepClassification(), tokenizer=tokenizer)
             if cfg.lora.enabled:  # a plain HF folder: the adapter merged into the PRM
                 merged = trainer.model.merge_and_unload()
                 if is_main():

@@ -136,18 +136,14 @@ def train_sft(cfg: SFTConfig) -> dict | None:
             data = build_sft_dataset(splits["sft"], tokenizer, cfg.errors, bt_id, masked=cfg.masked,
                                      max_len=cfg.max_len, overlong=cfg.overlong, seed=cfg.seed + 1,
                                      num_proc=cfg.num_proc)
-        objective, collator = None, None
-        if cfg.verifier_head_weight:  # technique 10: the head and its step labels
-            from halluc.train import TreeCollator
-            from halluc.verifier_head import HeadCollator, HeadObjective, attach_head, step_end_ids
+        objective = None
+        if cfg.verifier_head_weight:  # technique 10: the head, trained on labels at the task's step ends
+            from halluc.verifier_head import HeadObjective, attach_head
 
             attach_head(model)
-            objective = HeadObjective(cfg.verifier_head_weight)
-            collator = HeadCollator(TreeCollator(cfg.attention, cfg.positions),
-                                    step_end_ids(tokenizer, task.STEP_SEPARATOR), tokenizer.eos_token_id)
+            objective = HeadObjective(cfg.verifier_head_weight, task.STEP_SEPARATOR)
         trainer = train_stage(model, data, cfg.sft, str(out), run, cfg.attention, cfg.positions, tokenizer=tokenizer,
-                              adapter_info=identity if cfg.lora.enabled else None, objective=objective,
-                              collator=collator)
+                              adapter_info=identity if cfg.lora.enabled else None, objective=objective)
     t_sft = time.perf_counter() - t1
     saved = out / ("adapter" if cfg.lora.enabled else "checkpoint")
     live = model

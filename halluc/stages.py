@@ -51,14 +51,17 @@ class RunSettings:
 
 
 def train_stage(model, data, stage: Stage, out_dir: str, run: RunSettings, attention: str = "causal",
-                positions: str = "original", objective=None, tokenizer=None, callbacks=(), adapter_info=None,
-                collator=None, laid_out: bool = False):
-    """Train `model` on `data` (examples, packed into rows when run.pack > 0) for one stage;
-    resumes from the stage's newest checkpoint when run.resume. Returns the trainer.
-    With `tokenizer`, every checkpoint-N folder holds it too (so it can be evaluated as is), and with
-    `adapter_info` (LoRA) its halluc_adapter.json; `callbacks` are added to the Trainer's.
-    `laid_out`: `data` are rows laid out already (e.g. preference pairs, halluc.pairs), batched by
-    `collator`: never packed again, never given to the plain causal backend."""
+                positions: str = "original", objective=None, tokenizer=None, callbacks=(), adapter_info=None):
+    """Train `model` on `data` (examples, packed into rows when run.pack > 0) for one stage with
+    `objective` (default: token cross-entropy); resumes from the stage's newest checkpoint when
+    run.resume. Returns the trainer. The objective brings what it needs (halluc.train.Objective): its
+    collator, `laid_out` rows (preference pairs: never packed again, never given to the plain causal
+    backend), a backend it must run on (the PRM's own forward). With `tokenizer`, every checkpoint-N
+    folder holds it too (so it can be evaluated as is), and with `adapter_info` (LoRA) its
+    halluc_adapter.json; `callbacks` are added to the Trainer's."""
+    laid_out = getattr(objective, "laid_out", False)
+    collator = objective.collator(attention, positions, tokenizer) if hasattr(objective, "collator") else None
+    backend = getattr(objective, "backend", None) or run.backend
     packed = run.pack > 0 and not laid_out
     if packed:
         rows = pack_examples(list(data), run.pack, attention, positions)
@@ -75,7 +78,7 @@ def train_stage(model, data, stage: Stage, out_dir: str, run: RunSettings, atten
                          save_total_limit=run.save_total_limit,
                          drop_last=len(data) >= stage.batch_size * world_size())
     trainer = make_trainer(model, args, data, tb_dir=str(Path(out_dir) / "tb"), objective=objective,
-                           attention=attention, positions=positions, backend=run.backend,
+                           attention=attention, positions=positions, backend=backend,
                            packed=packed or laid_out, collator=collator, tokenizer=tokenizer)
     for callback in callbacks:
         trainer.add_callback(callback)

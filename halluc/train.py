@@ -80,8 +80,11 @@ class Objective(Protocol):
     `shift_labels` (trained tokens for TreeCollator, pairs for halluc.dpo.PairCollator), so the
     trainer weighs micro-batches by their item counts (exact means over accumulation steps and
     devices); otherwise micro-batches weigh the same. An objective may define `attach(trainer)`,
-    called once the trainer exists (e.g. to prepare a reference model with its accelerator), and
-    `fp32_inputs`, batch keys the trainer must not cast to DeepSpeed's bf16/fp16.
+    called once the trainer exists (e.g. to prepare a reference model with its accelerator),
+    `fp32_inputs`, batch keys the trainer must not cast to DeepSpeed's bf16/fp16, and what it needs
+    from a training stage (halluc.stages.train_stage reads them): `collator(attention, positions,
+    tokenizer)` (how its batches are made; default TreeCollator), `laid_out = True` (its rows come laid
+    out, e.g. preference pairs: never packed again) and `backend` (one it must run on).
     """
 
     item_mean: bool

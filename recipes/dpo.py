@@ -19,7 +19,6 @@ steps=0 evaluates the starting model only (the baseline arm of a sweep).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -92,8 +91,8 @@ def train(cfg: Config) -> dict | None:
     from halluc.backends import choose_backend
     from halluc.checkpoint import record_training, save_stage
     from halluc.distributed import is_main, local_device, world_size
-    from halluc.dpo import (PairCollator, PreferenceObjective, check_reference_tokenizer, disable_dropout,
-                            load_reference, precomputed_reference)
+    from halluc.dpo import (PreferenceObjective, check_reference_tokenizer, disable_dropout, load_reference,
+                            precomputed_reference)
     from halluc.own_errors import own_pairs
     from halluc.lora import apply_lora, base_identity
     from halluc.model import load_causal_lm
@@ -157,9 +156,8 @@ def train(cfg: Config) -> dict | None:
     if cfg.steps:
         objective = PreferenceObjective(cfg.loss, cfg.beta, cfg.alpha, cfg.sft_weight, reference)
         trainer = train_stage(model, rows, Stage(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr), str(out),
-                              dataclasses.replace(run, pack=0), cfg.attention, cfg.positions, objective=objective,
-                              tokenizer=tokenizer, adapter_info=identity, collator=PairCollator(),
-                              laid_out=True)
+                              run, cfg.attention, cfg.positions, objective=objective, tokenizer=tokenizer,
+                              adapter_info=identity)  # the objective brings its collator (pairs, laid out)
         if is_main():
             (out / "train.json").write_text(json.dumps(trainer.state.log_history, indent=1))
         saved = out / ("adapter" if cfg.lora.enabled else "checkpoint")

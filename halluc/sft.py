@@ -99,8 +99,14 @@ def check_paths_and_backend(cfg) -> None:
                          "positions=original and pack=0 (backend=auto picks an edit-tree backend otherwise)")
 
 
-def train_sft(cfg: SFTConfig) -> dict | None:
-    """The whole recipe: base, its evaluation, BT token, masked SFT, evaluation, report (rank 0's)."""
+def train_sft(cfg: SFTConfig, objective=None, recipe: str = "masked_sft") -> dict | None:
+    """The whole recipe: base, its evaluation, BT token, masked SFT, evaluation, report (rank 0's).
+    `objective`: what the SFT stage minimises (default: token cross-entropy over the trained tokens);
+    a new SFT technique is a recipe that passes its own (README, "Adding a technique"). `recipe`: the
+    name its checkpoint records (config.halluc)."""
+    if objective is not None and (cfg.curriculum.phases or cfg.verifier_head_weight):
+        raise ValueError(f"{recipe}: its objective trains one SFT stage: drop curriculum.phases and "
+                         "verifier_head_weight (they bring objectives of their own)")
     # The ML libraries load here, after every setting was checked.
     from halluc.checkpoint import save_stage
     from halluc.curriculum import phase_datasets, train_phases
@@ -117,7 +123,7 @@ def train_sft(cfg: SFTConfig) -> dict | None:
     t_base = time.perf_counter() - t0
 
     # (3) the BT token, its initialisation (technique 2) and the record of how the model is trained
-    model, bt_id, used, identity = add_backtrack(model, tokenizer, cfg, "masked_sft", base_path)
+    model, bt_id, used, identity = add_backtrack(model, tokenizer, cfg, recipe, base_path)
 
     # (4) masked SFT with the default objective, token cross-entropy
     t1 = time.perf_counter()
@@ -136,7 +142,6 @@ def train_sft(cfg: SFTConfig) -> dict | None:
             data = build_sft_dataset(splits["sft"], tokenizer, cfg.errors, bt_id, masked=cfg.masked,
                                      max_len=cfg.max_len, overlong=cfg.overlong, seed=cfg.seed + 1,
                                      num_proc=cfg.num_proc)
-        objective = None
         if cfg.verifier_head_weight:  # technique 10: the head, trained on labels at the task's step ends
             from halluc.verifier_head import HeadObjective, attach_head
 

@@ -60,7 +60,9 @@ def load_config(cls, argv: list[str] | None = None, default_file: str | None = N
         if "=" in arg:
             key, value = arg.lstrip("-").split("=", 1)
             i += 1
-        elif arg.startswith("--") and i + 1 < len(argv):
+        elif arg.startswith("--") and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            key, value, i = arg[2:], "true", i + 1  # a bare --flag: a boolean setting switched on
+        elif arg.startswith("--"):
             key, value, i = arg[2:], argv[i + 1], i + 2
         else:
             raise SystemExit(f"cannot read argument {arg!r}: use key=value or --key value")
@@ -70,7 +72,7 @@ def load_config(cls, argv: list[str] | None = None, default_file: str | None = N
         data = yaml.safe_load(Path(path).read_text()) or {}
         _apply_mapping(cfg, data, where=path)
     for key, value in overrides:
-        _set(cfg, key, yaml.safe_load(value), where="command line")
+        _set(cfg, key, value, where="command line", raw=True)
     _check(cfg, where=f"{path} + command line" if path else "command line")
     return cfg
 
@@ -149,7 +151,9 @@ def _apply_mapping(cfg, data: dict, where: str, prefix: str = "") -> None:
             _set(cfg, prefix + key, value, where)
 
 
-def _set(cfg, dotted: str, value, where: str) -> None:
+def _set(cfg, dotted: str, value, where: str, raw: bool = False) -> None:
+    """Set one setting, checked. `raw`: a command-line string, read as YAML (numbers, lists, null)
+    except where a string goes, which takes it as written (a prompt may hold ': ')."""
     *parents, name = dotted.split(".")
     target = cfg
     for p in parents:
@@ -160,10 +164,27 @@ def _set(cfg, dotted: str, value, where: str) -> None:
     if name not in fields:
         raise SystemExit(f"{where}: unknown setting {dotted!r}; valid here: {sorted(fields)}")
     hint = typing.get_type_hints(type(target), include_extras=True)[name]
+    if raw:
+        value = value if _takes_string(hint, value) else yaml.safe_load(value)
     try:
         setattr(target, name, _coerce(value, hint))
     except (TypeError, ValueError) as e:
         raise SystemExit(f"{where}: {dotted}={value!r}: {e}") from None
+
+
+def _takes_string(hint, text: str) -> bool:
+    """Whether a command-line `text` for a setting of type `hint` is a string as written: str fields
+    (and str | None unless null), one item of a list of strings unless it is a YAML list."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return _takes_string(args[0], text)
+    if hint is str:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return str in args and text.strip() not in ("null", "~", "")
+    if origin in (list, tuple) and args and args[0] is str:
+        return not text.lstrip().startswith("[")
+    return False
 
 
 def _coerce(value, hint):

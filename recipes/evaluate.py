@@ -1,74 +1,77 @@
 """Evaluate a checkpoint with backtracking generation; write eval.json + eval.md, print the table.
 
-    python recipes/evaluate.py --model runs/masked_sft/checkpoint                 # arith, as it was trained
-    python recipes/evaluate.py --model runs/masked_sft/adapter                    # a LoRA adapter folder
-    python recipes/evaluate.py --model DIR --task gsm8k --data ../shared/data/gsm8k/test.jsonl --limit 50
-    python recipes/evaluate.py --model DIR --task jsonl --data mine.jsonl --prompt-field question \
-        --response-field solution --answer-field final
-    python recipes/evaluate.py --model DIR --semantics rewind --out runs/eval     # override (warns on mismatch)
-    python recipes/evaluate.py --prm runs/prm/prm --data steps.jsonl              # a step verifier, ProcessBench-style
-    python recipes/evaluate.py --prm runs/masked_sft/checkpoint --data steps.jsonl   # ... a policy's verifier head
+    python recipes/evaluate.py model=runs/masked_sft/checkpoint                 # arith, as it was trained
+    python recipes/evaluate.py model=runs/masked_sft/adapter                    # a LoRA adapter folder
+    python recipes/evaluate.py model=DIR task=gsm8k data=../shared/data/gsm8k/test.jsonl limit=50
+    python recipes/evaluate.py model=DIR task=jsonl data=mine.jsonl prompt_field=question \
+        response_field=solution answer_field=final
+    python recipes/evaluate.py model=DIR semantics=rewind out=runs/eval        # override (warns on mismatch)
+    python recipes/evaluate.py prm=runs/prm/prm data=steps.jsonl               # a step verifier, ProcessBench-style
+    python recipes/evaluate.py prm=runs/masked_sft/checkpoint data=steps.jsonl # ... a policy's verifier head
+
+Settings are key=value as in every recipe (`--key value` reads too, so `--model DIR` still works);
+`--help` lists them with their meanings.
 
 What a checkpoint was trained with comes from its config.halluc: the semantics (keep / rewind),
 and for arith the lab settings and seed, so it is scored on the problems of its own lab (held
-out from its training). --task / --seed override them; a setting that cannot apply is an error.
+out from its training). task= / seed= override them; a setting that cannot apply is an error.
 Metric definitions are in docs/generation.md.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
-from halluc.decoding import SEMANTICS, LoopGuards
+from halluc.config import Fraction, NonNegativeFloat, NonNegativeInt, PositiveInt, Range, as_dict, load_config
+from halluc.decoding import LoopGuards
 from halluc.lab import LabConfig, lab_splits
 from halluc.tasks import get_task, gsm8k, jsonl
 
 DEFAULT_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+TopP = Annotated[float, Range(1e-6, 1)]  # (0, 1]
 log = logging.getLogger("evaluate")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="a checkpoint or adapter folder saved by halluc, or any local "
-                   "HF causal-LM folder with its tokenizer")
-    p.add_argument("--prm", help="score a step verifier instead: a PRM folder (recipes/prm.py), or a checkpoint "
-                   "with a verifier head (masked_sft verifier_head_weight>0); --data: stepwise rows (.jsonl)")
-    p.add_argument("--threshold", type=float, default=0.5, help="--prm: a step scored below this is the first wrong one")
-    p.add_argument("--base", default=None, help="an adapter's base folder, if not where it was at training")
-    p.add_argument("--task", choices=["arith", "gsm8k", "jsonl"], default=None,
-                   help="default: the task the checkpoint was trained on (arith for other models)")
-    p.add_argument("--data", default=None, help="gsm8k / jsonl: a jsonl file (gsm8k default: the shared GSM8K test set)")
-    p.add_argument("--prompt-field", default="prompt", help="jsonl: the prompt's field")
-    p.add_argument("--response-field", default="response", help="jsonl: the reference response's field")
-    p.add_argument("--answer-field", default=None, help="jsonl: the final answer's field (default: the last step)")
-    p.add_argument("--step-separator", default="\n", help="jsonl: what ends a step")
-    p.add_argument("--limit", type=int, default=None, help="at most N problems per split")
-    p.add_argument("--semantics", choices=SEMANTICS, default=None, help="default: from the checkpoint")
-    p.add_argument("--out", default=None, help="folder for eval.json and eval.md (default: the model folder)")
-    p.add_argument("--seed", type=int, default=None, help="arith lab splits seed (default: the training seed, else 0)")
-    p.add_argument("--max-new-tokens", type=int, default=192)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-backtracks", type=int, default=LoopGuards.max_backtracks)
-    p.add_argument("--max-backtracks-per-position", type=int, default=LoopGuards.max_backtracks_per_position)
-    p.add_argument("--ban-erased", action="store_true", help="ban the just-erased token right after a rewind")
-    args = p.parse_args(argv)
-    if bool(args.model) == bool(args.prm):
-        p.error("give --model (evaluate generation) or --prm with --data (score a step verifier)")
-    if args.prm and not args.data:
-        p.error("--prm needs --data FILE.jsonl: stepwise rows (prompt, completions, labels)")
-    for name in ("limit", "max_new_tokens", "batch_size", "max_backtracks", "max_backtracks_per_position"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name.startswith("max_backtracks") else 1):
-            p.error(f"--{name.replace('_', '-')} must be at least {0 if name.startswith('max_backtracks') else 1}")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        p.error("--temperature must be >= 0 and --top-p in (0, 1]")
-    return args
+@dataclass
+class Config:
+    model: str | None = None              # a checkpoint or adapter folder saved by halluc, or any local HF causal LM
+    prm: str | None = None                # score a step verifier instead: a PRM folder, or a checkpoint with a head
+    threshold: Fraction = 0.5             # prm: a step scored below this is the first wrong one
+    base: str | None = None               # an adapter's base folder, if not where it was at training
+    task: Literal["arith", "gsm8k", "jsonl"] | None = None  # default: the task the checkpoint was trained on
+    data: str | None = None               # gsm8k / jsonl: a jsonl file (gsm8k default: the shared test set); prm: rows
+    prompt_field: str = "prompt"          # jsonl: the prompt's field
+    response_field: str = "response"      # jsonl: the reference response's field
+    answer_field: str | None = None       # jsonl: the final answer's field (default: the last step)
+    step_separator: str = "\n"            # jsonl: what ends a step
+    limit: PositiveInt | None = None      # at most N problems per split
+    semantics: Literal["keep", "rewind"] | None = None  # default: from the checkpoint
+    out: str | None = None                # folder for eval.json and eval.md (default: the model folder)
+    seed: int | None = None               # arith lab splits seed (default: the training seed, else 0)
+    max_new_tokens: PositiveInt = 192
+    batch_size: PositiveInt = 64
+    temperature: NonNegativeFloat = 0.0   # 0: greedy
+    top_p: TopP = 1.0
+    max_backtracks: NonNegativeInt = LoopGuards.max_backtracks
+    max_backtracks_per_position: NonNegativeInt = LoopGuards.max_backtracks_per_position
+    ban_erased: bool = False              # ban the just-erased token right after a rewind
+
+    def check(self) -> None:
+        if bool(self.model) == bool(self.prm):
+            raise ValueError("give model=DIR (evaluate generation) or prm=DIR with data=FILE.jsonl (score a step verifier)")
+        if self.prm and not self.data:
+            raise ValueError("prm needs data=FILE.jsonl: stepwise rows (prompt, completions, labels)")
+
+
+def parse_args(argv=None) -> Config:
+    """The settings: key=value or --key value (the flags of earlier versions still read), checked
+    before any ML library loads; --help lists them."""
+    return load_config(Config, argv)
 
 
 JSONL_FLAGS = {"prompt_field": "prompt", "response_field": "response", "answer_field": None, "step_separator": "\n"}
@@ -79,12 +82,12 @@ def load_splits(args, record: dict) -> dict:
     task = args.task or trained_lab.get("task") or "arith"
     given = [f for f, default in JSONL_FLAGS.items() if getattr(args, f) != default]
     if given and task != "jsonl":
-        raise SystemExit(f"--{given[0].replace('_', '-')} applies only to the jsonl task (this evaluates {task})")
+        raise SystemExit(f"{given[0]}= applies only to the jsonl task (this evaluates {task})")
     if trained_lab.get("task") and task != trained_lab["task"]:
         log.warning("the checkpoint was trained on %s; evaluating it on %s", trained_lab["task"], task)
     if task == "arith":
         if args.data:
-            raise SystemExit(f"--data {args.data} is read only by --task gsm8k or jsonl (this would evaluate arith)")
+            raise SystemExit(f"data={args.data} is read only by task=gsm8k or jsonl (this would evaluate arith)")
         lab = LabConfig(**{k: v for k, v in trained_lab.items() if k in {f.name for f in dataclasses.fields(LabConfig)}})
         seed = args.seed if args.seed is not None else record.get("seed", 0)
         if trained_lab:
@@ -96,7 +99,7 @@ def load_splits(args, record: dict) -> dict:
     limit = args.limit or (trained_lab.get("test_size") if own else None)
     if task == "jsonl":
         if not data:
-            raise SystemExit("--task jsonl needs --data FILE.jsonl")
+            raise SystemExit("task=jsonl needs data=FILE.jsonl")
         path = Path(data)
         # the flags given, else the checkpoint's own field names (a jsonl checkpoint), else the defaults
         trained = {k: trained_lab[k] for k in JSONL_FLAGS if trained_lab.get("task") == "jsonl" and k in trained_lab}
@@ -124,7 +127,7 @@ def score_verifier(args) -> dict:
         try:
             kind, policy, prm = "prm", None, load_prm(args.prm)
         except ValueError as e:
-            raise SystemExit(f"--prm {args.prm}: {e}") from None
+            raise SystemExit(f"prm={args.prm}: {e}") from None
     verifier = make_verifier(kind, policy=policy, tokenizer=tokenizer, prm=prm, prm_tokenizer=tokenizer)
     scores = process_bench(verifier, rows, tokenizer, args.threshold)
     out = Path(args.out or args.prm)
@@ -167,7 +170,7 @@ def main(argv=None) -> dict:
                for name, problems in splits.items()}
     out = Path(args.out or args.model)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"model": str(args.model), "task": task_name, "args": vars(args),
+    report = {"model": str(args.model), "task": task_name, "args": as_dict(args),
               "halluc": getattr(model.config, "halluc", None), "results": results,
               "seconds": round(time.perf_counter() - t0, 1)}
     (out / "eval.json").write_text(json.dumps(report, indent=2))

@@ -1,48 +1,58 @@
 """Generate from your own prompts with a trained checkpoint (or adapter), backtracking included.
 
-    python recipes/generate.py --model runs/masked_sft/checkpoint --prompt "a = 4 , b = a + 2 . b ?"
-    python recipes/generate.py --model DIR --prompts-file prompts.txt --temperature 0.7 --json out.jsonl
+    python recipes/generate.py model=runs/masked_sft/checkpoint prompt="a = 4 , b = a + 2 . b ?"
+    python recipes/generate.py model=DIR prompts_file=prompts.txt temperature=0.7 json=out.jsonl
 
+Settings are key=value as in every recipe (`--key value` reads too); `--help` lists them.
 For every prompt it prints the visible text (what a reader sees), the raw trace with each BT shown
-as ⌫, the semantics used (keep / rewind, from the checkpoint's config.halluc unless --semantics)
-and why generation stopped. --json writes the same as one JSON object per line.
+as ⌫, the semantics used (keep / rewind, from the checkpoint's config.halluc unless semantics=)
+and why generation stopped. json=FILE writes the same as one JSON object per line.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
-from halluc.decoding import SEMANTICS, LoopGuards
+from halluc.config import NonNegativeFloat, NonNegativeInt, PositiveInt, Range, load_config
+from halluc.decoding import LoopGuards
 
 SHOWN_BT = "⌫"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="a checkpoint or adapter folder saved by halluc (or any HF model)")
-    p.add_argument("--base", default=None, help="an adapter's base folder, if not where it was at training")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
-    p.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
-    p.add_argument("--max-new-tokens", type=int, default=192)
-    p.add_argument("--semantics", choices=SEMANTICS, default=None, help="default: from the checkpoint")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-backtracks", type=int, default=LoopGuards.max_backtracks)
-    p.add_argument("--json", default=None, help="also write the results here (jsonl)")
-    args = p.parse_args(argv)
-    if args.prompts_file:
-        args.prompt += [line.rstrip("\n") for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
-                        if line.strip()]
-    if not args.prompt:
-        p.error("give --prompt TEXT (one or more) or --prompts-file FILE")
-    if args.max_new_tokens < 1 or args.max_backtracks < 0:
-        p.error("--max-new-tokens must be at least 1 and --max-backtracks at least 0")
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        p.error("--temperature must be >= 0 and --top-p in (0, 1]")
-    return args
+@dataclass
+class Config:
+    model: str | None = None              # a checkpoint or adapter folder saved by halluc (or any HF model)
+    base: str | None = None               # an adapter's base folder, if not where it was at training
+    prompt: list[str] = field(default_factory=list)  # the prompts: one, or a list (prompt='[a, b]')
+    prompts_file: str | None = None       # a text file, one prompt per line
+    max_new_tokens: PositiveInt = 192
+    semantics: Literal["keep", "rewind"] | None = None  # default: from the checkpoint
+    temperature: NonNegativeFloat = 0.0   # 0: greedy
+    top_p: Annotated[float, Range(1e-6, 1)] = 1.0  # (0, 1]
+    seed: int = 0
+    max_backtracks: NonNegativeInt = LoopGuards.max_backtracks
+    json: str | None = None               # also write the results here (jsonl)
+
+    def check(self) -> None:
+        if not self.model:
+            raise ValueError("give model=DIR: a checkpoint or adapter folder")
+        if not self.prompt and not self.prompts_file:
+            raise ValueError("give prompt=TEXT (one or a list) or prompts_file=FILE")
+        if self.prompts_file and not Path(self.prompts_file).is_file():
+            raise ValueError(f"prompts_file={self.prompts_file}: no such file")
+
+
+def parse_args(argv=None) -> Config:
+    """The settings: key=value or --key value (the flags of earlier versions still read), checked
+    before any ML library loads; the prompts of prompts_file join `prompt`."""
+    cfg = load_config(Config, argv)
+    if cfg.prompts_file:
+        cfg.prompt += [line.rstrip("\n") for line in Path(cfg.prompts_file).read_text(encoding="utf-8").splitlines()
+                       if line.strip()]
+    return cfg
 
 
 def main(argv=None) -> list[dict]:

@@ -86,10 +86,11 @@ BAD_SETTINGS = [
       for name in ("self_correct", "dpo", "prm", "mcts")],
     *[(f"recipes/{name}.py", ["resume=true", "overwrite=true"], "resume=true and overwrite=true contradict")
       for name in ("masked_sft", "self_correct", "dpo", "prm", "mcts")],
-    ("recipes/evaluate.py", ["--model", "m", "--semantics", "x"], "argument --semantics: invalid choice: 'x'"),
-    ("recipes/evaluate.py", ["--prm", "p"], "--prm needs --data FILE.jsonl"),
-    ("recipes/generate.py", ["--model", "m"], "give --prompt TEXT (one or more) or --prompts-file FILE"),
-    ("recipes/generate.py", ["--model", "m", "--prompt", "a", "--top-p", "0"], "--top-p in (0, 1]"),
+    ("recipes/evaluate.py", ["--model", "m", "--semantics", "x"], "semantics='x': choose one of keep, rewind"),
+    ("recipes/evaluate.py", ["prm=p"], "prm needs data=FILE.jsonl"),
+    ("recipes/evaluate.py", ["model=m", "limit=0"], "limit=0: must be in [1, inf]"),
+    ("recipes/generate.py", ["--model", "m"], "give prompt=TEXT (one or a list) or prompts_file=FILE"),
+    ("recipes/generate.py", ["model=m", "prompt=a", "top_p=0"], "top_p=0: must be in [1e-06, 1]"),
     ("tools/prepare_data.py", ["--out", "o", "--errors", "bad"], "argument --errors: invalid choice: 'bad'"),
     ("tools/prepare_data.py", ["--out", "o", "--lab", "prime=x"], "prime='x': expected an integer"),
     ("tools/merge_adapter.py", ["--adapter", "a", "--out", "o", "--dtype", "int8"],
@@ -133,3 +134,14 @@ def test_yaml_values_are_checked_too(tmp_path):
     bad.write_text("errors: {example_rate: 2}\n")
     with pytest.raises(SystemExit, match=r"bad.yaml: errors.example_rate=2: must be in \[0, 1\]"):
         load_recipe_config(["--config", str(bad)])
+
+
+def test_evaluate_and_generate_read_settings_like_every_recipe():
+    """key=value and --key value alike; a string setting takes the text as written (YAML would read
+    'Question: 2 + 2 ?' as a mapping); a bare --flag switches a boolean on; null empties a path."""
+    evaluate, generate = load_script("recipes/evaluate.py"), load_script("recipes/generate.py")
+    cfg = generate.parse_args(["--model", "m", "prompt=Question: 2 + 2 ?", "--max-new-tokens", "7"])
+    assert cfg.prompt == ["Question: 2 + 2 ?"] and cfg.max_new_tokens == 7
+    assert generate.parse_args(["model=m", "prompt=[a, b]"]).prompt == ["a", "b"]
+    cfg = evaluate.parse_args(["model=m", "--ban-erased", "--prompt-field", "123", "base=null"])
+    assert cfg.ban_erased is True and cfg.prompt_field == "123" and cfg.base is None

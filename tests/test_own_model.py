@@ -95,7 +95,7 @@ def test_a_checkpoint_is_scored_on_its_own_lab_and_settings_that_cannot_apply_fa
 
     expected = lab_splits(LabConfig(prime=5, train_size=200, sft_size=64, test_size=8), 3)["test_id"][:4]
     assert [s["prompt"] for s in report["results"]["test_id"]["samples"][:4]] == [p.prompt for p in expected]
-    with pytest.raises(SystemExit, match="--data .* is read only by --task gsm8k or jsonl"):
+    with pytest.raises(SystemExit, match="data=.* is read only by task=gsm8k or jsonl"):
         evaluate.main(["--model", str(tmp_path / "p5" / "checkpoint"), "--data", "x.jsonl"])
     with pytest.raises(SystemExit, match="lab.train_file is read only by lab.task=gsm8k or jsonl"):
         recipe().load(["lab.train_file=train.jsonl"])

@@ -70,19 +70,25 @@ def test_sbatch_masked_sft_with_two_tasks_then_requeue_resumes(cluster, tmp_path
     assert (out / "checkpoint" / "model.safetensors").exists()
     assert (out / "checkpoint-10" / "trainer_state.json").exists()
 
-    # What preemption does with --requeue: the same job again, same id, same OUTPUT_DIR. Requeued held,
-    # and released once the node is idle: requeueing sends the node a cleanup of the first run, and a
-    # launch that arrives before that cleanup ends is refused ("Job N already killed, do not launch").
-    cluster.wait_idle()
-    cluster.run("scontrol", "requeuehold", job)
-    cluster.wait_idle()
-    cluster.run("scontrol", "release", job)
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip the requeue hold-off
-    record = cluster.wait(job, timeout=1200)
+    # What preemption does with --requeue: the same job again, same id, same OUTPUT_DIR. On a loaded
+    # machine slurmd may refuse the relaunch while it still cleans up the first run ("Job N already
+    # killed, do not launch batch job": Slurm's race, not the recipe's); such a refused launch is
+    # requeued again, at most twice. What is asserted is the recipe's side: the run that did launch
+    # resumed from the checkpoint and ended where the first run ended.
+    refusal, refused = f"Job {job} already killed, do not launch batch job", 0
+    for _ in range(3):
+        cluster.wait_idle()
+        cluster.run("scontrol", "requeue", job)
+        cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip the requeue hold-off
+        record = cluster.wait(job, timeout=1200)
+        slurmd_log = (cluster.root / "slurmd.log").read_text(errors="replace")
+        if record["JobState"] != "FAILED" or slurmd_log.count(refusal) == refused:
+            break  # launched (whatever its end), not refused
+        refused += 1
     log = log_file.read_text(errors="replace")
-    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("COMPLETED", "0:0", "1"), \
+    assert (record["JobState"], record["ExitCode"], int(record["Restarts"])) == ("COMPLETED", "0:0", 1 + refused), \
         log[-4000:] + "\n" + cluster.log_tails()
-    assert f"job {job} restart 1:" in log  # --open-mode=append keeps both runs in one log
+    assert f"job {job} restart {1 + refused}:" in log  # --open-mode=append keeps every run in one log
     assert f"resuming from {out / 'checkpoint-10'}" in log
     again = json.loads((out / "eval.json").read_text())
     assert again["sft_train"]["final_loss"] == report["sft_train"]["final_loss"]

@@ -36,6 +36,11 @@ class Range:
             raise ValueError(f"must be in [{lo}, {hi}]")
 
 
+class Verbatim:
+    """Marks a list of free texts (prompts): one command-line value is one item, commas and all."""
+
+
+Texts = Annotated[list[str], Verbatim()]
 NonNegativeInt = Annotated[int, Range(0)]
 PositiveInt = Annotated[int, Range(1)]
 NonNegativeFloat = Annotated[float, Range(0)]
@@ -69,7 +74,12 @@ def load_config(cls, argv: list[str] | None = None, default_file: str | None = N
         overrides.append((key.replace("-", "_"), value))
     cfg = cls()
     if path:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not Path(path).is_file():
+            raise SystemExit(f"--config {path}: no such file")
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SystemExit(f"{path}: not readable as YAML: {e}") from None
         _apply_mapping(cfg, data, where=path)
     for key, value in overrides:
         _set(cfg, key, value, where="command line", raw=True)
@@ -165,7 +175,14 @@ def _set(cfg, dotted: str, value, where: str, raw: bool = False) -> None:
         raise SystemExit(f"{where}: unknown setting {dotted!r}; valid here: {sorted(fields)}")
     hint = typing.get_type_hints(type(target), include_extras=True)[name]
     if raw:
-        value = value if _takes_string(hint, value) else yaml.safe_load(value)
+        if _takes_string(hint, value):
+            value = _string_items(hint, value)
+        else:
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise SystemExit(f"{where}: {dotted}={value!r}: not readable as YAML ({getattr(e, 'problem', e)}); "
+                                 "quote it, or write a list as [a, b]") from None
     try:
         setattr(target, name, _coerce(value, hint))
     except (TypeError, ValueError) as e:
@@ -185,6 +202,17 @@ def _takes_string(hint, text: str) -> bool:
     if origin in (list, tuple) and args and args[0] is str:
         return not text.lstrip().startswith("[")
     return False
+
+
+def _string_items(hint, text: str):
+    """A command-line text for a string setting as written; for a list of strings, its comma-separated
+    items (lora.targets=c_attn,c_proj is two module names)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return text if any(isinstance(a, Verbatim) for a in args[1:]) else _string_items(args[0], text)
+    if origin in (list, tuple) and args and args[0] is str:
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return text
 
 
 def _coerce(value, hint):

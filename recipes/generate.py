@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
-from halluc.config import NonNegativeFloat, NonNegativeInt, PositiveInt, Range, load_config
+from halluc.config import NonNegativeFloat, NonNegativeInt, PositiveInt, Range, Texts, load_config
 from halluc.decoding import LoopGuards
 
 SHOWN_BT = "⌫"
@@ -26,7 +26,7 @@ SHOWN_BT = "⌫"
 class Config:
     model: str | None = None              # a checkpoint or adapter folder saved by halluc (or any HF model)
     base: str | None = None               # an adapter's base folder, if not where it was at training
-    prompt: list[str] = field(default_factory=list)  # the prompts: one, or a list (prompt='[a, b]')
+    prompt: Texts = field(default_factory=list)  # the prompts: one (commas and all), or a list: prompt='[a, b]'
     prompts_file: str | None = None       # a text file, one prompt per line
     max_new_tokens: PositiveInt = 192
     semantics: Literal["keep", "rewind"] | None = None  # default: from the checkpoint

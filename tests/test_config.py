@@ -86,6 +86,8 @@ BAD_SETTINGS = [
       for name in ("self_correct", "dpo", "prm", "mcts")],
     *[(f"recipes/{name}.py", ["resume=true", "overwrite=true"], "resume=true and overwrite=true contradict")
       for name in ("masked_sft", "self_correct", "dpo", "prm", "mcts")],
+    ("recipes/masked_sft.py", ["sft.steps=[1"], "sft.steps='[1': not readable as YAML"),  # issue 22, item 10
+    ("recipes/masked_sft.py", ["--config", "missing.yaml"], "--config missing.yaml: no such file"),
     ("recipes/evaluate.py", ["--model", "m", "--semantics", "x"], "semantics='x': choose one of keep, rewind"),
     ("recipes/evaluate.py", ["prm=p"], "prm needs data=FILE.jsonl"),
     ("recipes/evaluate.py", ["model=m", "limit=0"], "limit=0: must be in [1, inf]"),
@@ -145,3 +147,13 @@ def test_evaluate_and_generate_read_settings_like_every_recipe():
     assert generate.parse_args(["model=m", "prompt=[a, b]"]).prompt == ["a", "b"]
     cfg = evaluate.parse_args(["model=m", "--ban-erased", "--prompt-field", "123", "base=null"])
     assert cfg.ban_erased is True and cfg.prompt_field == "123" and cfg.base is None
+
+
+def test_a_list_of_names_reads_comma_separated_and_a_prompt_keeps_its_commas():
+    """Issue 22, item 7: lora.targets=c_attn,c_proj is two module names (it was one, 'c_attn,c_proj'),
+    while a prompt, free text, keeps its commas."""
+    recipe = load_script("recipes/masked_sft.py")
+    assert recipe.load(["lora.targets=c_attn,c_proj"]).lora.targets == ("c_attn", "c_proj")
+    assert recipe.load(["lora.targets=[q_proj, v_proj]"]).lora.targets == ("q_proj", "v_proj")
+    prompt = "a = 4 , b = a + 2 . b ?"
+    assert load_script("recipes/generate.py").parse_args(["model=m", f"prompt={prompt}"]).prompt == [prompt]

@@ -86,3 +86,11 @@ def test_a_bad_arm_fails_before_anything_runs(tmp_path):
     missing = write_sweep(tmp_path / "nobase.yaml", {"masked": []})
     result = sweep(missing, "--out", tmp_path / "out")
     assert "baseline 'clean' is not one of the arms" in result.stderr
+
+
+def test_a_report_with_no_finished_run_is_refused(tmp_path):
+    """Issue 22, item 5: --report-only where nothing ran says so and exits 2 (it wrote an empty report)."""
+    spec = write_sweep(tmp_path / "tiny.yaml", {"clean": ["errors.source=none"]})
+    result = sweep(spec, "--out", tmp_path / "out", "--report-only")
+    assert result.returncode == 2 and "no finished run" in result.stderr
+    assert not (tmp_path / "out" / "results.md").exists()

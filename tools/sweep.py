@@ -255,9 +255,14 @@ def main(argv=None) -> int:
         with open(out / "wall.jsonl", "a") as f:  # every invocation's wall time (a resumed sweep has several)
             f.write(json.dumps({"seconds": round(time.monotonic() - t0, 1), "jobs": args.jobs, "launch": args.launch,
                                 "command": " ".join(["python", "tools/sweep.py", *(argv or sys.argv[1:])])}) + "\n")
+    finished = [r for r in runs if r.finished]
+    if not finished:  # an empty report would read as a result
+        print(f"sweep.py: no finished run of {args.sweep} under {out} to report on "
+              f"({len(runs)} planned): run the sweep first, or give --out where it ran", file=sys.stderr)
+        return 2
     from halluc.report import write_report
 
-    paths = write_report(sweep, [r for r in runs if r.finished], out)
+    paths = write_report(sweep, finished, out)
     print("\n" + Path(paths["md"]).read_text())
     print(f"report: {', '.join(str(v) for v in paths.values())}")
     if failed:

@@ -398,6 +398,28 @@ PREFERENCE_KINDS = {kind.name: kind for kind in (
     PreferenceKind("tdpo2", token_kl=True), PreferenceKind("sft", reference=False))}
 
 
+def check_out_folder(path: str, overwrite: bool, flag: str = "--out") -> None:
+    """A tool's output folder, checked before any work: refused when it holds anything (a run may have
+    trained on it) unless `overwrite`; then `replace_folder` empties it when the tool writes."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise SystemExit(f"{flag} {path}: a file, not a folder")
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+        raise SystemExit(f"{flag} {path} already holds {', '.join(sorted(x.name for x in p.iterdir())[:6])}: "
+                         "pass --overwrite to replace it, or choose another folder")
+
+
+def replace_folder(path: str) -> Path:
+    """An empty folder at `path` (what was there is removed: check_out_folder allowed it)."""
+    import shutil
+
+    p = Path(path)
+    if p.exists():
+        shutil.rmtree(p)
+    p.mkdir(parents=True)
+    return p
+
+
 def check_model_path(path: str, what: str = "model") -> None:
     """Fail at once, naming the path, when a local model folder is missing (instead of HF retrying
     the hub for a minute or complaining about repo ids). `org/name` is left to the hub unless its

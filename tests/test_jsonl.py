@@ -112,3 +112,11 @@ def test_load_hf_dataset_from_saved_dir_and_errors(tmp_path):
     assert p.steps == ["s1\n", "s2"] and p.answer == "s2"
     with pytest.raises(ValueError, match="no split"):
         jsonl.load_hf_dataset(tmp_path / "saved", split="train")
+
+
+def test_a_utf8_byte_order_mark_is_read_past(tmp_path):
+    """Issue 22, item 9: some editors start a UTF-8 file with a BOM; it was 'malformed JSON'."""
+    path = _write(tmp_path / "bom.jsonl", ROWS)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert [p.prompt for p in jsonl.read_jsonl(path, prompt_field="q")] == \
+        [p.prompt for p in jsonl.read_jsonl(_write(tmp_path / "plain.jsonl", ROWS), prompt_field="q")]

@@ -1,6 +1,7 @@
 """tools/prepare_data.py writes a datasets folder with input_ids, labels and ClassLabel roles."""
 from pathlib import Path
 
+import pytest
 from conftest import load_script
 
 from datasets import load_from_disk
@@ -48,3 +49,18 @@ def test_gsm8k_to_disk(tmp_path, gsm8k_test_file):
     tok = AutoTokenizer.from_pretrained(tmp_path / "g" / "tokenizer")
     bt = backtrack_id(tok)
     assert len(ds) == 40 and sum(row.count(bt) > 0 for row in ds["input_ids"]) > 30
+
+
+def test_tools_refuse_to_overwrite_a_folder_without_overwrite(tmp_path):
+    """Issue 22, item 11: a second prepare_data into a dataset a run may have trained on is refused
+    (it was silently replaced); --overwrite replaces it whole. merge_adapter refuses alike, before
+    loading anything."""
+    out = tmp_path / "d"
+    load_tool().main(["--size", "20", "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"--out .*d already holds .*pass --overwrite"):
+        load_tool().main(["--size", "6", "--out", str(out)])
+    assert len(load_from_disk(str(out))) == 20
+    load_tool().main(["--size", "6", "--out", str(out), "--overwrite"])
+    assert len(load_from_disk(str(out))) == 6
+    with pytest.raises(SystemExit, match="already holds"):
+        load_script("tools/merge_adapter.py").main(["--adapter", str(tmp_path / "no-adapter"), "--out", str(out)])

@@ -16,6 +16,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from halluc.config import check_out_folder, replace_folder
+
 log = logging.getLogger("merge_adapter")
 DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
 
@@ -24,9 +26,11 @@ def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", required=True, help="adapter folder written by a recipe (OUT/adapter)")
     p.add_argument("--base", default=None, help="base model folder (default: the path recorded in the adapter)")
-    p.add_argument("--out", required=True, help="folder for the merged checkpoint")
+    p.add_argument("--out", required=True, help="folder for the merged checkpoint (refused if it holds anything)")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved weights")
     args = p.parse_args(argv)
+    check_out_folder(args.out, args.overwrite)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # The ML libraries load here, after the arguments were checked.
     import torch
@@ -42,7 +46,7 @@ def main(argv=None) -> Path:
         model, tokenizer = merge_adapter(args.adapter, args.base, dtype=torch.float32)
     except (BaseMismatch, FileNotFoundError, OSError, ValueError) as e:
         raise SystemExit(f"merge_adapter: refused: {e}") from None
-    out = Path(args.out)
+    out = replace_folder(args.out)
     model.to(getattr(torch, args.dtype)).save_pretrained(out)
     tokenizer.save_pretrained(out)
     bt = backtrack_id(tokenizer)

@@ -16,7 +16,7 @@ import json
 import logging
 from pathlib import Path
 
-from halluc.config import load_config
+from halluc.config import check_out_folder, load_config, replace_folder
 from halluc.data import PREPARED_INFO, build_sft_dataset
 from halluc.errors import ErrorConfig
 from halluc.lab import LabConfig, lab_splits, lab_tokenizer
@@ -52,8 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--positions", default="original", choices=["original", "rewound"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-proc", type=int, default=None)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the dataset folder (refused if it holds anything, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     a = p.parse_args(argv)
+    check_out_folder(a.out, a.overwrite)
     for name, low in (("size", 1), ("sites", 1), ("tokens_per_site", 1), ("max_error_tokens", 0), ("max_len", 1),
                       ("vocab_size", 260), ("limit", 1), ("num_proc", 1)):
         value = getattr(a, name)
@@ -109,7 +111,7 @@ def main(argv=None):
     if a.attention:
         ds = ds.map(lambda roles: edit_tree_columns(roles, a.attention, a.positions), input_columns="roles",
                     num_proc=a.num_proc, desc=f"edit tree ({a.attention}, {a.positions} positions)")
-    ds.save_to_disk(a.out)
+    ds.save_to_disk(str(replace_folder(a.out)))
     tokenizer.save_pretrained(Path(a.out) / "tokenizer")
     made = {"task": a.task, "input": a.input, "errors": a.errors, "example_rate": a.example_rate, "sites": a.sites,
             "masked": not a.unmasked, "max_len": a.max_len, "overlong": a.overlong, "seed": a.seed,

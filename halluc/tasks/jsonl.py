@@ -31,6 +31,8 @@ def iter_jsonl_rows(path, limit: int | None = None) -> Iterator[tuple[int, dict]
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line: "
                                  f"{raw[max(0, e.start - 10):e.start + 10]!r})") from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark (some editors write one)
             if not line.strip():
                 continue
             try:

@@ -138,6 +138,10 @@ def train_sft(cfg: SFTConfig, objective=None, recipe: str = "masked_sft") -> dic
     else:
         if cfg.data:
             data = load_prepared(cfg.data, tokenizer, task=cfg.lab.task)
+            limit, longest = model.config.max_position_embeddings, max(map(len, data["input_ids"]), default=0)
+            if longest > limit:  # prepared with a longer --max-len than this model has positions
+                raise SystemExit(f"data={cfg.data} holds examples of up to {longest} tokens, more than the {limit} "
+                                 f"positions of the model: prepare it again with --max-len {limit}")
         else:
             data = build_sft_dataset(splits["sft"], tokenizer, cfg.errors, bt_id, masked=cfg.masked,
                                      max_len=cfg.max_len, overlong=cfg.overlong, seed=cfg.seed + 1,

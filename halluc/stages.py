@@ -202,6 +202,19 @@ def open_run(cfg, splits: bool = True) -> Opening:
     return Opening(out, task, drawn, {name: drawn[name] for name in ("test_id", "test_ood") if name in drawn}, t0)
 
 
+def check_lengths_fit(cfg, model_dir: str) -> None:
+    """max_len and pack (the longest row a stage trains on) within the model's positions (its
+    config.json), or one line saying what to set: a longer row indexes past the position table."""
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+    for name in ("max_len", "pack"):
+        value = getattr(cfg, name, 0) or 0
+        if limit and value > limit:
+            raise SystemExit(f"{name}={value} is longer than the {limit} positions of model={model_dir}: "
+                             f"set {name}={limit} or less")
+
+
 def base_and_evaluation(cfg, run: RunSettings, splits: dict, tests: dict, task):
     """(model, tokenizer, base folder, its evaluation on `tests`): model=DIR, or the tiny lab base
     (trained once and cached with its evaluation, which every arm of a sweep shares)."""
@@ -213,6 +226,7 @@ def base_and_evaluation(cfg, run: RunSettings, splits: dict, tests: dict, task):
             raise SystemExit(f"model={cfg.model} is a LoRA adapter: merge it first (tools/merge_adapter.py) "
                              "and train from the merged folder")
         log.info("model=%s: the tiny.* and base.* settings do not apply (they shape the lab base)", cfg.model)
+        check_lengths_fit(cfg, cfg.model)  # before the model loads, the base evaluation and the data
         model, tokenizer, base_path = load_causal_lm(cfg.model), load_tokenizer(cfg.model), cfg.model
     else:
         model, tokenizer, base_path = lab_base_model(cfg.lab, cfg.tiny, cfg.base, splits["train"], cfg.cache_dir,

@@ -293,3 +293,23 @@ def test_a_prompt_longer_than_the_model_positions_does_not_kill_the_evaluation(b
     with pytest.raises(ValueError, match="no problems to evaluate"):
         evaluate_problems(model, tok, [], arith)
     assert BACKTRACK_TOKEN in tok.get_vocab()
+
+
+def test_lengths_beyond_the_models_positions_fail_before_any_work(tmp_path, lab_tokenizer):
+    """Issue 22, item 6: max_len (or pack) longer than a model's positions crashed with an IndexError
+    after the base evaluation and the data were built; now one line, before the model loads. Data
+    prepared with a longer --max-len than the model has positions is refused the same way."""
+    tok = copy.deepcopy(lab_tokenizer)
+    folder = tmp_path / "short"
+    tiny_llama(len(tok), hidden=32, layers=1, heads=2, max_positions=48, pad_token_id=tok.pad_token_id,
+               eos_token_id=tok.eos_token_id).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    for setting, value in (("max_len", 4096), ("pack", 64)):
+        with pytest.raises(SystemExit, match=f"{setting}={value} is longer than the 48 positions of model="):
+            recipe().main([f"output_dir={tmp_path}/{setting}", f"model={folder}", "max_len=48", f"{setting}={value}",
+                           *TINY])
+    data = tmp_path / "data"
+    load_script("tools/prepare_data.py").main(["--size", "20", "--tokenizer", str(folder), "--max-len", "512",
+                                               "--out", str(data)])
+    with pytest.raises(SystemExit, match="more than the 48\\s+positions of the model: prepare it again with --max-len 48"):
+        recipe().main([f"output_dir={tmp_path}/prepared", f"model={folder}", f"data={data}", "max_len=48", *TINY])

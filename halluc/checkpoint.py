@@ -100,6 +100,36 @@ RUN_ARTEFACTS = ("eval.json", "eval.md", "checkpoint", "adapter", "tb")
 NOT_COMPARED = ("resume", "overwrite", "output_dir")  # may differ between a run and its resumption
 
 
+_HELD: dict[str, object] = {}  # output folders this process holds: their locks live as long as it does
+
+
+def hold_output_dir(out: Path) -> None:
+    """An exclusive lock on output_dir (`.halluc.lock`, holding the pid) for the life of this process:
+    a second run into the same folder, resumed or not, is refused while this one is alive, and a
+    killed run's lock goes with it. A process running several stages into one folder holds it once."""
+    import fcntl
+    import os
+
+    key = str(out.resolve())
+    if key in _HELD:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".halluc.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise SystemExit(f"another process (pid {pid}) is using output_dir={out}: wait for it to end, "
+                         "or choose another output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _HELD[key] = f
+
+
 def claim_output_dir(cfg, delete: bool = True) -> None:
     """Refuse to run into a folder that holds an earlier run, unless told what to do with it.
 

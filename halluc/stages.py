@@ -162,10 +162,12 @@ def start_run(cfg) -> Path:
     effective settings. Every rank calls it."""
     import yaml
 
-    from halluc.checkpoint import claim_output_dir
+    from halluc.checkpoint import claim_output_dir, hold_output_dir
     from halluc.config import describe
 
     out = Path(cfg.output_dir)
+    if is_main():
+        hold_output_dir(out)  # before the claim: a live run in the folder is named as such
     claim_output_dir(cfg, delete=is_main())  # every rank checks (and refuses alike); rank 0 deletes
     barrier()
     if is_main():

@@ -73,3 +73,37 @@ def test_latest_checkpoint_skips_one_the_kill_interrupted(tmp_path):
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint").mkdir()  # the final model folder is not a checkpoint-N
     assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_live_runs_output_dir_is_refused_naming_its_pid(tmp_path, cache):
+    """Issue 22, item 12: two runs into one output_dir at once both trained and wrote (resume=true),
+    or the second called the live one "a partial run". Now the second is refused, resumed or not,
+    naming the live process; once that process is gone (kill -9), resume works as before."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    args = [f"output_dir={out}", *SETTINGS, f"cache_dir={cache}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PAUSE_DIR": str(out), "PAUSE_AT_STEP": "3"}
+    with open(tmp_path / "live.log", "w") as log:
+        live = subprocess.Popen([sys.executable, "tests/helpers/pausing_recipe.py", *args], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 1200
+        while not (out / "paused-at-3").exists():
+            assert live.poll() is None, (tmp_path / "live.log").read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        recipe = load_script("recipes/masked_sft.py")
+        for extra in ([], ["resume=true"]):
+            with pytest.raises(SystemExit, match=f"another process \\(pid {live.pid}\\) is using output_dir={out}"):
+                recipe.main([*args, *extra])
+    finally:
+        os.kill(live.pid, signal.SIGKILL)
+        live.wait(timeout=30)
+    assert not (out / "eval.json").exists()
+    resumed = subprocess.run([sys.executable, "recipes/masked_sft.py", *args, "resume=true"], cwd=ROOT,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1200)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (out / "eval.json").exists()

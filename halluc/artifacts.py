@@ -38,7 +38,12 @@ def file_lock(path: Path):
         yield
         return
     with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:  # a filesystem without flock (some cluster mounts): unlocked, as before locks
+            log.warning("cannot lock %s (%s): two processes could build the same artifact at once", path, e)
+            yield
+            return
         try:
             yield
         finally:

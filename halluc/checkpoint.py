@@ -123,6 +123,11 @@ def hold_output_dir(out: Path) -> None:
         f.close()
         raise SystemExit(f"another process (pid {pid}) is using output_dir={out}: wait for it to end, "
                          "or choose another output_dir") from None
+    except OSError as e:  # a filesystem without flock (some cluster mounts): run, unguarded
+        f.close()
+        log.warning("cannot lock output_dir=%s (%s): a second run into it would not be refused", out, e)
+        _HELD[key] = None
+        return
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))

@@ -138,8 +138,9 @@ def train_sft(cfg: SFTConfig, objective=None, recipe: str = "masked_sft") -> dic
     else:
         if cfg.data:
             data = load_prepared(cfg.data, tokenizer, task=cfg.lab.task)
-            limit, longest = model.config.max_position_embeddings, max(map(len, data["input_ids"]), default=0)
-            if longest > limit:  # prepared with a longer --max-len than this model has positions
+            limit = getattr(model.config, "max_position_embeddings", None)
+            longest = max(map(len, data["input_ids"]), default=0)
+            if limit and longest > limit:  # prepared with a longer --max-len than this model has positions
                 raise SystemExit(f"data={cfg.data} holds examples of up to {longest} tokens, more than the {limit} "
                                  f"positions of the model: prepare it again with --max-len {limit}")
         else:

@@ -113,3 +113,25 @@ def test_a_file_artifact_is_written_whole(tmp_path):
     with pytest.raises(ValueError, match="ranks must be"):
         with build_once(path, ranks="some"):
             pass
+
+
+def test_a_filesystem_without_flock_builds_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Some cluster mounts refuse flock (EOPNOTSUPP): the store and a run's output_dir go on
+    unlocked and say so, instead of crashing every run there."""
+    import errno
+    import fcntl
+    import logging
+
+    from halluc.checkpoint import _HELD, hold_output_dir
+
+    def no_flock(*args):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    folder, log = artifact_path(tmp_path, "thing", "k"), []
+    with caplog.at_level(logging.WARNING):
+        _build(folder, log)
+        hold_output_dir(tmp_path / "run")
+    assert log == [True] and (folder / "done.json").exists()
+    assert "cannot lock" in caplog.text and "cannot lock output_dir" in caplog.text
+    _HELD.pop(str((tmp_path / "run").resolve()))

@@ -64,3 +64,13 @@ def test_tools_refuse_to_overwrite_a_folder_without_overwrite(tmp_path):
     assert len(load_from_disk(str(out))) == 6
     with pytest.raises(SystemExit, match="already holds"):
         load_script("tools/merge_adapter.py").main(["--adapter", str(tmp_path / "no-adapter"), "--out", str(out)])
+
+
+def test_merge_never_overwrites_the_folder_it_reads(tmp_path):
+    """--overwrite empties --out: an --out that holds the adapter (or the base) is refused first."""
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    with pytest.raises(SystemExit, match="holds --adapter .* which the merge reads"):
+        load_script("tools/merge_adapter.py").main(["--adapter", str(adapter), "--out", str(tmp_path / "run"),
+                                                    "--overwrite"])
+    assert adapter.exists()

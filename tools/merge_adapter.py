@@ -30,6 +30,10 @@ def main(argv=None) -> Path:
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved weights")
     args = p.parse_args(argv)
+    for name in ("adapter", "base"):  # --overwrite empties --out: never a folder the merge reads
+        source = getattr(args, name)
+        if source and Path(source).resolve().is_relative_to(Path(args.out).resolve()):
+            raise SystemExit(f"--out {args.out} holds --{name} {source}, which the merge reads: choose another --out")
     check_out_folder(args.out, args.overwrite)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # The ML libraries load here, after the arguments were checked.

@@ -24,13 +24,12 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 
-from halluc.generate import LoopGuards, generate
+from halluc.generate import Forcing, LoopGuards, generate
 
 VOCAB, BT, PAD, PROMPT_LEN = 400, 399, 0, 32
 MODELS = {"tiny": (128, 2, 4), "large": (512, 8, 8)}  # hidden, layers, heads
@@ -75,7 +74,7 @@ def run_rewind(model, prompts, new_tokens: int, rate: float) -> Result:
     t = time.perf_counter()
     gens = generate(model, prompts, max_new_tokens=new_tokens, backtrack_id=BT, eos_token_id=None,
                     pad_token_id=PAD, semantics="rewind", guards=LoopGuards(max_backtracks=0),
-                    force_backtrack_rate=rate, force_seed=1)
+                    forcing=Forcing(backtrack_rate=rate, seed=1))
     wall = time.perf_counter() - t
     return Result(wall, sum(len(g.trace) for g in gens), sum(g.token_forwards for g in gens))
 
@@ -84,7 +83,7 @@ def run_rewind(model, prompts, new_tokens: int, rate: float) -> Result:
 def run_naive(model, prompts, new_tokens: int, rate: float) -> Result:
     """Batch 1: cache decoding, but every BT rebuilds the cache from prompt + visible."""
     (prompt,) = prompts
-    force = random.Random(1)  # the same draws as generate(force_seed=1): same BT positions
+    force = random.Random(1)  # the same draws as generate(forcing=Forcing(seed=1)): same BT positions
     t = time.perf_counter()
     trace, visible = [], []
     cache = DynamicCache(config=model.config)

@@ -25,7 +25,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForTokenClassification
 
-from halluc.generate import Guide, LoopGuards, generate
+from halluc.generate import Guide, Guided, LoopGuards, generate
 from halluc.verifier_head import attach_head
 from halluc.verifiers import HeadVerifier, PRMVerifier
 
@@ -51,8 +51,8 @@ class PRMTokenizer:
 def run(model, prompts, new_tokens, verifier, guide) -> tuple[float, int, int]:
     start = time.perf_counter()
     gens = generate(model, prompts, max_new_tokens=new_tokens, backtrack_id=BT, eos_token_id=None, pad_token_id=PAD,
-                    semantics="rewind", guards=LoopGuards(max_backtracks=0), verifier=verifier, guide=guide,
-                    step_ends=STEP_ENDS)
+                    semantics="rewind", guards=LoopGuards(max_backtracks=0),
+                    guided=None if verifier is None else Guided(verifier, STEP_ENDS, guide))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start, sum(len(g.trace) for g in gens), sum(len(g.visible) for g in gens)
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
                 if verifier is not None:
                     gens = generate(policy, prompts, max_new_tokens=args.new_tokens, backtrack_id=BT, eos_token_id=None,
                                     pad_token_id=PAD, semantics="rewind", guards=LoopGuards(max_backtracks=0),
-                                    verifier=verifier, guide=guide, step_ends=STEP_ENDS)
+                                    guided=Guided(verifier, STEP_ENDS, guide))
                     runs[label] = sum(g.n_guided for g in gens)
         base = statistics.median(times["plain"])
         for label in methods:

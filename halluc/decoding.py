@@ -1,8 +1,8 @@
 """The settings of decoding (halluc.generate): plain dataclasses, no torch, so recipes and tools
-check them before any ML library loads."""
+check them before any ML library loads; `Forcing` and `Guided` are what a caller hands the loop."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SEMANTICS = ("keep", "rewind")
 
@@ -39,3 +39,32 @@ class Guide:
             raise ValueError(f"Guide.resample must be ban or sample, got {self.resample!r}")
         if self.erase not in SEMANTICS:
             raise ValueError(f"Guide.erase must be one of {SEMANTICS}, got {self.erase!r}")
+
+
+@dataclass
+class Forcing:
+    """Tokens a row emits whatever the model says (tests, benchmarks, scoring a given trace).
+
+    tokens: teacher forcing, row r emits tokens[r] and stops when they run out (stop="forced_end").
+    backtrack_rate: after each emitted normal token, with this probability the next one is a BT
+      (benchmarks; seeded by `seed`, overrides the loop guards)."""
+
+    tokens: list[list[int]] | None = None
+    backtrack_rate: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class Guided:
+    """Guided decoding (halluc.guided_decoding): `verifier` scores the visible text at every step end
+    (a token in `step_ends`, from halluc.verifier_head.step_end_ids, or EOS); `guide` says what a
+    low score does."""
+
+    verifier: object  # a callable: ([(prompt ids, visible ids)], batch rows) -> P(right) per item
+    step_ends: frozenset
+    guide: Guide = field(default_factory=Guide)
+
+    def __post_init__(self):
+        if not self.step_ends:
+            raise ValueError("guided decoding needs step_ends, the ids of the tokens that end a step")
+        self.step_ends = frozenset(self.step_ends)

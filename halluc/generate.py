@@ -9,49 +9,32 @@ Two semantics, each the exact inference twin of a training mode (docs/generation
   erased tokens and the BTs leave the cache and the next token is written at the rewound
   position (the position of the first erased token = its depth in the edit tree).
 
-Rewinding a batch: every row has its own edit history, so slots are not removed per row;
-instead each cache slot has a per-row "alive" bit, which is the 2D attention mask the model
-gets (sdpa honours zeros in the middle of a 2D mask; tests/test_generate.py checks it against
-one training forward). Slots that are dead in every row at the END of the cache are cropped
-(`cache.crop(-n)`), so batch 1 always crops and never carries a hole: its mask stays all ones
-and attention takes the same fast path as HF `generate()`. Finished rows leave the batch and the
-cache (`batch_select_indices`) once they are a quarter of it, so a long row does not drag them along.
+`generate` is one loop; each step reads top to bottom: the next-token logits -> the policies
+choose a token per row (halluc.token_choice: loop guards, then greedy or a sample; with a
+verifier, halluc.guided_decoding: restart, rewrite and steer) -> forcing (tests, benchmarks) ->
+`emit` records it in the row -> finished rows leave the batch once they are a quarter of it ->
+halluc.kv_slots closes BT runs (rewind) and feeds the new tokens through the model.
 
 The BT id is an argument (from `halluc.tokens.backtrack_id`, never `encode`); None means the
 model has no BT and this is plain decoding.
-
-Guided decoding (issue 12): with a `verifier` (halluc.verifiers: a PRM, the policy's verifier
-head, or the task's oracle), every time a row ends a step (a token holding the step separator,
-or EOS) the verifier scores the visible text so far; below `Guide.threshold`, and within
-`Guide.budget`, the row emits a BT run that erases the step (whatever the model would have
-written) and writes it again: greedy with a verbatim repeat of an erased version banned
-(resample="ban": the token that would complete it is masked), or sampled at
-`Guide.temperature` (resample="sample"). With `Guide.erase="rewind"` the erased step leaves the
-KV cache whatever the semantics: every slot from its first token on dies (the model's own BT runs
-inside it too) and the rewrite takes the erased step's positions, as if it had never been written;
-the rewrite's first token is chosen from the logits the erased step's first token came from (the BT
-run's own logits saw the erased step); the model's own BTs keep their semantics. `erase="keep"`
-makes the run act as the model's own BTs: under keep the step and the BTs stay in context and
-decoding continues from the last BT's logits (under rewind semantics they still rewind). A verifier's
-BTs are not counted by the loop guards (those stop the model's own loops). Where the model's own BTs
-erased into an earlier step after the current one began, the logits the step started from are gone:
-that run then acts as the model's own BTs do under its semantics.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
-from halluc.decoding import SEMANTICS, Guide, LoopGuards, Sampling  # noqa: F401  (re-exported)
+from halluc.decoding import SEMANTICS, Forcing, Guide, Guided, LoopGuards, Sampling  # noqa: F401  (re-exported)
+from halluc.guided_decoding import choose_with_rewrites, note_rewrite_end, note_step_start, restart_logits, steer
+from halluc.kv_slots import KVSlots
+from halluc.token_choice import apply_guards, choose
 
 log = logging.getLogger(__name__)
 LEAVE_AT = 0.25  # finished rows leave the batch once they are this share of it (a copy of the cache)
+
 
 @dataclass
 class Generation:
@@ -65,7 +48,7 @@ class Generation:
     n_backtracks: int = 0
     n_erased: int = 0
     token_forwards: int = 0
-    stop: str = ""                 # eos | length | forced_end | stop_token
+    stop: str = ""                 # eos | length | forced_end | stop_token | prompt_too_long
     semantics: str = "keep"        # what it was generated with (rewind needs a BT id)
     text: str | None = None        # decoded visible text (generate_text fills it)
     logits: list[torch.Tensor] | None = None  # raw logits each emitted token was chosen from
@@ -76,11 +59,12 @@ class Generation:
 
 
 @dataclass
-class _Row:
-    """Per-row bookkeeping of the loop (cache slots are per row, the cache is shared)."""
+class Row:
+    """One row's state in the loop (cache slots are per row, the cache is shared)."""
 
-    prompt_len: int
+    prompt: list[int]
     next_pos: int
+    forced: list[int] | None = None   # Forcing.tokens of this row
     trace: list[int] = field(default_factory=list)
     visible: list[int] = field(default_factory=list)
     visible_slots: list[int] = field(default_factory=list)  # cache slot of each fed visible token
@@ -95,7 +79,7 @@ class _Row:
     stop: str = ""
     logits: list[torch.Tensor] | None = None
     logprobs: list[float] | None = None
-    # guided decoding
+    # guided decoding (halluc.guided_decoding)
     guided: int = 0                   # verifier-triggered BT runs so far
     guided_at: list[int] = field(default_factory=list)
     verifier_calls: int = 0
@@ -109,6 +93,17 @@ class _Row:
     erase_from_slot: int = 0          # ... and its cache slot: every slot of the row from there dies
     step_logits: torch.Tensor | None = None  # the logits the current step's first token came from
     step_logits_at: int = -1          # ... the visible index that token took (stale once a BT crosses it)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt)
+
+    def generation(self, semantics: str) -> Generation:
+        return Generation(trace=self.trace, visible=self.visible, prompt_len=self.prompt_len,
+                          n_backtracks=self.n_backtracks, n_erased=self.n_erased, token_forwards=self.forwards,
+                          stop=self.stop or "length", semantics=semantics, logits=self.logits,
+                          logprobs=self.logprobs, n_guided=self.guided, verifier_calls=self.verifier_calls,
+                          guided_at=self.guided_at)
 
 
 def semantics_for(model, override: str | None = None, has_backtrack: bool = True) -> str:
@@ -131,245 +126,98 @@ def semantics_for(model, override: str | None = None, has_backtrack: bool = True
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_id: int | None,
-             eos_token_id: int | list[int] | None, pad_token_id: int | None = None,
-             semantics: str = "keep", sampling: Sampling = Sampling(), guards: LoopGuards = LoopGuards(),
-             forced_tokens: list[list[int]] | None = None, force_backtrack_rate: float = 0.0,
-             force_seed: int = 0, record_logits: bool = False, verifier=None, guide: Guide = Guide(),
-             step_ends: set[int] | frozenset = frozenset(), stop_after: set[int] | frozenset = frozenset(),
-             record_logprobs: bool = False) -> list[Generation]:
+             eos_token_id: int | list[int] | None, pad_token_id: int | None = None, semantics: str = "keep",
+             sampling: Sampling = Sampling(), guards: LoopGuards = LoopGuards(), guided: Guided | None = None,
+             forcing: Forcing | None = None, stop_after: set[int] | frozenset = frozenset(),
+             record_logits: bool = False, record_logprobs: bool = False) -> list[Generation]:
     """Generate from a batch of prompt token ids (left padded here); see the module docstring.
 
-    forced_tokens: teacher forcing, row r emits forced_tokens[r] (whatever the model says) and
-      stops when they run out; with record_logits the model's logits at every step are kept.
-    force_backtrack_rate: after each emitted normal token, with this probability the next
-      token is a BT (benchmarks; seeded by force_seed, overrides the loop guards).
-    verifier, guide, step_ends: guided decoding (module docstring); `step_ends` are the ids of the
-      tokens that end a step (halluc.verifier_head.step_end_ids), EOS ends the last one.
+    guided: a verifier erases steps it scores low (halluc.guided_decoding).
+    forcing: tokens emitted whatever the model says (halluc.decoding.Forcing); with record_logits the
+      model's logits at every step are kept.
     stop_after: a row stops once it emits one of these tokens, which stays in its trace
       (stop="stop_token"; MCTS writes one step at a time with the step-end ids).
     record_logprobs: keep log P(token) of every trace token under the model's raw logits.
     """
-    if verifier is not None and backtrack_id is None:
+    if guided is not None and backtrack_id is None:
         raise ValueError("guided decoding erases steps with BTs: the model needs a BT id")
-    if verifier is not None and not step_ends:
-        raise ValueError("guided decoding needs step_ends, the ids of the tokens that end a step")
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    device = next(model.parameters()).device
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     pad = pad_token_id if pad_token_id is not None else 0
     bt = backtrack_id
     rewind = semantics == "rewind" and bt is not None
-    track = rewind or verifier is not None  # slots and positions of the visible tokens
-    n, width = len(prompts), max(len(p) for p in prompts)
-    force_rng = random.Random(force_seed)
-    sample_rng = torch.Generator(device=device).manual_seed(sampling.seed)
+    track = rewind or guided is not None  # slots and positions of the visible tokens
+    forcing = forcing or Forcing()
+    force_rng = random.Random(forcing.seed)
+    rows = [Row(prompt=p, next_pos=len(p), forwards=len(p), forced=None if forcing.tokens is None else forcing.tokens[r],
+                logits=[] if record_logits else None, logprobs=[] if record_logprobs else None)
+            for r, p in enumerate(prompts)]
+    kv, logits = KVSlots.prefill(model, prompts, pad, max_new_tokens)
+    sample_rng = torch.Generator(device=logits.device).manual_seed(sampling.seed)
 
-    # alive[r, s]: row r may attend cache slot s (padding, finished rows' filler and, when
-    # rewinding, erased/BT slots are dead). It is the 2D attention mask.
-    alive = torch.zeros(n, width + max_new_tokens, dtype=torch.bool, device=device)
-    ids = torch.full((n, width), pad, dtype=torch.long)
-    rows = []
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p)
-        alive[r, width - len(p):width] = True
-        rows.append(_Row(prompt_len=len(p), next_pos=len(p), forwards=len(p),
-                         logits=[] if record_logits else None, logprobs=[] if record_logprobs else None))
-    positions = (torch.arange(width)[None, :] - (width - torch.tensor([len(p) for p in prompts]))[:, None]).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    cache_arg = {_cache_kwarg(model): cache}
-    out = model(input_ids=ids.to(device), attention_mask=_mask(alive, width), position_ids=positions.to(device),
-                use_cache=True, logits_to_keep=1, **cache_arg)
-    slots = width  # cache length
-
-    # the rows still generating, in cache order: a finished row leaves (batch_select_indices)
-    batch, batch_prompts, batch_forced, batch_at = list(rows), prompts, forced_tokens, list(range(n))
+    batch, batch_at = list(rows), list(range(len(rows)))  # the rows still generating, in cache order
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1, :]
-        if verifier is not None:  # after an erasing run, the rewrite starts from the clean prefix's logits
-            restart = [r for r, row in enumerate(batch) if not row.done and row.erasing and not row.forced_bts
-                       and row.trace and row.trace[-1] == bt]
-            if restart:
-                logits = logits.clone()
-                for r in restart:  # never a BT first: that would erase the clean prefix
-                    logits[r] = batch[r].step_logits
-                    logits[r, bt] = float("-inf")
-        guarded = _guarded(logits, batch, bt, guards)
-        forced = set()
-        if verifier is not None:
-            tokens = _choose_guided(guarded, batch, sampling, guide, step_ends, sample_rng, (n, batch_at))
-            forced = _steer(verifier, guide, batch, tokens, batch_prompts, bt, eos, step_ends)
+        # Choose: the loop guards' bans, then greedy or a sample; a verifier restarts, rewrites, steers.
+        if guided is not None:
+            logits = restart_logits(logits, batch, bt)
+        guarded = apply_guards(logits, batch, bt, guards)
+        draws = (len(rows), batch_at)  # a row's random numbers do not depend on who is left
+        by_verifier = set()
+        if guided is not None:
+            tokens = choose_with_rewrites(guarded, batch, sampling, guided, sample_rng, draws)
+            by_verifier = steer(guided, batch, tokens, bt, eos)
         else:
-            tokens = _choose(guarded, sampling, sample_rng, (n, batch_at)).tolist()
+            tokens = choose(guarded, sampling, sample_rng, draws).tolist()
 
-        # Emit: forced tokens, forced BTs, then the visible bookkeeping of each row.
+        # Emit: forcing, then each row's bookkeeping.
         logprobs = torch.log_softmax(logits.float(), dim=-1) if record_logprobs else None
         for r, row in enumerate(batch):
             if row.done:
                 continue
-            if forced_tokens is not None:
-                if step >= len(batch_forced[r]):
+            if row.forced is not None:
+                if step >= len(row.forced):
                     row.done, row.stop = True, "forced_end"
                     continue
-                tokens[r] = batch_forced[r][step]
-            elif bt is not None and force_backtrack_rate > 0 and row.trace and row.trace[-1] != bt \
-                    and force_rng.random() < force_backtrack_rate:
+                tokens[r] = row.forced[step]
+            elif bt is not None and forcing.backtrack_rate > 0 and row.trace and row.trace[-1] != bt \
+                    and force_rng.random() < forcing.backtrack_rate:
                 tokens[r] = bt
             if record_logits:
                 row.logits.append(logits[r].float().cpu().clone())
-            if verifier is not None and tokens[r] != bt and (not row.visible or row.visible[-1] in step_ends):
-                row.step_logits = logits[r].clone()  # what a step erased later is rewritten from
-                row.step_logits_at = len(row.visible)
+            if guided is not None:
+                note_step_start(row, logits[r], tokens[r], bt, guided.step_ends)
             emitted = len(row.trace)
-            _emit(row, tokens[r], bt, eos, max_new_tokens, guided=r in forced)
+            emit(row, tokens[r], bt, eos, max_new_tokens, guided=r in by_verifier)
             if len(row.trace) > emitted:
                 if record_logprobs:
                     row.logprobs.append(float(logprobs[r, tokens[r]]))
                 if tokens[r] in stop_after and not row.done:
                     row.done, row.stop = True, "stop_token"
-            if row.resample_from is not None and tokens[r] != bt and tokens[r] in step_ends and not row.forced_bts:
-                row.resample_from = None
-            if forced_tokens is not None and not row.done and len(row.trace) >= len(batch_forced[r]):
+            if guided is not None:
+                note_rewrite_end(row, tokens[r], bt, guided.step_ends)
+            if row.forced is not None and not row.done and len(row.trace) >= len(row.forced):
                 row.done, row.stop = True, "forced_end"
         if all(row.done for row in batch):
             break
+
+        # Leave: finished rows leave the batch and the cache once they are LEAVE_AT of it.
         finished = sum(row.done for row in batch)
-        if finished and finished >= LEAVE_AT * len(batch):  # finished rows leave the batch and the cache
+        if finished and finished >= LEAVE_AT * len(batch):
             keep = [r for r, row in enumerate(batch) if not row.done]
-            cache.batch_select_indices(torch.tensor(keep, device=device))
-            alive = alive[keep]
+            kv.keep_rows(keep)
             batch, tokens, batch_at = [batch[r] for r in keep], [tokens[r] for r in keep], [batch_at[r] for r in keep]
-            batch_prompts = [batch_prompts[r] for r in keep]
-            batch_forced = None if forced_tokens is None else [batch_forced[r] for r in keep]
 
-        # Rewind: a normal token after a BT run closes the run; its slots and the erased
-        # tokens' slots die, and the new token goes to the rewound position.
-        any_dead = False
-        for r, row in enumerate(batch):
-            if row.done:
-                continue
-            if tokens[r] != bt and row.dead_after_run:
-                alive[r, row.dead_after_run] = False
-                if row.erasing:  # the whole step as written leaves: the model's own BT runs inside it too
-                    alive[r, row.erase_from_slot:slots] = False
-                row.dead_after_run.clear()
-                row.next_pos = row.prompt_len + len(row.visible_slots) if rewind else row.rewound_pos
-                any_dead = True
-            if tokens[r] != bt:
-                row.erasing = False
-        if any_dead:
-            slots = _crop_dead_tail(cache, alive, slots)
+        # Feed: close BT runs (rewind), then the new tokens through the model.
+        kv.close_runs(batch, tokens, bt, rewind)
+        logits = kv.feed(batch, tokens, bt, pad, track, rewind)
 
-        # Feed: every live row's new token takes slot `slots`.
-        pos = [0] * len(batch)
-        for r, row in enumerate(batch):
-            if row.done:
-                tokens[r] = pad  # a filler query nobody attends to
-                continue
-            if track and tokens[r] == bt:  # this BT's slot, and the slot of the token it erased
-                dies = rewind or row.erasing
-                if dies:
-                    row.dead_after_run.append(slots)
-                if len(row.visible_slots) > len(row.visible):
-                    slot, row.rewound_pos = row.visible_slots.pop(), row.visible_pos.pop()
-                    if dies:
-                        row.dead_after_run.append(slot)
-            elif track:
-                row.visible_slots.append(slots)
-                row.visible_pos.append(row.next_pos)
-            alive[r, slots] = True
-            pos[r] = row.next_pos
-            row.next_pos += 1
-            row.forwards += 1
-        out = model(input_ids=torch.tensor(tokens, device=device)[:, None],
-                    attention_mask=_mask(alive, slots + 1),
-                    position_ids=torch.tensor(pos, device=device)[:, None], use_cache=True, **cache_arg)
-        slots += 1
-
-    return [Generation(trace=row.trace, visible=row.visible, prompt_len=row.prompt_len,
-                       n_backtracks=row.n_backtracks, n_erased=row.n_erased, token_forwards=row.forwards,
-                       stop=row.stop or "length", semantics="rewind" if rewind else "keep", logits=row.logits,
-                       logprobs=row.logprobs, n_guided=row.guided, verifier_calls=row.verifier_calls, guided_at=row.guided_at)
-            for row in rows]
+    return [row.generation("rewind" if rewind else "keep") for row in rows]
 
 
-def _choose_guided(logits: torch.Tensor, rows: list[_Row], sampling: Sampling, guide: Guide, step_ends,
-                   rng: torch.Generator, draws: tuple[int, list[int]] | None = None) -> list[int]:
-    """The next tokens when a verifier guides: rows rewriting an erased step are resampled
-    (temperature) or have a verbatim repeat of an erased version banned; the rest as usual."""
-    rewriting = [r for r, row in enumerate(rows) if not row.done and row.resample_from is not None]
-    if rewriting and guide.resample == "ban":
-        banned = [(r, t) for r in rewriting for t in _repeat_completions(rows[r], step_ends)]
-        if banned:
-            logits = logits.clone()
-            logits[[r for r, _ in banned], [t for _, t in banned]] = float("-inf")
-    tokens = _choose(logits, sampling, rng, draws)
-    if rewriting and guide.resample == "sample":
-        hot = Sampling(guide.temperature, sampling.top_p, sampling.seed)
-        tokens[rewriting] = _choose(logits[rewriting], hot, rng)
-    return tokens.tolist()
-
-
-def _repeat_completions(row: _Row, step_ends) -> list[int]:
-    """Tokens that would complete a verbatim repeat of an erased version of the step being rewritten
-    (its last token before the separator, or its last token)."""
-    written = row.visible[row.resample_from:]
-    out = []
-    for erased in row.erased_steps.get(row.resample_from, []):
-        content = erased[:-1] if len(erased) > 1 and erased[-1] in step_ends else erased
-        if written == content[:-1]:
-            out.append(content[-1])
-    return out
-
-
-def _steer(verifier, guide: Guide, rows: list[_Row], tokens: list[int], prompts, bt: int, eos: set,
-           step_ends) -> set[int]:
-    """Guided decoding's decisions for this step, written into `tokens`: continue a verifier's BT
-    run; at a step end, score the visible text and start a BT run over the step if it is too low.
-    Returns the rows whose token is a verifier's BT."""
-    ask, forced = [], set()
-    for r, row in enumerate(rows):
-        if row.done:
-            continue
-        if row.forced_bts:  # inside a verifier-triggered run
-            tokens[r] = bt
-            row.forced_bts -= 1
-            forced.add(r)
-            continue
-        if row.resample_from is not None and tokens[r] in eos:  # the rewritten step ends the text
-            row.resample_from = None
-        ended = bool(row.trace) and row.trace[-1] != bt and (row.trace[-1] in step_ends or tokens[r] in eos)
-        if (ended and row.visible and tokens[r] != bt and row.guided < guide.budget
-                and row.scored_at != len(row.trace)):
-            ask.append(r)
-    if not ask:
-        return forced
-    scores = verifier([(prompts[r], rows[r].visible) for r in ask], ask)
-    for r, score in zip(ask, scores):
-        row = rows[r]
-        row.scored_at = len(row.trace)
-        row.verifier_calls += 1
-        if score >= guide.threshold:
-            continue
-        start = max((i + 1 for i, t in enumerate(row.visible[:-1]) if t in step_ends), default=0)
-        row.erased_steps.setdefault(start, []).append(list(row.visible[start:]))
-        row.resample_from = start
-        row.guided += 1
-        row.guided_at.append(len(row.trace))
-        # the rewrite restarts from the logits the step's first token came from; stale when the
-        # model's own BTs crossed into an earlier step since: then the run acts as the model's own
-        row.erasing = guide.erase == "rewind" and row.step_logits_at == start
-        if row.erasing:
-            row.erase_from_slot, row.rewound_pos = row.visible_slots[start], row.visible_pos[start]
-        tokens[r] = bt
-        forced.add(r)
-        row.forced_bts = len(row.visible) - start - 1
-    return forced
-
-
-def _emit(row: _Row, token: int, bt: int | None, eos: set, max_new_tokens: int, guided: bool = False) -> None:
+def emit(row: Row, token: int, bt: int | None, eos: set, max_new_tokens: int, guided: bool = False) -> None:
     """Record one emitted token: EOS stops; a BT pops the visible top (nothing if empty).
     `guided`: a verifier's BT, not counted by the loop guards."""
     if token in eos:
@@ -394,74 +242,6 @@ def _emit(row: _Row, token: int, bt: int | None, eos: set, max_new_tokens: int, 
         row.done, row.stop = True, "length"
 
 
-def _guarded(logits: torch.Tensor, rows: list[_Row], bt: int | None, guards: LoopGuards) -> torch.Tensor:
-    """Logits with the loop guards applied (a copy only when something is banned)."""
-    if bt is None:
-        return logits
-    bt_rows, erased_rows, erased_tokens = [], [], []
-    for r, row in enumerate(rows):
-        if row.done:
-            continue
-        top = len(row.visible) - 1  # the visible index the next BT would erase (-1: none)
-        if (row.n_backtracks - row.guided_bts >= guards.max_backtracks
-                or row.erasures[top] >= guards.max_backtracks_per_position):
-            bt_rows.append(r)
-        if guards.ban_erased_token and row.banned_token is not None:
-            erased_rows.append(r)
-            erased_tokens.append(row.banned_token)
-    if not bt_rows and not erased_rows:
-        return logits
-    logits = logits.clone()
-    if bt_rows:
-        logits[bt_rows, bt] = float("-inf")
-    if erased_rows:
-        logits[erased_rows, erased_tokens] = float("-inf")
-    return logits
-
-
-def _choose(logits: torch.Tensor, sampling: Sampling, rng: torch.Generator,
-            draws: tuple[int, list[int]] | None = None) -> torch.Tensor:
-    """Greedy, or a sample of softmax(logits / T) (top-p). `draws` = (rows of the whole batch, the rows
-    these logits are): the random numbers are drawn for the whole batch and these rows take theirs,
-    so a row samples the same whether finished rows have left the batch or not."""
-    if sampling.temperature <= 0:
-        return logits.argmax(-1)
-    scaled = logits.float() / sampling.temperature
-    if sampling.top_p < 1.0:
-        sorted_logits, order = scaled.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass before it already reaches top_p (the top token always stays)
-        drop = probs.cumsum(-1) - probs >= sampling.top_p
-        sorted_logits[drop] = float("-inf")
-        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = scaled.softmax(-1)
-    # torch.multinomial(probs, 1) is argmax(probs / q), q ~ Exp(1) drawn for every entry (the same
-    # numbers from the same generator state); drawn here for the whole batch, then this batch's rows
-    n, rows = draws if draws is not None else (len(probs), None)
-    q = torch.empty((n, probs.shape[-1]), dtype=probs.dtype, device=probs.device).exponential_(1, generator=rng)
-    return (probs / (q if rows is None else q[rows])).argmax(-1)
-
-
-def _cache_kwarg(model) -> str:
-    """transformers >= 5.2x calls the cache argument `cache` (`past_key_values` warns); older: past_key_values."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _mask(alive: torch.Tensor, length: int) -> torch.Tensor | None:
-    """The 2D attention mask over `length` slots; None when nothing is dead (sdpa's fast path)."""
-    window = alive[:, :length]
-    return None if bool(window.all()) else window
-
-
-def _crop_dead_tail(cache: DynamicCache, alive: torch.Tensor, slots: int) -> int:
-    """Crop the trailing slots that no row attends (batch 1: all erased and BT slots)."""
-    live = alive[:, :slots].any(0).nonzero()
-    keep = int(live[-1]) + 1 if len(live) else 0
-    if keep < slots:
-        cache.crop(keep - slots)  # those alive columns are already all False and get reused
-    return keep
-
-
 def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 160, batch_size: int = 64,
                   semantics: str | None = None, sampling: Sampling = Sampling(), guards: LoopGuards = LoopGuards(),
                   desc: str = "generating", verifier=None, guide: Guide = Guide(),
@@ -478,11 +258,11 @@ def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int =
     bt = backtrack_id(tokenizer) if has_backtrack(tokenizer) else None
     semantics = semantics_for(model, semantics, has_backtrack=bt is not None)
     model.eval()
-    step_ends = frozenset()
+    guided = None
     if verifier is not None:
         from halluc.verifier_head import step_end_ids
 
-        step_ends = frozenset(step_end_ids(tokenizer, step_separator))
+        guided = Guided(verifier, frozenset(step_end_ids(tokenizer, step_separator)), guide)
     # A prompt the model has no positions for is not generated from (stop "prompt_too_long",
     # empty output, scored wrong) instead of failing the whole evaluation; others in its batch
     # get at most the positions left.
@@ -497,7 +277,7 @@ def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int =
         made = iter(generate(model, kept, max_new_tokens=int(min(max_new_tokens, limit - max(map(len, kept)))),
                              backtrack_id=bt, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, semantics=semantics, sampling=sampling,
-                             guards=guards, verifier=verifier, guide=guide, step_ends=step_ends) if kept else [])
+                             guards=guards, guided=guided) if kept else [])
         batch = [next(made) if ok else Generation(trace=[], visible=[], prompt_len=len(x), stop="prompt_too_long",
                                                  semantics=semantics) for x, ok in zip(ids, fits)]
         too_long += fits.count(False)

@@ -13,7 +13,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from halluc.attention import dense_mask, edit_tree, position_ids
 from halluc.evaluate import evaluate_problems, markdown_table, score_problem
 from halluc.example import Role, apply_backtrack
-from halluc.generate import Generation, LoopGuards, Sampling, generate, semantics_for
+from halluc.generate import Forcing, Generation, LoopGuards, Sampling, generate, semantics_for
 from halluc.judge import backtrack_runs
 from halluc.tasks import arith, get_task, gsm8k
 
@@ -72,7 +72,7 @@ def correction_steps(trace: list[int]) -> list[int]:
 def test_rewind_matches_block_errors_forward_and_differs_from_causal(model, seed):
     prompts, traces = forced_batch(seed)
     gens = generate(model, prompts, max_new_tokens=80, backtrack_id=BT, eos_token_id=None, semantics="rewind",
-                    forced_tokens=traces, record_logits=True)
+                    forcing=Forcing(traces), record_logits=True)
     for prompt, trace, gen in zip(prompts, traces, gens):
         assert gen.trace == trace and gen.visible == apply_backtrack(trace, BT)
         got = torch.stack(gen.logits)
@@ -96,7 +96,7 @@ def test_rewind_matches_block_errors_forward_and_differs_from_causal(model, seed
 def test_keep_matches_causal_forward(model):
     prompts, traces = forced_batch(7)
     gens = generate(model, prompts, max_new_tokens=80, backtrack_id=BT, eos_token_id=None, semantics="keep",
-                    forced_tokens=traces, record_logits=True)
+                    forcing=Forcing(traces), record_logits=True)
     for prompt, trace, gen in zip(prompts, traces, gens):
         want = training_logits(model, prompt, trace, "causal", "original")
         assert (torch.stack(gen.logits) - want).abs().max() < 1e-4
@@ -178,8 +178,8 @@ def test_drawing_only_for_the_rows_left_would_change_samples(model, monkeypatch)
     torch.multinomial on the smaller batch would) change what the rows sample after others finished."""
     import halluc.generate as generation
 
-    choose = generation._choose
-    monkeypatch.setattr(generation, "_choose", lambda logits, sampling, rng, draws=None: choose(logits, sampling, rng))
+    choose = generation.choose
+    monkeypatch.setattr(generation, "choose", lambda logits, sampling, rng, draws=None: choose(logits, sampling, rng))
 
     def run(seed):
         handle = bt_rule_hook(model, ends=True)
@@ -296,7 +296,7 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy(model):
 
 def test_forced_backtrack_rate_is_deterministic(model):
     kw = dict(max_new_tokens=80, backtrack_id=BT, eos_token_id=None, semantics="rewind",
-              guards=LoopGuards(max_backtracks=0), force_backtrack_rate=0.2, force_seed=1)
+              guards=LoopGuards(max_backtracks=0), forcing=Forcing(backtrack_rate=0.2, seed=1))
     a, b = generate(model, [[4, 5, 6]], **kw)[0], generate(model, [[4, 5, 6]], **kw)[0]
     assert a.trace == b.trace and 5 <= a.n_backtracks <= 30
     assert all(not (x == y == BT) for x, y in zip(a.trace, a.trace[1:]))  # forced runs have length 1

@@ -11,9 +11,9 @@ from collections import Counter
 import pytest
 import torch
 
-from halluc.generate import Guide, LoopGuards, Sampling, generate
+from halluc.generate import Guide, Guided, LoopGuards, Sampling, generate
 from halluc.tasks import arith
-from halluc.verifier_head import load_head, step_end_ids
+from halluc.verifier_head import step_end_ids
 from halluc.verifiers import HeadVerifier, OracleVerifier
 
 NO_OWN_BT = LoopGuards(max_backtracks=0)
@@ -35,7 +35,7 @@ def _run(model, tok, bt, prompts, verifier=None, semantics="keep", sampling=Samp
          guide=Guide(budget=50), max_new_tokens=192):
     return generate(model, prompts, max_new_tokens=max_new_tokens, backtrack_id=bt, eos_token_id=tok.eos_token_id,
                     pad_token_id=tok.pad_token_id, semantics=semantics, sampling=sampling, guards=NO_OWN_BT,
-                    verifier=verifier, guide=guide, step_ends=step_end_ids(tok, ";"))
+                    guided=None if verifier is None else Guided(verifier, step_end_ids(tok, ";"), guide))
 
 
 @pytest.mark.parametrize("semantics", ["keep", "rewind"])
@@ -177,7 +177,7 @@ def test_a_verifiers_bts_are_not_counted_by_the_loop_guards(policy):
         gens = generate(model, _prompts(tok, problems), max_new_tokens=192, backtrack_id=bt,
                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, semantics="keep",
                         sampling=Sampling(1.0, 1.0, 5), guards=LoopGuards(max_backtracks=cap),
-                        verifier=OracleVerifier(arith, problems, tok), guide=Guide(budget=50), step_ends=ends)
+                        guided=Guided(OracleVerifier(arith, problems, tok), ends, Guide(budget=50)))
     finally:
         handle.remove()
     own_after_cap = 0
@@ -376,8 +376,8 @@ def test_the_cache_after_a_verifiers_runs_equals_a_forward_over_the_kept_text(po
                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                         semantics=semantics, sampling=Sampling(0.7, 1.0, seed),
                                         guards=LoopGuards(max_backtracks=OWN_BT_CAP),
-                                        verifier=OracleVerifier(arith, problems, tok),
-                                        guide=Guide(budget=50, erase=erase), step_ends=ends, record_logits=True)
+                                        guided=Guided(OracleVerifier(arith, problems, tok), ends,
+                                                      Guide(budget=50, erase=erase)), record_logits=True)
                         worst, hits = max_diff(gens, semantics, erase)
                         assert worst < 1e-4, (semantics, erase, bias_value, seed, worst)
                         total += hits

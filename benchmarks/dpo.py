@@ -82,7 +82,7 @@ def run_ours(model, ref, tok, pairs, args, out: str, pack: int):
                           drop_last=True, disable_tqdm=True, logging_steps=10_000)
     trainer = make_trainer(model, targs, rows, tb_dir=str(Path(out) / "tb"), packed=True,
                            objective=PreferenceObjective("sigmoid", 0.1, reference=ref),
-                           collator=PairCollator(), backend="auto")
+                           collator=PairCollator())
     seconds, memory = _timed(trainer, args.warmup)
     return seconds * args.batch / (batch * per_row), memory  # per step of args.batch pairs
 

@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 
@@ -172,7 +172,7 @@ def _set(cfg, dotted: str, value, where: str, raw: bool = False) -> None:
             raise SystemExit(f"{where}: unknown setting {dotted!r}\n{describe(cfg)}")
     fields = {f.name: f for f in dataclasses.fields(target)}
     if name not in fields:
-        raise SystemExit(f"{where}: unknown setting {dotted!r}; valid here: {sorted(fields)}")
+        raise SystemExit(f"{where}: unknown setting {dotted!r}{_did_you_mean(cfg, dotted)}; valid here: {sorted(fields)}")
     hint = typing.get_type_hints(type(target), include_extras=True)[name]
     if raw:
         if _takes_string(hint, value):
@@ -187,6 +187,17 @@ def _set(cfg, dotted: str, value, where: str, raw: bool = False) -> None:
         setattr(target, name, _coerce(value, hint))
     except (TypeError, ValueError) as e:
         raise SystemExit(f"{where}: {dotted}={value!r}: {e}") from None
+
+
+def _did_you_mean(cfg, dotted: str) -> str:
+    """ ' (did you mean layout.attention?)': a setting of that name elsewhere in the tree (attention=
+    moved into layout), else a close spelling."""
+    import difflib
+
+    names = list(flat_dict(as_dict(cfg)))
+    moved = [n for n in names if n.endswith("." + dotted.split(".")[-1])]
+    close = moved or difflib.get_close_matches(dotted, names, n=2, cutoff=0.75)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def _takes_string(hint, text: str) -> bool:
@@ -310,12 +321,15 @@ def _field_comments(cls) -> dict[str, str]:
     import inspect
     import re
 
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    found = re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", source, flags=re.M)
-    return {name: note.strip() for name, note in found}
+    notes = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # RunConfig's, then the recipe's
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        found = re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", source, flags=re.M)
+        notes.update({name: note.strip() for name, note in found})
+    return notes
 
 
 def _allowed(hint) -> str:
@@ -381,6 +395,28 @@ class LoraSettings:
     train_bt_rows: bool = True
 
 
+@dataclass
+class LayoutSettings:
+    """How examples become training rows: what attends to what, the positions, the kernel, packing
+    (docs/attention.md). Every layout rule is here (`check`)."""
+
+    # Technique 4. causal: errors stay visible to what follows (Physics-of-LM "retry" data) and plain
+    # generation is its exact inference twin; block_errors + rewound is the twin of KV-rewinding generation.
+    attention: Literal["causal", "block_errors"] = "causal"  # block_errors: corrections cannot see errors
+    positions: Literal["original", "rewound"] = "original"  # rewound: as a cropped KV cache numbers them
+    backend: Literal["auto", "native", "dense", "dense_units", "flex", "varlen", "varlen_kv"] = "auto"  # docs/attention.md
+    pack: NonNegativeInt = 0  # >0: pack examples into rows of this many tokens
+
+    def check(self) -> None:
+        if self.attention == "block_errors" and self.positions != "rewound":
+            raise ValueError("layout.attention=block_errors needs layout.positions=rewound: that pair is the exact "
+                             "twin of KV-rewinding generation; with original positions no decoder matches training")
+        if self.backend == "native" and (self.attention != "causal" or self.positions != "original" or self.pack):
+            raise ValueError("layout.backend=native runs the model's own causal kernel: it needs layout.attention="
+                             "causal, layout.positions=original and layout.pack=0 (backend=auto picks an edit-tree "
+                             "backend otherwise)")
+
+
 @dataclass(frozen=True)
 class PreferenceKind:
     """A preference loss by name and what it needs (capabilities on the loss, as torchtune's rlhf
@@ -442,11 +478,8 @@ def check_model_path(path: str, what: str = "model") -> None:
 
 def check_run_rules(cfg, model_paths: tuple[str, ...] = ("model",)) -> None:
     """The rules every recipe's settings share; each recipe's `check()` calls it first. Raises
-    ValueError: block_errors without rewound positions (no decoder is its twin), resume together with
-    overwrite, a model path (of the fields in `model_paths`) that is not there."""
-    if getattr(cfg, "attention", "causal") == "block_errors" and getattr(cfg, "positions", None) != "rewound":
-        raise ValueError("attention=block_errors needs positions=rewound: that pair is the exact twin of "
-                         "KV-rewinding generation; with original positions no decoder matches training")
+    ValueError: resume together with overwrite, a model path (of the fields in `model_paths`) that is
+    not there. (The layout's rules are LayoutSettings.check, which runs by itself.)"""
     if cfg.resume and cfg.overwrite:
         raise ValueError("resume=true and overwrite=true contradict each other: choose one")
     for name in model_paths:

@@ -128,8 +128,8 @@ def _difficulty_fits(problem, phase: Phase) -> bool:
     return (phase.ops_min is None or n >= phase.ops_min) and (phase.ops_max is None or n <= phase.ops_max)
 
 
-def train_phases(model, datasets: list, cur: Curriculum, counts: list[dict], out: Path, run, stage, attention: str,
-                 positions: str, tokenizer, probe=None):
+def train_phases(model, datasets: list, cur: Curriculum, counts: list[dict], out: Path, run, stage, tokenizer,
+                 probe=None):
     """Train the phases in order, each its own stage `OUT/phase-N/` with the batch size and lr of
     the recipe's SFT `stage`; returns the last trainer. `probe`: (problems, task, max_new_tokens)
     for the competence test of phases with until_recall."""
@@ -153,7 +153,7 @@ def train_phases(model, datasets: list, cur: Curriculum, counts: list[dict], out
         if phase.until_recall is not None and probe is not None:
             callbacks.append(recall_probe(tokenizer, probe, phase.until_recall, cur.probe_every, writer, offset))
         trainer = train_stage(model, data, Stage(phase.steps, stage.batch_size, stage.lr), str(out / f"phase-{i + 1}"),
-                              run, attention, positions, tokenizer=tokenizer, callbacks=callbacks)
+                              run, tokenizer=tokenizer, callbacks=callbacks)
         offset += trainer.state.global_step
         if writer:
             writer.add_scalar("curriculum/phase_end", i + 1, offset)

@@ -46,7 +46,7 @@ class PreferenceObjective:
     fp32_inputs = ("ref_logps",)
     laid_out = True  # pairs come laid out with the prompt once (halluc.pairs): never packed again
 
-    def collator(self, attention, positions, tokenizer):
+    def collator(self, layout, tokenizer):
         return PairCollator()
 
     def __init__(self, loss: str = "sigmoid", beta: float = 0.1, alpha: float = 0.5, sft_weight: float = 0.0,

@@ -169,7 +169,8 @@ def evaluation_version() -> str:
     from pathlib import Path
 
     root = Path(__file__).parent
-    files = ["evaluate.py", "judge.py", "generate.py", *(f"tasks/{p.name}" for p in sorted((root / "tasks").glob("*.py")))]
+    files = ["evaluate.py", "judge.py", "generate.py", "decoding.py", "token_choice.py", "guided_decoding.py",
+             "kv_slots.py", *(f"tasks/{p.name}" for p in sorted((root / "tasks").glob("*.py")))]
     return hashlib.sha1(b"".join((root / f).read_bytes() for f in files)).hexdigest()[:8]
 
 

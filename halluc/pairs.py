@@ -173,7 +173,7 @@ def pair_rows(pairs: list[dict], mode: str = "causal", positions: str = "origina
     if pack_len:
         kept = [i for i, u in enumerate(units) if len(u) <= pack_len]
         if len(kept) < len(units):
-            log.warning("%d pairs are longer than pack=%d tokens and were dropped: raise pack",
+            log.warning("%d pairs are longer than layout.pack=%d tokens and were dropped: raise layout.pack",
                         len(units) - len(kept), pack_len)
         groups = [[kept[j] for j in g] for g in best_fit_decreasing([len(units[i]) for i in kept], pack_len)]
         rows = [_row([units[i] for i in g]) for g in groups]

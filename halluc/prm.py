@@ -104,7 +104,7 @@ class StepClassification:
     item_mean = True
     backend = "native"  # the PRM runs its own plain forward over one solution per row
 
-    def collator(self, attention, positions, tokenizer):
+    def collator(self, layout, tokenizer):
         return StepCollator(tokenizer.pad_token_id or 0)
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:

@@ -99,7 +99,7 @@ def train_prm(cfg, policy, policy_dir: str, tokenizer, rows: list[dict]) -> tupl
                 world_size()]
     folder = artifact_path(cfg.cache_dir, "prm", json.dumps(settings))
     # rows unpacked; StepClassification brings its collator and the native backend (its own plain forward)
-    run = RunSettings(seed=cfg.seed, pack=0, deepspeed=cfg.deepspeed, save_steps=cfg.save_steps,
+    run = RunSettings(seed=cfg.seed, deepspeed=cfg.deepspeed, save_steps=cfg.save_steps,
                       save_total_limit=cfg.save_total_limit, resume=cfg.resume)
     with build_once(folder, "train.json", what="the trained PRM") as build:  # train.json: written last
         if build:

@@ -19,52 +19,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from halluc.config import (LoraSettings, NonNegativeFloat, NonNegativeInt, PositiveInt, Stage, as_dict,
-                           check_run_rules)
+from halluc.config import NonNegativeFloat, as_dict, check_run_rules
 from halluc.curriculum import Curriculum
 from halluc.distributed import zero_stage
 from halluc.errors import ErrorConfig
-from halluc.lab import LabConfig, ModelConfig
+from halluc.run_config import RunConfig
 
 log = logging.getLogger("masked_sft")
 
 
 @dataclass
-class SFTConfig:
-    """The settings of recipes/masked_sft.py (its YAML: recipes/configs/masked_sft.yaml)."""
-
+class SFTConfig(RunConfig):
+    """The settings of recipes/masked_sft.py (its YAML: recipes/configs/masked_sft.yaml); the shared
+    ones (output, model, lab chain, layout, launcher) are RunConfig's."""
 
     output_dir: str = "runs/masked_sft"  # checkpoint/ (or adapter/), tb/, eval.json, eval.md, config.yaml
-    cache_dir: str = "runs/cache"        # trained lab bases, reused by any run with the same base settings
-    model: str | None = None            # a local HF causal-LM folder; None = tiny lab base
     data: str | None = None             # a folder from tools/prepare_data.py: the SFT examples (else built here)
-    seed: int = 0                        # data, splits, initialisation, order
-    lab: LabConfig = field(default_factory=LabConfig)
-    tiny: ModelConfig = field(default_factory=ModelConfig)
-    base: Stage = field(default_factory=lambda: Stage(steps=900, batch_size=32, lr=3e-3))
-    sft: Stage = field(default_factory=lambda: Stage(steps=600, batch_size=32, lr=1e-3))
-    errors: ErrorConfig = field(default_factory=ErrorConfig)
     curriculum: Curriculum = field(default_factory=Curriculum)  # technique 3: SFT in phases, easy to hard
     masked: bool = True                 # False: train on the error tokens too (ablation)
     bt_init: Literal["semantic", "mean", "random"] = "semantic"  # technique 2: how the new BT row starts
-    # Technique 4. Default causal: errors stay visible to what follows (Physics-of-LM "retry"
-    # data; their pretraining study found no loss from it) and plain generate() is its exact
-    # inference twin. block_errors + rewound is the twin of KV-rewinding generation.
-    attention: Literal["causal", "block_errors"] = "causal"  # block_errors: corrections cannot see errors
-    positions: Literal["original", "rewound"] = "original"  # rewound: as a cropped KV cache numbers them
-    backend: Literal["auto", "native", "dense", "dense_units", "flex", "varlen", "varlen_kv"] = "auto"  # docs/attention.md
-    pack: NonNegativeInt = 0            # >0: pack examples into rows of this many tokens
-    max_len: PositiveInt = 256          # longer examples are dropped (or truncated, see overlong)
     overlong: Literal["drop", "truncate"] = "drop"
-    num_proc: PositiveInt | None = None  # processes for building examples (datasets.map)
-    deepspeed: str | None = None        # ds_configs/zero2.json | zero3.json | zero3_offload.json
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    save_steps: NonNegativeInt = 0      # >0: checkpoint-N every this many steps, in each stage's dir
-    save_total_limit: PositiveInt = 2   # newest checkpoint-N folders kept
-    resume: bool = False                # continue each stage from its newest checkpoint-N
-    overwrite: bool = False             # replace an earlier run in output_dir (else the run refuses)
     reinit_bt: bool = False             # model=DIR that already has a BT token: re-initialise its row too
-    eval_max_new_tokens: PositiveInt = 192  # generation budget per test problem
     # Technique 10: >0 trains a verifier head ("this step is wrong", at step ends) jointly with the
     # LM loss, weighted by this; saved beside the checkpoint (halluc/verifier_head.py)
     verifier_head_weight: NonNegativeFloat = 0.0
@@ -86,17 +61,13 @@ class SFTConfig:
         if self.verifier_head_weight and self.lora.enabled and zero_stage(self.deepspeed) == 3:
             raise ValueError("verifier_head_weight with LoRA under ZeRO-3 is not supported (the head is saved "
                              "from the live module, which ZeRO-3 shards): use ZeRO-2 or a full fine-tune")
-        check_paths_and_backend(self)
+        check_prepared_data(self)
 
 
-def check_paths_and_backend(cfg) -> None:
-    """What a recipe reads must exist (model=: check_run_rules), and backend=native only realises plain
-    causal rows: checked at load, not after the base stage."""
+def check_prepared_data(cfg) -> None:
+    """data=DIR must be a folder tools/prepare_data.py wrote: checked at load, not after the base stage."""
     if getattr(cfg, "data", None) and not (Path(cfg.data) / "dataset_info.json").exists():
         raise ValueError(f"data={cfg.data}: not a dataset folder written by tools/prepare_data.py")
-    if cfg.backend == "native" and (cfg.attention != "causal" or cfg.positions != "original" or cfg.pack):
-        raise ValueError("backend=native runs the model's own causal kernel: it needs attention=causal, "
-                         "positions=original and pack=0 (backend=auto picks an edit-tree backend otherwise)")
 
 
 def train_sft(cfg: SFTConfig, objective=None, recipe: str = "masked_sft") -> dict | None:
@@ -133,8 +104,7 @@ def train_sft(cfg: SFTConfig, objective=None, recipe: str = "masked_sft") -> dic
         datasets, counts = phase_datasets(cur, pool, tokenizer, bt_id, cfg.errors, examples=len(pool),
                                           masked=cfg.masked, max_len=cfg.max_len, overlong=cfg.overlong,
                                           seed=cfg.seed + 1, num_proc=cfg.num_proc)
-        trainer = train_phases(model, datasets, cur, counts, out, run, cfg.sft, cfg.attention, cfg.positions,
-                               tokenizer, probe=(probe, task, cfg.eval_max_new_tokens))
+        trainer = train_phases(model, datasets, cur, counts, out, run, cfg.sft, tokenizer, probe=(probe, task, cfg.eval_max_new_tokens))
     else:
         if cfg.data:
             data = load_prepared(cfg.data, tokenizer, task=cfg.lab.task)
@@ -152,7 +122,7 @@ def train_sft(cfg: SFTConfig, objective=None, recipe: str = "masked_sft") -> dic
 
             attach_head(model)
             objective = HeadObjective(cfg.verifier_head_weight, task.STEP_SEPARATOR)
-        trainer = train_stage(model, data, cfg.sft, str(out), run, cfg.attention, cfg.positions, tokenizer=tokenizer,
+        trainer = train_stage(model, data, cfg.sft, str(out), run, tokenizer=tokenizer,
                               adapter_info=identity if cfg.lora.enabled else None, objective=objective)
     t_sft = time.perf_counter() - t1
     saved = out / ("adapter" if cfg.lora.enabled else "checkpoint")
@@ -183,8 +153,8 @@ def train_sft(cfg: SFTConfig, objective=None, recipe: str = "masked_sft") -> dic
 
 # --------------------------------------------------------------------------- the lab's masked SFT model
 
-SFT_SHARED = ("seed", "lab", "tiny", "base", "sft", "errors", "attention", "positions", "backend", "num_proc",
-              "deepspeed", "eval_max_new_tokens")
+SFT_SHARED = ("seed", "lab", "tiny", "base", "sft", "errors", "num_proc", "deepspeed", "eval_max_new_tokens")
+LAYOUT_SHARED = ("attention", "positions", "backend")  # layout.pack stays masked_sft's own (0), like max_len
 
 
 def lab_sft_model(cfg, extra: dict | None = None) -> tuple[str, dict]:
@@ -196,6 +166,7 @@ def lab_sft_model(cfg, extra: dict | None = None) -> tuple[str, dict]:
     # max_len stays masked_sft's own, so the lab default starts from the main job's model (and shares its base)
     settings = {name: as_dict(getattr(cfg, name)) if dataclasses.is_dataclass(getattr(cfg, name))
                 else getattr(cfg, name) for name in SFT_SHARED}
+    settings.update({name: getattr(cfg.layout, name) for name in LAYOUT_SHARED})  # the keys they had when flat
     if world_size() > 1:  # batch sizes are per process (one process keeps the keys made before this)
         settings["world_size"] = world_size()
     settings.update(extra or {})  # only when given: the keys of plain SFT models stay what they were
@@ -206,6 +177,7 @@ def lab_sft_model(cfg, extra: dict | None = None) -> tuple[str, dict]:
             sft_cfg = SFTConfig(output_dir=str(folder), cache_dir=cfg.cache_dir, overwrite=True)
             for name in SFT_SHARED:
                 setattr(sft_cfg, name, getattr(cfg, name))
+            sft_cfg.layout = dataclasses.replace(sft_cfg.layout, **{n: getattr(cfg.layout, n) for n in LAYOUT_SHARED})
             for name, value in (extra or {}).items():
                 setattr(sft_cfg, name, value)
             train_sft(sft_cfg)

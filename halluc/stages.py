@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from halluc.artifacts import artifact_path, build_once, write_whole
 from halluc.checkpoint import resume_from, save_full
-from halluc.config import Stage, as_dict
+from halluc.config import LayoutSettings, Stage, as_dict
 from halluc.data import build_sft_dataset
 from halluc.distributed import barrier, is_main, world_size
 from halluc.errors import ErrorConfig
@@ -38,8 +38,7 @@ class RunSettings:
     settings of every recipe config (`RunSettings.of(cfg)`)."""
 
     seed: int = 0
-    backend: str = "auto"
-    pack: int = 0                   # >0: best-fit-decreasing packing into rows of this many tokens
+    layout: LayoutSettings = dataclasses.field(default_factory=LayoutSettings)  # attention, positions, backend, pack
     deepspeed: str | None = None
     save_steps: int = 0
     save_total_limit: int = 2
@@ -50,26 +49,28 @@ class RunSettings:
         return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
-def train_stage(model, data, stage: Stage, out_dir: str, run: RunSettings, attention: str = "causal",
-                positions: str = "original", objective=None, tokenizer=None, callbacks=(), adapter_info=None):
-    """Train `model` on `data` (examples, packed into rows when run.pack > 0) for one stage with
+def train_stage(model, data, stage: Stage, out_dir: str, run: RunSettings, objective=None, tokenizer=None,
+                callbacks=(), adapter_info=None):
+    """Train `model` on `data` (examples, packed into rows when run.layout.pack > 0) for one stage with
     `objective` (default: token cross-entropy); resumes from the stage's newest checkpoint when
     run.resume. Returns the trainer. The objective brings what it needs (halluc.train.Objective): its
     collator, `laid_out` rows (preference pairs: never packed again, never given to the plain causal
     backend), a backend it must run on (the PRM's own forward). With `tokenizer`, every checkpoint-N
     folder holds it too (so it can be evaluated as is), and with `adapter_info` (LoRA) its
     halluc_adapter.json; `callbacks` are added to the Trainer's."""
+    layout = run.layout
     laid_out = getattr(objective, "laid_out", False)
-    collator = objective.collator(attention, positions, tokenizer) if hasattr(objective, "collator") else None
-    backend = getattr(objective, "backend", None) or run.backend
-    packed = run.pack > 0 and not laid_out
+    collator = objective.collator(layout, tokenizer) if hasattr(objective, "collator") else None
+    if getattr(objective, "backend", None):  # one the objective must run on (the PRM's own forward)
+        layout = dataclasses.replace(layout, backend=objective.backend)
+    packed = layout.pack > 0 and not laid_out
     if packed:
-        rows = pack_examples(list(data), run.pack, attention, positions)
+        rows = pack_examples(list(data), layout.pack, layout.attention, layout.positions)
         log.info("packed %d examples into %d rows of %d tokens: %.1f%% real tokens", rows.n_units,
-                 len(rows.rows), run.pack, 100 * rows.real_fraction)
+                 len(rows.rows), layout.pack, 100 * rows.real_fraction)
         if rows.n_dropped:
-            log.warning("%d of %d examples are longer than pack=%d tokens and were dropped: raise pack",
-                        rows.n_dropped, rows.n_dropped + rows.n_units, run.pack)
+            log.warning("%d of %d examples are longer than layout.pack=%d tokens and were dropped: raise layout.pack",
+                        rows.n_dropped, rows.n_dropped + rows.n_units, layout.pack)
         data = rows.rows
     if len(data) == 0:
         raise SystemExit(f"no training example left for {out_dir} (max_len / pack dropped them all)")
@@ -78,8 +79,7 @@ def train_stage(model, data, stage: Stage, out_dir: str, run: RunSettings, atten
                          save_total_limit=run.save_total_limit,
                          drop_last=len(data) >= stage.batch_size * world_size())
     trainer = make_trainer(model, args, data, tb_dir=str(Path(out_dir) / "tb"), objective=objective,
-                           attention=attention, positions=positions, backend=backend,
-                           packed=packed or laid_out, collator=collator, tokenizer=tokenizer)
+                           layout=layout, packed=packed or laid_out, collator=collator, tokenizer=tokenizer)
     for callback in callbacks:
         trainer.add_callback(callback)
     if adapter_info is not None:
@@ -103,7 +103,7 @@ def lab_base_model(lab: LabConfig, tiny: ModelConfig, stage: Stage, train_proble
     cache_dir by its settings: the first run trains it, later runs (any arm of a sweep) reuse it.
     A file lock makes concurrent runs with the same settings train it once."""
     # everything the base's weights depend on (the global batch through the number of processes)
-    key = json.dumps([base_settings(lab), as_dict(tiny), as_dict(stage), run.seed, run.pack, max_len, world_size()],
+    key = json.dumps([base_settings(lab), as_dict(tiny), as_dict(stage), run.seed, run.layout.pack, max_len, world_size()],
                      sort_keys=True)
     cached = artifact_path(cache_dir, "base", key)
     with build_once(cached, "train.json", what="the cached base model") as build:  # train.json: written last
@@ -115,7 +115,10 @@ def lab_base_model(lab: LabConfig, tiny: ModelConfig, stage: Stage, train_proble
                      lab.task, stage.steps)
             data = build_sft_dataset(train_problems, tokenizer, ErrorConfig(source="none"), None, max_len=max_len,
                                      num_proc=num_proc, seed=run.seed)
-            trainer = train_stage(model, data, stage, str(cached) + ".run", run, tokenizer=tokenizer)
+            # clean data: causal attention and original positions (the recipe's layout is for its BT data)
+            clean = dataclasses.replace(run, layout=dataclasses.replace(run.layout, attention="causal",
+                                                                         positions="original"))
+            trainer = train_stage(model, data, stage, str(cached) + ".run", clean, tokenizer=tokenizer)
             save_full(trainer, tokenizer, cached)
             (cached / "train.json").write_text(json.dumps(train_history(trainer)))
     if not build:
@@ -211,10 +214,11 @@ def check_lengths_fit(cfg, model_dir: str) -> None:
 
     limit = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
     for name in ("max_len", "pack"):
-        value = getattr(cfg, name, 0) or 0
+        value = (getattr(cfg, name, 0) if name == "max_len" else cfg.layout.pack) or 0
+        key = name if name == "max_len" else "layout.pack"
         if limit and value > limit:
-            raise SystemExit(f"{name}={value} is longer than the {limit} positions of model={model_dir}: "
-                             f"set {name}={limit} or less")
+            raise SystemExit(f"{key}={value} is longer than the {limit} positions of model={model_dir}: "
+                             f"set {key}={limit} or less")
 
 
 def base_and_evaluation(cfg, run: RunSettings, splits: dict, tests: dict, task):
@@ -264,7 +268,7 @@ def add_backtrack(model, tokenizer, cfg, recipe: str, base_path):
     else:
         used = init_backtrack_embedding(model, tokenizer, bt_id, cfg.bt_init)
     # generation reads attention/positions to pick its inference twin (keep / rewind)
-    record_training(model, recipe=recipe, attention=cfg.attention, positions=cfg.positions,
+    record_training(model, recipe=recipe, attention=cfg.layout.attention, positions=cfg.layout.positions,
                     backtrack_token_id=bt_id, lab=as_dict(cfg.lab), seed=cfg.seed)
     if cfg.lora.enabled:  # after the BT row is initialised: PEFT starts the trained row from it
         model = apply_lora(model, cfg.lora, bt_id)

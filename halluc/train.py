@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
 from halluc.backends import TargetModel, use_backend
+from halluc.config import LayoutSettings
 from halluc.distributed import is_main, prepare_deepspeed, world_size
 from halluc.example import IGNORE_INDEX, Role
 from halluc.losses import token_cross_entropy
@@ -82,8 +83,7 @@ class Objective(Protocol):
     devices); otherwise micro-batches weigh the same. An objective may define `attach(trainer)`,
     called once the trainer exists (e.g. to prepare a reference model with its accelerator),
     `fp32_inputs`, batch keys the trainer must not cast to DeepSpeed's bf16/fp16, and what it needs
-    from a training stage (halluc.stages.train_stage reads them): `collator(attention, positions,
-    tokenizer)` (how its batches are made; default TreeCollator), `laid_out = True` (its rows come laid
+    from a training stage (halluc.stages.train_stage reads them): `collator(layout, tokenizer)` (how its batches are made; default TreeCollator), `laid_out = True` (its rows come laid
     out, e.g. preference pairs: never packed again) and `backend` (one it must run on).
     """
 
@@ -228,8 +228,8 @@ def training_args(out_dir: str, *, steps: int, batch_size: int, lr: float, warmu
 
 
 def make_trainer(model, args: TrainingArguments, train_dataset, tb_dir: str, objective: Objective | None = None,
-                 attention: str = "causal", positions: str = "original", backend: str = "auto",
-                 packed: bool = False, collator=None, tokenizer=None) -> ObjectiveTrainer:
+                 layout: LayoutSettings = LayoutSettings(), packed: bool = False, collator=None,
+                 tokenizer=None) -> ObjectiveTrainer:
     """A Trainer for `objective` (default: token cross-entropy) on examples or packed rows.
 
     backend "auto": the model's own causal kernel ("native") for causal attention with original
@@ -237,6 +237,7 @@ def make_trainer(model, args: TrainingArguments, train_dataset, tb_dir: str, obj
     on CPU, flex on GPU). TensorBoard gets loss, lr, tokens/s, the masked-label fraction and
     the objective's metrics.
     """
+    attention, positions, backend = layout.attention, layout.positions, layout.backend
     plain = attention == "causal" and positions == "original" and not packed
     if backend == "auto" and plain:
         backend = "native"

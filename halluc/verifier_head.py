@@ -194,11 +194,11 @@ class HeadObjective:
     def __init__(self, weight: float, step_separator: str = "\n"):
         self.weight, self.step_separator = weight, step_separator
 
-    def collator(self, attention, positions, tokenizer):
+    def collator(self, layout, tokenizer):
         """Tree-collated rows with the head's labels at every step end (the task's separator) and EOS."""
         from halluc.train import TreeCollator
 
-        return HeadCollator(TreeCollator(attention, positions), step_end_ids(tokenizer, self.step_separator),
+        return HeadCollator(TreeCollator(layout.attention, layout.positions), step_end_ids(tokenizer, self.step_separator),
                             tokenizer.eos_token_id)
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:

@@ -14,7 +14,7 @@ policy's own errors sampled and judged here (technique 5's round, cached): promp
 right steps + the wrong step, chosen = BTs + correction + rest, rejected = the model's own
 continuation; (3) the reference: ref_model=DIR, else the starting model (under LoRA: the adapter
 disabled); (4) `steps` of the preference loss on pairs laid out with the prompt once (packed with
-pack=N); (5) evaluate, write checkpoint (or adapter), train.json (the log history), eval.json.
+layout.pack=N); (5) evaluate, write checkpoint (or adapter), train.json (the log history), eval.json.
 steps=0 evaluates the starting model only (the baseline arm of a sweep).
 """
 from __future__ import annotations
@@ -26,23 +26,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
-from halluc.config import (PREFERENCE_KINDS, LoraSettings, NonNegativeFloat, NonNegativeInt, PositiveInt, Range,
-                           Sampler, Stage, as_dict, check_run_rules, recipe_entry)
-from halluc.errors import ErrorConfig
-from halluc.lab import LabConfig, ModelConfig
+from halluc.config import (PREFERENCE_KINDS, NonNegativeFloat, NonNegativeInt, PositiveInt, Range, Sampler, Stage,
+                           as_dict, check_run_rules, recipe_entry)
+from halluc.run_config import RunConfig
 
 log = logging.getLogger("dpo")
 Beta = Annotated[float, Range(1e-6)]  # > 0: IPO divides by it
 
 
 @dataclass
-class Config:
+class Config(RunConfig):  # the shared settings (output, model, lab chain, layout, launcher): halluc.run_config
     output_dir: str = "runs/dpo"          # checkpoint/ (or adapter/), tb/, train.json, eval.json, config.yaml
-    cache_dir: str = "runs/cache"         # lab bases, lab SFT models, sampled pairs, reference log-probs
     model: str | None = None              # the policy to start from; None = the lab's masked SFT model
+    max_len: PositiveInt = 512            # prompt + chosen + rejected; longer pairs are dropped
     ref_model: str | None = None          # the reference; None = the starting model (LoRA: adapter disabled)
     data: str | None = None               # pairs: .jsonl (prompt/chosen/rejected text) or a datasets folder; None = own errors
-    seed: int = 0
     loss: Literal["sigmoid", "ipo", "tdpo1", "tdpo2", "sft"] = "sigmoid"  # sft: the chosen side alone (control)
     beta: Beta = 0.1
     alpha: NonNegativeFloat = 0.5         # tdpo2: weight of the sequential-KL difference
@@ -51,28 +49,13 @@ class Config:
     batch_size: PositiveInt = 16          # pairs (or packed rows) per process and step
     lr: NonNegativeFloat = 2e-4
     precompute_ref: bool = False          # sigmoid/ipo: reference log-probs once, cached (no live reference)
-    lab: LabConfig = field(default_factory=LabConfig)
-    tiny: ModelConfig = field(default_factory=ModelConfig)
-    base: Stage = field(default_factory=lambda: Stage(steps=900, batch_size=32, lr=3e-3))
-    sft: Stage = field(default_factory=lambda: Stage(steps=600, batch_size=32, lr=1e-3))  # the lab SFT model
-    errors: ErrorConfig = field(default_factory=ErrorConfig)  # the lab SFT model's synthetic errors
     sampler: Sampler = field(default_factory=lambda: Sampler(problems=2500, per_problem=2))
-    attention: Literal["causal", "block_errors"] = "causal"
-    positions: Literal["original", "rewound"] = "original"
-    backend: Literal["auto", "dense", "dense_units", "flex", "varlen", "varlen_kv"] = "auto"
-    pack: NonNegativeInt = 0              # >0: pairs packed best-fit into rows of this many tokens
-    max_len: PositiveInt = 512            # prompt + chosen + rejected; longer pairs are dropped
-    num_proc: PositiveInt | None = None
-    deepspeed: str | None = None
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    save_steps: NonNegativeInt = 0
-    save_total_limit: PositiveInt = 2
-    resume: bool = False
-    overwrite: bool = False
-    eval_max_new_tokens: PositiveInt = 192
 
     def check(self) -> None:
         check_run_rules(self, ("model", "ref_model"))
+        if self.layout.backend == "native":
+            raise ValueError("layout.backend=native runs one causal example per row: DPO lays a pair out with its "
+                             "prompt once (an edit tree); use auto or an edit-tree backend")
         if self.precompute_ref and PREFERENCE_KINDS[self.loss].token_kl:
             raise ValueError(f"loss={self.loss} needs the reference's whole distribution at every token: "
                              "precompute_ref=true only stores log-prob sums (sigmoid, ipo)")
@@ -127,11 +110,11 @@ def train(cfg: Config) -> dict | None:
     if limit < cfg.max_len:
         log.warning("max_len=%d exceeds the model's %d positions: pairs longer than %d are dropped", cfg.max_len,
                     limit, limit)
-    rows = pair_rows(pairs, cfg.attention, cfg.positions, min(cfg.max_len, limit), cfg.pack)
+    rows = pair_rows(pairs, cfg.layout.attention, cfg.layout.positions, min(cfg.max_len, limit), cfg.layout.pack)
 
     # (3) the reference: never reloaded from the policy's name (the BT row would be missing). Under
     # LoRA with no ref_model it is the policy with its adapter off: the starting model.
-    record_training(model, recipe="dpo", attention=cfg.attention, positions=cfg.positions,
+    record_training(model, recipe="dpo", attention=cfg.layout.attention, positions=cfg.layout.positions,
                     backtrack_token_id=bt_id, loss=cfg.loss, seed=cfg.seed)
     disable_dropout(model)
     reference = None
@@ -140,7 +123,7 @@ def train(cfg: Config) -> dict | None:
         source = load_reference(cfg.ref_model, tokenizer) if cfg.ref_model else model  # before any adapter
         disable_dropout(source)
         device = local_device()
-        rows = precomputed_reference(source, rows, choose_backend(device) if run.backend == "auto" else run.backend,
+        rows = precomputed_reference(source, rows, choose_backend(device) if cfg.layout.backend == "auto" else cfg.layout.backend,
                                      cfg.cache_dir, device=device)
     elif against_reference and (cfg.ref_model or not cfg.lora.enabled):
         reference = load_reference(cfg.ref_model or start, tokenizer)
@@ -156,7 +139,7 @@ def train(cfg: Config) -> dict | None:
     if cfg.steps:
         objective = PreferenceObjective(cfg.loss, cfg.beta, cfg.alpha, cfg.sft_weight, reference)
         trainer = train_stage(model, rows, Stage(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr), str(out),
-                              run, cfg.attention, cfg.positions, objective=objective, tokenizer=tokenizer,
+                              run, objective=objective, tokenizer=tokenizer,
                               adapter_info=identity)  # the objective brings its collator (pairs, laid out)
         if is_main():
             (out / "train.json").write_text(json.dumps(trainer.state.log_history, indent=1))

@@ -28,45 +28,32 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from halluc.config import (HEAD_WEIGHTS, NonNegativeInt, PositiveInt, Stage, as_dict, check_run_rules, has_head,
-                           recipe_entry)
-from halluc.errors import ErrorConfig
-from halluc.lab import LabConfig, ModelConfig
+from halluc.config import HEAD_WEIGHTS, PositiveInt, as_dict, check_run_rules, has_head, recipe_entry
+from halluc.run_config import RunConfig
 from halluc.mcts import SearchConfig, TraceData
 
 log = logging.getLogger("mcts")
 
 
 @dataclass
-class Config:
+class Config(RunConfig):  # the shared settings (output, model, lab chain, layout, launcher): halluc.run_config
     output_dir: str = "runs/mcts"         # trees.jsonl, data/, search.json, config.yaml
-    cache_dir: str = "runs/cache"         # the lab's models (shared with masked_sft, dpo, prm)
     model: str | None = None              # the policy; None = the lab's masked SFT model
+    deepspeed: str | None = None          # only for training the lab's SFT model; the search runs on one process
     value: Literal["oracle", "prm", "head", "rollouts", "none"] = "oracle"  # what values an open step
     prm: str | None = None                # value=prm: a trained PRM folder (recipes/prm.py)
-    seed: int = 0
     problems: PositiveInt = 200           # SFT-split problems searched
     chunk: PositiveInt = 50               # problems searched together (and saved together)
     search: SearchConfig = field(default_factory=SearchConfig)
     data: TraceData = field(default_factory=TraceData)
-    lab: LabConfig = field(default_factory=LabConfig)
-    tiny: ModelConfig = field(default_factory=ModelConfig)
-    base: Stage = field(default_factory=lambda: Stage(steps=900, batch_size=32, lr=3e-3))
-    sft: Stage = field(default_factory=lambda: Stage(steps=600, batch_size=32, lr=1e-3))
-    errors: ErrorConfig = field(default_factory=ErrorConfig)
-    attention: Literal["causal", "block_errors"] = "causal"
-    positions: Literal["original", "rewound"] = "original"
-    backend: Literal["auto", "dense", "dense_units", "flex", "varlen", "varlen_kv"] = "auto"
-    num_proc: PositiveInt | None = None
-    deepspeed: str | None = None          # only for training the lab's SFT model; the search runs on one process
-    resume: bool = False
-    overwrite: bool = False
-    eval_max_new_tokens: PositiveInt = 192
     greedy_baseline: bool = True          # decode the searched problems greedily too (what search adds)
-    max_len: NonNegativeInt = 256         # traces longer than this are dropped
+    max_len: PositiveInt = 256            # traces longer than this are dropped
 
     def check(self) -> None:
         check_run_rules(self, ("model", "prm"))
+        if self.lora.enabled or self.save_steps or self.layout.pack:
+            raise ValueError("recipes/mcts.py searches and writes traces; it trains no model of its own (the lab's "
+                             "SFT model is trained unpacked, in full): drop lora.enabled, save_steps and layout.pack")
         if self.value == "prm" and not self.prm:
             raise ValueError("value=prm needs prm=DIR (a PRM trained by recipes/prm.py)")
         if self.value == "rollouts" and not self.search.rollouts:

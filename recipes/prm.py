@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Literal
 
 from halluc.config import (Fraction, HEAD_WEIGHTS, LoraSettings, NonNegativeFloat, NonNegativeInt, PositiveInt,
-                           Stage, as_dict, check_run_rules, has_head, recipe_entry)
+                           as_dict, check_run_rules, has_head, recipe_entry)
 from halluc.distributed import zero_stage
-from halluc.errors import ErrorConfig
-from halluc.lab import LabConfig, ModelConfig
+from halluc.run_config import RunConfig
 
 log = logging.getLogger("prm")
 
@@ -51,17 +50,17 @@ class StepData:
 
 
 @dataclass
-class Config:
+class Config(RunConfig):  # the shared settings (output, model, lab chain, layout, launcher): halluc.run_config
     output_dir: str = "runs/prm"          # prm/ (the PRM), data/, eval.json, eval.md, config.yaml
-    cache_dir: str = "runs/cache"         # lab models, labelled data, trained PRMs
     model: str | None = None              # the policy; None = the lab's masked SFT model
+    max_len: PositiveInt = 256            # labelled solutions longer than this are dropped
+    lora: LoraSettings = field(default_factory=LoraSettings)  # the PRM: adapters + its new head, merged at the end
     verifier: Literal["prm", "head", "oracle", "none"] = "prm"  # what judges steps; head: the policy's own
     decode: Literal["greedy", "guided", "best_of_n", "vote"] = "guided"
     prm: str | None = None                # a trained PRM folder (skips training)
     prm_base: str | None = None           # the checkpoint a new PRM starts from; None = the policy
     data: str | None = None               # stepwise training rows (.jsonl or datasets folder); None = made here
     test_data: str | None = None          # held-out stepwise rows (ProcessBench scores); None = made here
-    seed: int = 0
     steps: NonNegativeInt = 400           # PRM training steps
     batch_size: PositiveInt = 32          # labelled solutions per process and step
     lr: NonNegativeFloat = 1e-3
@@ -77,26 +76,12 @@ class Config:
     n: PositiveInt = 4                    # best_of_n / vote: samples per problem
     temperature: NonNegativeFloat = 0.8   # best_of_n / vote: their temperature
     step_data: StepData = field(default_factory=StepData)
-    lab: LabConfig = field(default_factory=LabConfig)
-    tiny: ModelConfig = field(default_factory=ModelConfig)
-    base: Stage = field(default_factory=lambda: Stage(steps=900, batch_size=32, lr=3e-3))
-    sft: Stage = field(default_factory=lambda: Stage(steps=600, batch_size=32, lr=1e-3))
-    errors: ErrorConfig = field(default_factory=ErrorConfig)
-    attention: Literal["causal", "block_errors"] = "causal"
-    positions: Literal["original", "rewound"] = "original"
-    backend: Literal["auto", "dense", "dense_units", "flex", "varlen", "varlen_kv"] = "auto"
-    max_len: PositiveInt = 256            # labelled solutions longer than this are dropped
-    num_proc: PositiveInt | None = None
-    deepspeed: str | None = None
-    lora: LoraSettings = field(default_factory=LoraSettings)  # the PRM: adapters + its new head, merged at the end
-    save_steps: NonNegativeInt = 0
-    save_total_limit: PositiveInt = 2
-    resume: bool = False
-    overwrite: bool = False
-    eval_max_new_tokens: PositiveInt = 192
 
     def check(self) -> None:
         check_run_rules(self, ("model", "prm", "prm_base"))
+        if self.layout.pack:
+            raise ValueError("layout.pack: the PRM trains one labelled solution per row (and the lab's SFT model "
+                             "is trained unpacked); drop layout.pack")
         if self.verifier == "none" and self.decode != "greedy":
             raise ValueError(f"decode={self.decode} needs a verifier (prm, head or oracle)")
         if self.lab.task != "arith" and not self.lab.train_file and not self.model:

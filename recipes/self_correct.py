@@ -30,11 +30,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from halluc.config import (Fraction, LoraSettings, NonNegativeInt, PositiveInt, Sampler, Stage, as_dict,
+from halluc.config import (Fraction, LoraSettings, PositiveInt, Sampler, Stage, as_dict,
                            check_run_rules, recipe_entry)
 from halluc.curriculum import Curriculum
-from halluc.errors import ErrorConfig
-from halluc.lab import LabConfig, ModelConfig
+from halluc.run_config import RunConfig
 from halluc.mcts import SearchConfig, TraceData
 
 log = logging.getLogger("self_correct")
@@ -53,15 +52,12 @@ class Mix:
 
 
 @dataclass
-class Config:
+class Config(RunConfig):  # the shared settings (output, model, lab chain, layout, launcher): halluc.run_config
     output_dir: str = "runs/self_correct"  # round-N/ (data, checkpoint, eval), tb/, eval.json, config.yaml
-    cache_dir: str = "runs/cache"          # trained lab bases (shared with masked_sft)
     model: str | None = None               # a local HF causal-LM folder to start from; None = tiny lab base
-    seed: int = 0                          # data, splits, sampling, initialisation, order
-    lab: LabConfig = field(default_factory=LabConfig)
-    tiny: ModelConfig = field(default_factory=ModelConfig)
-    base: Stage = field(default_factory=lambda: Stage(steps=900, batch_size=32, lr=3e-3))
     sft: Stage = field(default_factory=lambda: Stage(steps=600, batch_size=32, lr=1e-3))  # per round
+    lora: LoraSettings = field(default_factory=LoraSettings)  # not for rounds: each round samples a full model
+    resume: bool = False                   # continue at the round (and checkpoint-N) a killed run was in
     rounds: PositiveInt = 1
     round_examples: PositiveInt = 10000    # training examples per round (the mix's fractions of it)
     sampler: Sampler = field(default_factory=Sampler)
@@ -72,24 +68,10 @@ class Config:
     mcts_data: TraceData = field(default_factory=TraceData)      # ... and its traces
     mix: Mix = field(default_factory=Mix)  # without a curriculum: what one round trains on
     curriculum: Curriculum = field(default_factory=Curriculum)  # technique 3: the round's data in phases
-    errors: ErrorConfig = field(default_factory=ErrorConfig)  # the synthetic errors (mix.synthetic)
     masked: bool = True                    # False: train on the error tokens too (ablation)
     bt_init: Literal["semantic", "mean", "random"] = "semantic"
-    attention: Literal["causal", "block_errors"] = "causal"
-    positions: Literal["original", "rewound"] = "original"
-    backend: Literal["auto", "native", "dense", "dense_units", "flex", "varlen", "varlen_kv"] = "auto"
-    pack: NonNegativeInt = 0
-    max_len: PositiveInt = 256
     overlong: Literal["drop", "truncate"] = "drop"
-    num_proc: PositiveInt | None = None
-    deepspeed: str | None = None
-    lora: LoraSettings = field(default_factory=LoraSettings)  # not for rounds: each round samples a full model
-    save_steps: NonNegativeInt = 0
-    save_total_limit: PositiveInt = 2
-    resume: bool = False                   # continue at the round (and checkpoint-N) a killed run was in
-    overwrite: bool = False
     reinit_bt: bool = False
-    eval_max_new_tokens: PositiveInt = 192
 
     def uses_own_errors(self) -> bool:
         """Whether a round trains on an own share (mix.own, or a curriculum phase with source own)."""
@@ -142,12 +124,11 @@ def train(cfg: Config) -> dict | None:
             datasets, counts = phase_datasets(cur, pool, tokenizer, bt_id, cfg.errors, examples=cfg.round_examples,
                                               masked=cfg.masked, max_len=cfg.max_len, overlong=cfg.overlong,
                                               seed=cfg.seed * 1_000 + r, num_proc=cfg.num_proc, own_rows=own)
-            trainer = train_phases(model, datasets, cur, counts, rdir, run, cfg.sft, cfg.attention, cfg.positions,
-                                   tokenizer, probe=(splits["sft"][len(pool):], task, cfg.eval_max_new_tokens))
+            trainer = train_phases(model, datasets, cur, counts, rdir, run, cfg.sft, tokenizer,
+                                   probe=(splits["sft"][len(pool):], task, cfg.eval_max_new_tokens))
         else:
             data, counts = round_mix(cfg, r, own, pool, tokenizer, bt_id)
-            trainer = train_stage(model, data, cfg.sft, str(rdir), run, cfg.attention, cfg.positions,
-                                  tokenizer=tokenizer)
+            trainer = train_stage(model, data, cfg.sft, str(rdir), run, tokenizer=tokenizer)
         model = save_stage(trainer, model, tokenizer, rdir / "checkpoint", cfg.deepspeed)
         after = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, f"round {r}")
         if is_main():

@@ -26,8 +26,8 @@ printf "%-12s %-8s %-10s %-10s %-10s %-10s\n" backend rc sft_s loss_first loss_l
 for backend in flex varlen_kv; do
   dir=/tmp/gpu_sft_$backend
   timeout 150 python3 recipes/masked_sft.py output_dir=$dir cache_dir=/tmp/gpu_cache base.steps=300 sft.steps=150 \
-    base.batch_size=64 sft.batch_size=64 lab.train_size=8000 lab.sft_size=4000 lab.test_size=200 attention=block_errors positions=rewound \
-    backend=$backend > "$OUT/sft_$backend.log" 2>&1
+    base.batch_size=64 sft.batch_size=64 lab.train_size=8000 lab.sft_size=4000 lab.test_size=200 layout.attention=block_errors layout.positions=rewound \
+    layout.backend=$backend > "$OUT/sft_$backend.log" 2>&1
   rc=$?
   python3 - "$dir" "$backend" "$rc" "$OUT/sft_$backend.log" >> "$OUT/table.txt" <<'PY'
 import ast, json, re, sys

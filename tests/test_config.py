@@ -57,14 +57,16 @@ def run_probed(script: str, *args: str) -> tuple[subprocess.CompletedProcess, li
 
 
 MASKED_SFT = [
-    ("attention=foo", "attention='foo': choose one of causal, block_errors"),
+    ("layout.attention=foo", "layout.attention='foo': choose one of causal, block_errors"),
     ("errors.source=bar", "errors.source='bar': choose one of none, random, step"),
     ("sft.steps=-5", "sft.steps=-5: must be in [1, inf]"),
     ("lab.swap_rate=1.5", "lab.swap_rate=1.5: must be in [0, 1]"),
-    ("backend=fast", "backend='fast': choose one of auto, native, dense"),
+    ("layout.backend=fast", "layout.backend='fast': choose one of auto, native, dense"),
     ("sft.steps=0", "sft.steps=0: must be in [1, inf]"),
-    ("attention=block_errors", "attention=block_errors needs positions=rewound"),
+    ("layout.attention=block_errors", "layout.attention=block_errors needs layout.positions=rewound"),
     ("lab.task=gsm8k", "lab.task=gsm8k needs lab.test_file"),
+    ("attention=block_errors", "unknown setting 'attention' (did you mean layout.attention?)"),  # the old flat key
+    ("sft.step=3", "unknown setting 'sft.step' (did you mean sft.steps?)"),
     ("lab.swap_rate=0.3", "lab.swap_rate=0.3 applies only to lab.listing=swapped"),
 ]
 BAD_SETTINGS = [
@@ -82,7 +84,7 @@ BAD_SETTINGS = [
     ("recipes/mcts.py", ["value=prm"], "value=prm needs prm=DIR"),
     ("recipes/mcts.py", ["value=head", "model={model}"], "has no verifier head (verifier_head.safetensors)"),
     # the rules every recipe shares (halluc.config.check_run_rules), in each recipe
-    *[(f"recipes/{name}.py", ["attention=block_errors"], "attention=block_errors needs positions=rewound")
+    *[(f"recipes/{name}.py", ["layout.attention=block_errors"], "layout.attention=block_errors needs layout.positions=rewound")
       for name in ("self_correct", "dpo", "prm", "mcts")],
     *[(f"recipes/{name}.py", ["resume=true", "overwrite=true"], "resume=true and overwrite=true contradict")
       for name in ("masked_sft", "self_correct", "dpo", "prm", "mcts")],
@@ -97,7 +99,7 @@ BAD_SETTINGS = [
     ("tools/prepare_data.py", ["--out", "o", "--lab", "prime=x"], "prime='x': expected an integer"),
     ("tools/merge_adapter.py", ["--adapter", "a", "--out", "o", "--dtype", "int8"],
      "argument --dtype: invalid choice: 'int8'"),
-    ("tools/sweep.py", ["{sweep}"], "default/a/seed-0: command line: attention='foo': choose one of causal"),
+    ("tools/sweep.py", ["{sweep}"], "default/a/seed-0: command line: layout.attention='foo': choose one of causal"),
 ]
 SCRIPTS = sorted({script for script, _, _ in BAD_SETTINGS})
 
@@ -106,7 +108,7 @@ SCRIPTS = sorted({script for script, _, _ in BAD_SETTINGS})
 def test_a_bad_setting_fails_fast_naming_the_key_and_the_allowed_values(script, args, message, tmp_path):
     """Fast: every setting is checked before torch, transformers and the rest load (no wall clock here)."""
     sweep, model = tmp_path / "sweep.yaml", tmp_path / "model"
-    sweep.write_text("name: bad\nrecipe: recipes/masked_sft.py\nbaseline: a\narms: {a: [attention=foo]}\n"
+    sweep.write_text("name: bad\nrecipe: recipes/masked_sft.py\nbaseline: a\narms: {a: [layout.attention=foo]}\n"
                      "seeds: [0]\n")
     model.mkdir()
     (model / "config.json").write_text("{}")  # a model folder without a verifier head

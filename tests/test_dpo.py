@@ -383,7 +383,7 @@ def test_the_lab_default_runs_tdpo2_on_packed_own_error_pairs(tmp_path, cache):
     from halluc.example import apply_backtrack
 
     report = load_script("recipes/dpo.py").main([f"output_dir={tmp_path}/out", f"cache_dir={cache}", "loss=tdpo2",
-                                                 "pack=256", "attention=block_errors", "positions=rewound", *TINY])
+                                                 "layout.pack=256", "layout.attention=block_errors", "layout.positions=rewound", *TINY])
     out = tmp_path / "out"
     history = json.loads((out / "train.json").read_text())
     logged = [h for h in history if "loss" in h]

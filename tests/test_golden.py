@@ -24,7 +24,7 @@ GOLDEN = {
     # the base cache key now includes `pack`, so this configuration trains its own (packed) base
     # instead of reusing the causal one. From the causal base its SFT losses are unchanged
     # (1.897588, 1.787238, 1.764041, 1.769047 vs the first pins 1.897588, 1.787237, 1.764039, 1.769046).
-    "block_errors": (["attention=block_errors", "positions=rewound", "pack=256"],
+    "block_errors": (["layout.attention=block_errors", "layout.positions=rewound", "layout.pack=256"],
                      [1.8378281593322754, 1.7327885627746582, 1.7013139724731445, 1.7056973775227864]),
     # unmasked labels, random-token errors (2 tokens per site)
     "unmasked_random": (["masked=false", "errors.source=random", "errors.tokens_per_site=2"],
@@ -36,7 +36,7 @@ GOLDEN = {
 # pins they are compared with, its settings changed) for labels, the attention mask alone, the data.
 CONTROLS = {
     "unmasked labels": ("causal", ["masked=false"]),
-    "causal mask on the packed rewound rows": ("block_errors", ["attention=causal", "positions=rewound", "pack=256"]),
+    "causal mask on the packed rewound rows": ("block_errors", ["layout.attention=causal", "layout.positions=rewound", "layout.pack=256"]),
     "errors on 40% of examples, not 50%": ("causal", ["errors.example_rate=0.4"]),
 }
 # The tolerance comes from measured drift: benchmarks/golden_drift.py (2026-12-04) re-ran every

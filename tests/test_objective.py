@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from halluc.config import LayoutSettings
 from halluc.data import build_sft_dataset
 from halluc.errors import ErrorConfig
 from halluc.losses import sum_per_branch, target_log_probs
@@ -42,7 +43,7 @@ def test_a_new_objective_trains_and_logs_its_metrics(lab_tokenizer, arith_proble
     args = training_args(str(tmp_path / "run"), steps=40, batch_size=16, lr=3e-3, log_every=10,
                          gradient_accumulation_steps=2)
     trainer = make_trainer(model, args, data, tb_dir=str(tmp_path / "tb"), objective=objective,
-                           attention="block_errors", positions="rewound")
+                           layout=LayoutSettings("block_errors", "rewound"))
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert objective.calls == 80 and trainer.backend == "dense_units"
@@ -102,8 +103,8 @@ def test_on_a_gpu_auto_picks_flex_and_the_objective_trains_in_bf16(lab_tokenizer
         rows.append({"input_ids": ex.ids, "roles": ex.roles, "labels": labels_from_roles(ex.ids, ex.roles)})
     args = training_args(str(tmp_path / "run"), steps=60, batch_size=32, lr=3e-3, log_every=10)
     assert args.bf16
-    trainer = make_trainer(model, args, rows, tb_dir=str(tmp_path / "tb"), attention="block_errors",
-                           positions="rewound")
+    trainer = make_trainer(model, args, rows, tb_dir=str(tmp_path / "tb"),
+                           layout=LayoutSettings("block_errors", "rewound"))
     assert trainer.backend == "flex"
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -147,6 +147,7 @@ def test_packing_drops_are_reported_and_nothing_left_fails_clearly(bt_tokenizer,
     from halluc.config import Stage
     from halluc.data import build_sft_dataset
     from halluc.errors import ErrorConfig
+    from halluc.config import LayoutSettings
     from halluc.stages import RunSettings, train_stage
     from halluc.tokens import backtrack_id
 
@@ -154,10 +155,10 @@ def test_packing_drops_are_reported_and_nothing_left_fails_clearly(bt_tokenizer,
     lengths = sorted(len(x) for x in data["input_ids"])
     model = tiny_llama(len(bt_tokenizer), hidden=32, layers=1, heads=2)
     with caplog.at_level(logging.WARNING):
-        train_stage(model, data, Stage(steps=1, batch_size=4), str(tmp_path / "a"), RunSettings(pack=lengths[20]))
-    assert any("longer than pack=" in r.message and "dropped: raise pack" in r.message for r in caplog.records)
+        train_stage(model, data, Stage(steps=1, batch_size=4), str(tmp_path / "a"), RunSettings(layout=LayoutSettings(pack=lengths[20])))
+    assert any("longer than layout.pack=" in r.message and "dropped: raise layout.pack" in r.message for r in caplog.records)
     with pytest.raises(SystemExit, match="no training example left"):
-        train_stage(model, data, Stage(steps=1, batch_size=4), str(tmp_path / "b"), RunSettings(pack=lengths[0] - 1))
+        train_stage(model, data, Stage(steps=1, batch_size=4), str(tmp_path / "b"), RunSettings(layout=LayoutSettings(pack=lengths[0] - 1)))
 
 
 # 7 -------------------------------------------------------------------------------------------
@@ -304,7 +305,7 @@ def test_lengths_beyond_the_models_positions_fail_before_any_work(tmp_path, lab_
     tiny_llama(len(tok), hidden=32, layers=1, heads=2, max_positions=48, pad_token_id=tok.pad_token_id,
                eos_token_id=tok.eos_token_id).save_pretrained(folder)
     tok.save_pretrained(folder)
-    for setting, value in (("max_len", 4096), ("pack", 64)):
+    for setting, value in (("max_len", 4096), ("layout.pack", 64)):
         with pytest.raises(SystemExit, match=f"{setting}={value} is longer than the 48 positions of model="):
             recipe().main([f"output_dir={tmp_path}/{setting}", f"model={folder}", "max_len=48", f"{setting}={value}",
                            *TINY])

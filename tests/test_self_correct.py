@@ -154,8 +154,8 @@ def test_a_competence_phase_ends_when_the_probe_passes(bt_tokenizer, arith_probl
         cur = Curriculum([Phase(steps=12, until_recall=threshold)], probe_every=4)
         data, counts = phase_datasets(cur, arith_problems[:200], tok, bt, ErrorConfig(), examples=64, masked=True,
                                       max_len=256, overlong="drop", seed=0)
-        trainer = train_phases(model, data, cur, counts, tmp_path / name, RunSettings(), Stage(12, 8, 1e-3), "causal",
-                               "original", tok, probe=(arith_problems[200:216], arith, 24))
+        trainer = train_phases(model, data, cur, counts, tmp_path / name, RunSettings(), Stage(12, 8, 1e-3), tok,
+                               probe=(arith_problems[200:216], arith, 24))
         steps[name] = trainer.state.global_step
     assert steps == {"passes": 4, "never": 12}  # recall >= 0 at the first probe; never >= 1 on a tiny model
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

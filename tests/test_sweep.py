@@ -78,10 +78,10 @@ def test_tiny_sweep_runs_reports_and_resumes(tmp_path):
 
 
 def test_a_bad_arm_fails_before_anything_runs(tmp_path):
-    spec = write_sweep(tmp_path / "bad.yaml", {"clean": ["errors.source=none"], "broken": ["attention=foo"]})
+    spec = write_sweep(tmp_path / "bad.yaml", {"clean": ["errors.source=none"], "broken": ["layout.attention=foo"]})
     result = sweep(spec, "--out", tmp_path / "out")
     assert result.returncode != 0
-    assert "default/broken/seed-0" in result.stderr and "attention='foo': choose one of causal, block_errors" in result.stderr
+    assert "default/broken/seed-0" in result.stderr and "layout.attention='foo': choose one of causal, block_errors" in result.stderr
     assert not (tmp_path / "out").exists()
     missing = write_sweep(tmp_path / "nobase.yaml", {"masked": []})
     result = sweep(missing, "--out", tmp_path / "out")

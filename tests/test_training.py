@@ -8,6 +8,7 @@ from conftest import load_script
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from halluc.config import LayoutSettings
 from halluc.data import build_sft_dataset
 from halluc.errors import ErrorConfig
 from halluc.model import init_backtrack_embedding, tiny_llama
@@ -51,7 +52,7 @@ def test_recipe_end_to_end_tiny(tmp_path):
     """The recipe with a tiny configuration: base, eval, SFT, eval, checkpoint, TensorBoard, JSON."""
     recipe = load_script("recipes/masked_sft.py")
     report = recipe.main([f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}/cache", "base.steps=30",
-                          "sft.steps=20", "attention=block_errors", "positions=rewound", "pack=256", "lab.train_size=400",
+                          "sft.steps=20", "layout.attention=block_errors", "layout.positions=rewound", "layout.pack=256", "lab.train_size=400",
                           "lab.sft_size=200", "lab.test_size=16", "tiny.hidden=32", "eval_max_new_tokens=40",
                           "base.batch_size=8", "sft.batch_size=8"])  # 8 packed rows: ~40 examples a step
     out = tmp_path / "out"
@@ -79,7 +80,7 @@ def test_recipe_end_to_end_tiny(tmp_path):
     # the second run reuses the cached base
     again = recipe.main([f"output_dir={tmp_path}/out2", f"cache_dir={tmp_path}/cache", "base.steps=30",
                          "sft.steps=2", "lab.train_size=400", "lab.sft_size=200", "lab.test_size=16",
-                         "tiny.hidden=32", "eval_max_new_tokens=40", "pack=256", "base.batch_size=8"])  # the base's settings
+                         "tiny.hidden=32", "eval_max_new_tokens=40", "layout.pack=256", "base.batch_size=8"])  # the base's settings
     assert again["before"] == report["before"]
 
 
@@ -137,7 +138,7 @@ def test_block_errors_packed_training_loss_falls(bt_tokenizer, arith_problems, t
     assert packed.real_fraction > 0.95
     args = training_args(str(tmp_path / "run"), steps=40, batch_size=4, lr=3e-3, log_every=10)
     trainer = make_trainer(model, args, packed.rows, str(tmp_path / "tb"),
-                           attention="block_errors", positions="rewound", backend="dense_units", packed=True)
+                           layout=LayoutSettings("block_errors", "rewound", "dense_units"), packed=True)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < 0.7 * losses[0], losses

@@ -24,6 +24,7 @@ from halluc.errors import ErrorConfig
 from halluc.model import init_backtrack_embedding, tiny_llama
 from halluc.tasks import arith
 from halluc.tokens import add_backtrack_token, train_tokenizer
+from halluc.config import LayoutSettings
 from halluc.train import make_trainer, training_args
 
 
@@ -77,7 +78,7 @@ def main(argv=None):
     targs = training_args(str(out / "run"), steps=args.steps, batch_size=per_device, lr=3e-3,
                           log_every=1, deepspeed=args.deepspeed, disable_tqdm=True)
     trainer = make_trainer(model, targs, data, tb_dir=str(out / "tb"),
-                           attention="block_errors", positions="rewound", backend="dense")
+                           layout=LayoutSettings("block_errors", "rewound", "dense"))
     shards = ShardRecord()
     trainer.add_callback(shards)
     trainer.train()

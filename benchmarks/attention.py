@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 
-from halluc.attention import dense_mask, edit_tree
-from halluc.backends import flex_block_mask, forward_loss, path_segments
-from halluc.example import IGNORE_INDEX, Role
-from halluc.packing import collate, layout_example, pack, pack_examples
+from halluc.structure.attention import dense_mask, edit_tree
+from halluc.structure.backends import flex_block_mask, forward_loss, path_segments
+from halluc.core.example import IGNORE_INDEX, Role
+from halluc.structure.packing import collate, layout_example, pack, pack_examples
 
 BT = 3
 

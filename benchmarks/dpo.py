@@ -1,4 +1,4 @@
-"""DPO training throughput: halluc's prompt-once pairs (halluc.dpo) against TRL's DPOTrainer.
+"""DPO training throughput: halluc's prompt-once pairs (halluc.objectives.dpo) against TRL's DPOTrainer.
 
     python benchmarks/dpo.py                       # CPU: a small Llama, fp32, 2 repeats side by side
     python benchmarks/dpo.py --hidden 768 --layers 12 --vocab 32000   # GPU: ~135M params, bf16, flex
@@ -67,10 +67,10 @@ def run_trl(model, ref, tok, pairs, args, out: str):
 
 
 def run_ours(model, ref, tok, pairs, args, out: str, pack: int):
-    from halluc.dpo import PairCollator, PreferenceObjective
-    from halluc.pairs import load_pairs, pair_rows
-    from halluc.tokens import backtrack_id
-    from halluc.train import make_trainer, training_args
+    from halluc.objectives.dpo import PairCollator, PreferenceObjective
+    from halluc.structure.pairs import load_pairs, pair_rows
+    from halluc.core.tokens import backtrack_id
+    from halluc.training.train import make_trainer, training_args
 
     path = Path(out) / "pairs.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,9 +114,9 @@ def main(argv=None) -> None:
     p.add_argument("--pack", type=int, default=0, help="halluc packed rows of this many tokens (0: about --batch pairs)")
     args = p.parse_args(argv)
 
-    from halluc.model import init_backtrack_embedding, tiny_llama
+    from halluc.core.model import init_backtrack_embedding, tiny_llama
     from halluc.tasks import arith
-    from halluc.tokens import add_backtrack_token, backtrack_id, train_tokenizer
+    from halluc.core.tokens import add_backtrack_token, backtrack_id, train_tokenizer
 
     torch.manual_seed(0)
     tok = train_tokenizer([q.prompt + q.solution for q in arith.make_split(2000, (2, 5), seed=1)])

@@ -7,7 +7,7 @@
 Side by side in one process, on random-weight Llamas (tiny: hidden 128, 2 layers, the lab
 model's shape; large: hidden 512, 8 layers, where compute dominates), vocab 400, fp32 sdpa:
 - hf:       HF `generate()`, greedy, no BTs (the reference; ratios are vs this row)
-- rewind:   halluc.generate, rewind semantics, BT banned (no BTs)
+- rewind:   halluc.inference.generate, rewind semantics, BT banned (no BTs)
 - rewind R: forced BT rate R (after each normal token, with prob R the next is a BT; seeded)
 - naive R:  the same forced BTs, but after every BT the visible sequence is re-encoded from
             scratch (one full forward, no cache reuse). Batch 1 only: a batched naive baseline
@@ -29,7 +29,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 
-from halluc.generate import Forcing, LoopGuards, generate
+from halluc.inference.generate import Forcing, LoopGuards, generate
 
 VOCAB, BT, PAD, PROMPT_LEN = 400, 399, 0, 32
 MODELS = {"tiny": (128, 2, 4), "large": (512, 8, 8)}  # hidden, layers, heads

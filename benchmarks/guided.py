@@ -5,7 +5,7 @@
 
 Side by side in one process, on random-weight Llamas (vocab 400, fp32 sdpa on CPU, bf16 on a GPU),
 every method timed in turn within each repeat (the machines are noisy), medians reported:
-- plain:        halluc.generate, rewind semantics, no verifier (the reference; ratios are vs this)
+- plain:        halluc.inference.generate, rewind semantics, no verifier (the reference; ratios are vs this)
 - head, idle:   the policy's verifier head scores every step end, never below threshold
                 (the cost of asking: one dot product per row per step end)
 - PRM, idle:    a PRM of the policy's shape reads the whole visible text at every step end, never
@@ -25,9 +25,9 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForTokenClassification
 
-from halluc.generate import Guide, Guided, LoopGuards, generate
-from halluc.verifier_head import attach_head
-from halluc.verifiers import HeadVerifier, PRMVerifier
+from halluc.inference.generate import Guide, Guided, LoopGuards, generate
+from halluc.objectives.verifier_head import attach_head
+from halluc.inference.verifiers import HeadVerifier, PRMVerifier
 
 VOCAB, BT, PAD, PROMPT_LEN = 400, 399, 0, 32
 MODELS = {"tiny": (128, 2, 4), "large": (512, 8, 8)}  # hidden, layers, heads

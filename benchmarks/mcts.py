@@ -7,7 +7,7 @@ Side by side in one process, on the same SFT-split problems of the default lab (
 task's step verifier as the value (recipes/mcts.py value=oracle):
 - sampling:  N independent solutions per problem at temperature 1 (N chosen so that it generates
              about the tokens of the largest search), the baseline every ratio is against;
-- MCTS:      halluc.mcts.search at each node budget (K=4 samples per expansion, PUCT c=1.5).
+- MCTS:      halluc.sources.mcts.search at each node budget (K=4 samples per expansion, PUCT c=1.5).
 Columns: wall seconds; nodes per second (sampling: solutions per second); generated tokens; verified
 solutions (every step right, right answer; sampling: distinct ones); generated tokens per verified
 solution, and its ratio to sampling's; the fraction of problems with a verified solution; the same
@@ -22,13 +22,13 @@ import time
 
 import torch
 
-from halluc.generate import LoopGuards, Sampling, generate, generate_text
-from halluc.lab import LabConfig, lab_splits
-from halluc.mcts import SearchConfig, search
-from halluc.model import load_causal_lm
+from halluc.inference.generate import LoopGuards, Sampling, generate, generate_text
+from halluc.pipeline.lab import LabConfig, lab_splits
+from halluc.sources.mcts import SearchConfig, search
+from halluc.core.model import load_causal_lm
 from halluc.tasks import arith
-from halluc.tokens import load_tokenizer
-from halluc.verifiers import OracleVerifier
+from halluc.core.tokens import load_tokenizer
+from halluc.inference.verifiers import OracleVerifier
 
 
 def verified(problem, text: str) -> bool:

@@ -24,13 +24,13 @@ def main(argv=None) -> None:
     p.add_argument("--cache-dir", default="runs/cache")
     args = p.parse_args(argv)
 
-    from halluc.config import Stage
-    from halluc.generate import Sampling
-    from halluc.lab import LabConfig, ModelConfig, lab_splits
-    from halluc.own_errors import RoundStats, corrections, locate, sample
-    from halluc.stages import RunSettings, lab_base_model
+    from halluc.core.config import Stage
+    from halluc.inference.generate import Sampling
+    from halluc.pipeline.lab import LabConfig, ModelConfig, lab_splits
+    from halluc.sources.own_errors import RoundStats, corrections, locate, sample
+    from halluc.pipeline.stages import RunSettings, lab_base_model
     from halluc.tasks import arith
-    from halluc.tokens import add_backtrack_token
+    from halluc.core.tokens import add_backtrack_token
 
     lab = LabConfig()
     splits = lab_splits(lab, 0)

@@ -26,16 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
-from halluc.config import (PREFERENCE_KINDS, NonNegativeFloat, NonNegativeInt, PositiveInt, Range, Sampler, Stage,
+from halluc.core.config import (PREFERENCE_KINDS, NonNegativeFloat, NonNegativeInt, PositiveInt, Range, Sampler, Stage,
                            as_dict, check_run_rules, recipe_entry)
-from halluc.run_config import RunConfig
+from halluc.pipeline.run_config import RunConfig
 
 log = logging.getLogger("dpo")
 Beta = Annotated[float, Range(1e-6)]  # > 0: IPO divides by it
 
 
 @dataclass
-class Config(RunConfig):  # the shared settings (output, model, lab chain, layout, launcher): halluc.run_config
+class Config(RunConfig):  # the shared settings (output, model, lab chain, layout, launcher): halluc.pipeline.run_config
     output_dir: str = "runs/dpo"          # checkpoint/ (or adapter/), tb/, train.json, eval.json, config.yaml
     model: str | None = None              # the policy to start from; None = the lab's masked SFT model
     max_len: PositiveInt = 512            # prompt + chosen + rejected; longer pairs are dropped
@@ -71,18 +71,18 @@ class Config(RunConfig):  # the shared settings (output, model, lab chain, layou
 
 
 def train(cfg: Config) -> dict | None:
-    from halluc.backends import choose_backend
-    from halluc.checkpoint import record_training, save_stage
-    from halluc.distributed import is_main, local_device, world_size
-    from halluc.dpo import (PreferenceObjective, check_reference_tokenizer, disable_dropout, load_reference,
+    from halluc.structure.backends import choose_backend
+    from halluc.training.checkpoint import record_training, save_stage
+    from halluc.core.distributed import is_main, local_device, world_size
+    from halluc.objectives.dpo import (PreferenceObjective, check_reference_tokenizer, disable_dropout, load_reference,
                             precomputed_reference)
-    from halluc.own_errors import own_pairs
-    from halluc.lora import apply_lora, base_identity
-    from halluc.model import load_causal_lm
-    from halluc.pairs import load_pairs, pair_rows
-    from halluc.sft import lab_sft_model
-    from halluc.stages import RunSettings, evaluate_on_main, finish_run, open_run, train_history, train_stage
-    from halluc.tokens import backtrack_id, has_backtrack, load_tokenizer
+    from halluc.sources.own_errors import own_pairs
+    from halluc.training.lora import apply_lora, base_identity
+    from halluc.core.model import load_causal_lm
+    from halluc.structure.pairs import load_pairs, pair_rows
+    from halluc.pipeline.sft import lab_sft_model
+    from halluc.pipeline.stages import RunSettings, evaluate_on_main, finish_run, open_run, train_history, train_stage
+    from halluc.core.tokens import backtrack_id, has_backtrack, load_tokenizer
 
     out, task, splits, tests, t0 = open_run(cfg, splits=cfg.lab.task == "arith" or bool(cfg.lab.train_file))
     run = RunSettings.of(cfg)

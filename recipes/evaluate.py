@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from halluc.config import Fraction, NonNegativeFloat, NonNegativeInt, PositiveInt, Range, as_dict, load_config
-from halluc.decoding import LoopGuards
-from halluc.lab import LabConfig, lab_splits
+from halluc.core.config import Fraction, NonNegativeFloat, NonNegativeInt, PositiveInt, Range, as_dict, load_config
+from halluc.inference.decoding import LoopGuards
+from halluc.pipeline.lab import LabConfig, lab_splits
 from halluc.tasks import get_task, gsm8k, jsonl
 
 DEFAULT_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -110,12 +110,12 @@ def load_splits(args, record: dict) -> dict:
 
 
 def score_verifier(args) -> dict:
-    """ProcessBench-style scores of a PRM or a verifier head on stepwise rows (halluc.verifiers)."""
-    from halluc.model import load_causal_lm
-    from halluc.prm import load_prm, read_stepwise
-    from halluc.tokens import load_tokenizer
-    from halluc.verifier_head import has_head, load_head
-    from halluc.verifiers import make_verifier, process_bench
+    """ProcessBench-style scores of a PRM or a verifier head on stepwise rows (halluc.inference.verifiers)."""
+    from halluc.core.model import load_causal_lm
+    from halluc.objectives.prm import load_prm, read_stepwise
+    from halluc.core.tokens import load_tokenizer
+    from halluc.objectives.verifier_head import has_head, load_head
+    from halluc.inference.verifiers import make_verifier, process_bench
 
     t0 = time.perf_counter()
     rows = read_stepwise(args.data)[:args.limit]
@@ -151,9 +151,9 @@ def main(argv=None) -> dict:
     if args.prm:
         return score_verifier(args)
     # The ML libraries load here, after the arguments were checked.
-    from halluc.checkpoint import load_trained, training_record
-    from halluc.evaluate import evaluate_problems, markdown_table
-    from halluc.generate import Sampling
+    from halluc.training.checkpoint import load_trained, training_record
+    from halluc.inference.evaluate import evaluate_problems, markdown_table
+    from halluc.inference.generate import Sampling
 
     t0 = time.perf_counter()
     model, tokenizer = load_trained(args.model, base=args.base)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
-from halluc.config import NonNegativeFloat, NonNegativeInt, PositiveInt, Range, Texts, load_config
-from halluc.decoding import LoopGuards
+from halluc.core.config import NonNegativeFloat, NonNegativeInt, PositiveInt, Range, Texts, load_config
+from halluc.inference.decoding import LoopGuards
 
 SHOWN_BT = "⌫"
 
@@ -59,9 +59,9 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # The ML libraries load here, after the arguments were checked.
-    from halluc.checkpoint import load_trained
-    from halluc.generate import Sampling, generate_text
-    from halluc.tokens import BACKTRACK_TOKEN
+    from halluc.training.checkpoint import load_trained
+    from halluc.inference.generate import Sampling, generate_text
+    from halluc.core.tokens import BACKTRACK_TOKEN
 
     model, tokenizer = load_trained(args.model, base=args.base)
     gens = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, semantics=args.semantics,

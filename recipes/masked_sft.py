@@ -9,15 +9,15 @@
 (docs/scaling.md: python / torchrun / deepspeed / sbatch, LoRA and merging, resuming.)
 
 The stage itself (base, evaluation, BT token, masked SFT, evaluation, report) is
-`halluc.sft.train_sft`; its settings `halluc.sft.SFTConfig`, checked before the ML libraries load,
+`halluc.pipeline.sft.train_sft`; its settings `halluc.pipeline.sft.SFTConfig`, checked before the ML libraries load,
 so a bad one fails in about a second. DPO, PRM and MCTS start from the model it trains
-(`halluc.sft.lab_sft_model`, cached).
+(`halluc.pipeline.sft.lab_sft_model`, cached).
 """
 from __future__ import annotations
 
-from halluc.config import recipe_entry
-from halluc.sft import SFTConfig as Config
-from halluc.sft import train_sft as train
+from halluc.core.config import recipe_entry
+from halluc.pipeline.sft import SFTConfig as Config
+from halluc.pipeline.sft import train_sft as train
 
 
 load, main = recipe_entry(Config, train, __file__)  # configs/masked_sft.yaml, --config FILE, key=value

@@ -9,7 +9,7 @@
     python recipes/masked_sft.py data=runs/mcts/data/sft       # SFT on the traces (roles as in technique 1)
     python recipes/dpo.py data=runs/mcts/data/pairs ;  python recipes/prm.py data=runs/mcts/data/steps.jsonl
 
-Steps (halluc/mcts.py, docs/mcts.md): (1) the policy: model=DIR or the lab's masked SFT model
+Steps (halluc/sources/mcts.py, docs/mcts.md): (1) the policy: model=DIR or the lab's masked SFT model
 (trained once, cached); (2) its greedy solutions of the searched problems, to count what search
 solves that greedy does not; (3) step-level MCTS, one tree per problem, batched across problems,
 `chunk` problems at a time, each chunk's trees appended to trees.jsonl (what resume keeps); value
@@ -28,15 +28,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from halluc.config import HEAD_WEIGHTS, PositiveInt, as_dict, check_run_rules, has_head, recipe_entry
-from halluc.run_config import RunConfig
-from halluc.mcts import SearchConfig, TraceData
+from halluc.core.config import HEAD_WEIGHTS, PositiveInt, as_dict, check_run_rules, has_head, recipe_entry
+from halluc.pipeline.run_config import RunConfig
+from halluc.sources.mcts import SearchConfig, TraceData
 
 log = logging.getLogger("mcts")
 
 
 @dataclass
-class Config(RunConfig):  # the shared settings (output, model, lab chain, layout, launcher): halluc.run_config
+class Config(RunConfig):  # the shared settings (output, model, lab chain, layout, launcher): halluc.pipeline.run_config
     output_dir: str = "runs/mcts"         # trees.jsonl, data/, search.json, config.yaml
     model: str | None = None              # the policy; None = the lab's masked SFT model
     deepspeed: str | None = None          # only for training the lab's SFT model; the search runs on one process
@@ -69,13 +69,13 @@ class Config(RunConfig):  # the shared settings (output, model, lab chain, layou
 def train(cfg: Config) -> dict | None:
     import torch
 
-    from halluc.distributed import is_main, local_device
-    from halluc.generate import generate_text
-    from halluc.mcts import load_trees, save_trees, search
-    from halluc.model import load_causal_lm
-    from halluc.sft import lab_sft_model
-    from halluc.stages import open_run
-    from halluc.tokens import load_tokenizer
+    from halluc.core.distributed import is_main, local_device
+    from halluc.inference.generate import generate_text
+    from halluc.sources.mcts import load_trees, save_trees, search
+    from halluc.core.model import load_causal_lm
+    from halluc.pipeline.sft import lab_sft_model
+    from halluc.pipeline.stages import open_run
+    from halluc.core.tokens import load_tokenizer
 
     out, task, splits, _, t0 = open_run(cfg)
     policy_dir = cfg.model or lab_sft_model(cfg)[0]
@@ -129,18 +129,18 @@ def train(cfg: Config) -> dict | None:
 
 
 def make_value(cfg: Config, policy, tokenizer, task, problems):
-    """The verifier that values an open step (halluc.verifiers.make_verifier), or None (rollouts, none)."""
-    from halluc.distributed import local_device
-    from halluc.verifiers import make_verifier
+    """The verifier that values an open step (halluc.inference.verifiers.make_verifier), or None (rollouts, none)."""
+    from halluc.core.distributed import local_device
+    from halluc.inference.verifiers import make_verifier
 
     prm = prm_tokenizer = None
     if cfg.value == "prm":
-        from halluc.prm import load_prm
-        from halluc.tokens import load_tokenizer
+        from halluc.objectives.prm import load_prm
+        from halluc.core.tokens import load_tokenizer
 
         prm, prm_tokenizer = load_prm(cfg.prm).eval().to(local_device()), load_tokenizer(cfg.prm)
     if cfg.value == "head":
-        from halluc.verifier_head import load_head
+        from halluc.objectives.verifier_head import load_head
 
         load_head(cfg.model, policy)
     # the head reads each text in a forward of its own: the generator's head scores are gone by valuing time
@@ -153,7 +153,7 @@ def search_stats(trees, budget: int, greedy_right: list[bool] | None, seconds: f
     """Throughput and what search solves: a problem is solved within b nodes when one of its first b
     nodes is a verified solution (the nodes are numbered in the order the search made them)."""
     first = [min((i + 1 for i, n in enumerate(t.nodes) if n.verified), default=None) for t in trees]
-    from halluc.mcts import tree_stats
+    from halluc.sources.mcts import tree_stats
 
     made = tree_stats(trees)
     verified = made["verified_solutions"]
@@ -175,10 +175,10 @@ def search_stats(trees, budget: int, greedy_right: list[bool] | None, seconds: f
 
 def write_data(cfg: Config, folder: Path, trees, problems, tokenizer) -> dict:
     """data/sft (traces), data/pairs (step pairs), data/steps.jsonl (step values), data/stats.json."""
-    from halluc.mcts import step_pairs, step_values, trace_rows
-    from halluc.own_errors import save_round
-    from halluc.prm import write_stepwise
-    from halluc.tokens import backtrack_id
+    from halluc.sources.mcts import step_pairs, step_values, trace_rows
+    from halluc.sources.own_errors import save_round
+    from halluc.objectives.prm import write_stepwise
+    from halluc.core.tokens import backtrack_id
 
     d, eos = cfg.data, tokenizer.eos_token_id
     rows, dropped = trace_rows(trees, backtrack_id(tokenizer), eos, d, cfg.max_len)

@@ -10,7 +10,7 @@
 
 Steps: (1) the policy: model=DIR, or the lab's masked SFT model (with a verifier head when
 verifier=head), trained once and cached; its plain greedy evaluation is `before`; (2) step labels
-(halluc.step_labels): data=FILE.jsonl|DIR in TRL's stepwise format, or made here from the lab:
+(halluc.sources.step_labels): data=FILE.jsonl|DIR in TRL's stepwise format, or made here from the lab:
 references, references with one synthetic wrong step, and the policy's own samples, labelled by the
 task verifier (labels=rollouts: by Math-Shepherd rollouts instead), with a held-out set from the test
 problems (cached); (3) the PRM (verifier=prm): prm=DIR, or a token-classification model started
@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from halluc.config import (Fraction, HEAD_WEIGHTS, LoraSettings, NonNegativeFloat, NonNegativeInt, PositiveInt,
+from halluc.core.config import (Fraction, HEAD_WEIGHTS, LoraSettings, NonNegativeFloat, NonNegativeInt, PositiveInt,
                            as_dict, check_run_rules, has_head, recipe_entry)
-from halluc.distributed import zero_stage
-from halluc.run_config import RunConfig
+from halluc.core.distributed import zero_stage
+from halluc.pipeline.run_config import RunConfig
 
 log = logging.getLogger("prm")
 
@@ -50,7 +50,7 @@ class StepData:
 
 
 @dataclass
-class Config(RunConfig):  # the shared settings (output, model, lab chain, layout, launcher): halluc.run_config
+class Config(RunConfig):  # the shared settings (output, model, lab chain, layout, launcher): halluc.pipeline.run_config
     output_dir: str = "runs/prm"          # prm/ (the PRM), data/, eval.json, eval.md, config.yaml
     model: str | None = None              # the policy; None = the lab's masked SFT model
     max_len: PositiveInt = 256            # labelled solutions longer than this are dropped
@@ -103,16 +103,16 @@ class Config(RunConfig):  # the shared settings (output, model, lab chain, layou
 
 
 def train(cfg: Config) -> dict | None:
-    from halluc.distributed import is_main, local_device, world_size
-    from halluc.evaluate import evaluate_best_of_n, evaluate_problems
-    from halluc.generate import Guide, Sampling
-    from halluc.model import load_causal_lm
-    from halluc.prm_stages import check_same_vocab, step_rows, train_prm
-    from halluc.sft import lab_sft_model
-    from halluc.stages import evaluate_on_main, finish_run, open_run
-    from halluc.tokens import load_tokenizer
-    from halluc.verifier_head import load_head
-    from halluc.verifiers import make_verifier, process_bench
+    from halluc.core.distributed import is_main, local_device, world_size
+    from halluc.inference.evaluate import evaluate_best_of_n, evaluate_problems
+    from halluc.inference.generate import Guide, Sampling
+    from halluc.core.model import load_causal_lm
+    from halluc.pipeline.prm_stages import check_same_vocab, step_rows, train_prm
+    from halluc.pipeline.sft import lab_sft_model
+    from halluc.pipeline.stages import evaluate_on_main, finish_run, open_run
+    from halluc.core.tokens import load_tokenizer
+    from halluc.objectives.verifier_head import load_head
+    from halluc.inference.verifiers import make_verifier, process_bench
 
     out, task, splits, tests, t0 = open_run(cfg)
 
@@ -146,12 +146,12 @@ def train(cfg: Config) -> dict | None:
         return None
 
     # (4) ProcessBench scores of the verifier on the held-out rows
-    from halluc.prm import load_prm
+    from halluc.objectives.prm import load_prm
 
     policy.to(local_device())
     prm = load_prm(prm_dir).eval().to(local_device()) if prm_dir else None
 
-    def verifier_for(problems):  # halluc.verifiers: the same object guides, ranks samples and is scored
+    def verifier_for(problems):  # halluc.inference.verifiers: the same object guides, ranks samples and is scored
         return make_verifier(cfg.verifier, policy=policy, tokenizer=tokenizer, task=task, problems=problems, prm=prm,
                              prm_tokenizer=load_tokenizer(prm_dir) if prm_dir else None)
 

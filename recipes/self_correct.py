@@ -6,7 +6,7 @@
     python recipes/self_correct.py lab.task=gsm8k lab.train_file=... lab.test_file=... model=DIR
     python recipes/self_correct.py resume=true ...                  # after a kill: the round it was in
 
-Each round (halluc/own_errors.py):
+Each round (halluc/sources/own_errors.py):
 1. sample `sampler.k` solutions for `sampler.problems` SFT problems from the current model;
 2. judge them with the task's step verifier and cut each wrong one at its first wrong step;
 3. correct it, preferably with the model's own resample from the same prefix that verifies,
@@ -18,9 +18,9 @@ Each round (halluc/own_errors.py):
 `OUT/round-N/` holds the round's data (`data/sft`, `data/pairs`, `data/stats.json`), its
 checkpoint and evaluation; a killed run resumes at the round it was in (resume=true).
 `mix.own=0` trains on synthetic errors only (masked SFT through the same code). `error_source=mcts`
-makes the own share from MCTS traces instead (technique 8, halluc/mcts.py, docs/mcts.md): a search
+makes the own share from MCTS traces instead (technique 8, halluc/sources/mcts.py, docs/mcts.md): a search
 of the current model on the sampler's problems, valued by the task's step verifier. With
-`curriculum.phases` (technique 3, halluc/curriculum.py) a round trains its phases in order
+`curriculum.phases` (technique 3, halluc/pipeline/curriculum.py) a round trains its phases in order
 instead of one mix: error length, sites, rate, difficulty and source (synthetic, then own).
 """
 from __future__ import annotations
@@ -30,11 +30,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from halluc.config import (Fraction, LoraSettings, PositiveInt, Sampler, Stage, as_dict,
+from halluc.core.config import (Fraction, LoraSettings, PositiveInt, Sampler, Stage, as_dict,
                            check_run_rules, recipe_entry)
-from halluc.curriculum import Curriculum
-from halluc.run_config import RunConfig
-from halluc.mcts import SearchConfig, TraceData
+from halluc.pipeline.curriculum import Curriculum
+from halluc.pipeline.run_config import RunConfig
+from halluc.sources.mcts import SearchConfig, TraceData
 
 log = logging.getLogger("self_correct")
 
@@ -52,7 +52,7 @@ class Mix:
 
 
 @dataclass
-class Config(RunConfig):  # the shared settings (output, model, lab chain, layout, launcher): halluc.run_config
+class Config(RunConfig):  # the shared settings (output, model, lab chain, layout, launcher): halluc.pipeline.run_config
     output_dir: str = "runs/self_correct"  # round-N/ (data, checkpoint, eval), tb/, eval.json, config.yaml
     model: str | None = None               # a local HF causal-LM folder to start from; None = tiny lab base
     sft: Stage = field(default_factory=lambda: Stage(steps=600, batch_size=32, lr=1e-3))  # per round
@@ -94,12 +94,12 @@ def train(cfg: Config) -> dict | None:
     # The ML libraries load here, after every setting was checked.
     import json
 
-    from halluc.checkpoint import save_stage
-    from halluc.curriculum import phase_datasets, train_phases
-    from halluc.distributed import is_main
-    from halluc.model import load_causal_lm
-    from halluc.rounds import log_round, own_examples, round_mix
-    from halluc.stages import (RunSettings, add_backtrack, base_and_evaluation, evaluate_on_main, finish_run,
+    from halluc.training.checkpoint import save_stage
+    from halluc.pipeline.curriculum import phase_datasets, train_phases
+    from halluc.core.distributed import is_main
+    from halluc.core.model import load_causal_lm
+    from halluc.pipeline.rounds import log_round, own_examples, round_mix
+    from halluc.pipeline.stages import (RunSettings, add_backtrack, base_and_evaluation, evaluate_on_main, finish_run,
                                open_run, train_history, train_stage)
 
     out, task, splits, tests, t0 = open_run(cfg)

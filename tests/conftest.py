@@ -49,7 +49,7 @@ def shared_dir(tmp_path_factory) -> Path:
 def once(path: Path):
     """Build what lives at `path` once per run: workers take the recipes' exclusive file lock, the
     first builds, the others wait and find it built."""
-    from halluc.artifacts import file_lock
+    from halluc.core.artifacts import file_lock
 
     with file_lock(Path(f"{path}.lock")):
         yield path.exists()
@@ -71,7 +71,7 @@ def arith_problems():
 @pytest.fixture(scope="session")
 def lab_tokenizer(arith_problems):
     """The lab tokenizer (no BT yet, like a pretrained one); tests copy it before adding BT."""
-    from halluc.tokens import train_tokenizer
+    from halluc.core.tokens import train_tokenizer
 
     return train_tokenizer([p.prompt + p.solution for p in arith_problems])
 
@@ -80,7 +80,7 @@ def lab_tokenizer(arith_problems):
 def bt_tokenizer(lab_tokenizer):
     import copy
 
-    from halluc.tokens import add_backtrack_token
+    from halluc.core.tokens import add_backtrack_token
 
     tok = copy.deepcopy(lab_tokenizer)
     add_backtrack_token(tok)
@@ -107,10 +107,10 @@ def lab_policy(shared_dir):
     """(folder, model, tokenizer, test problems) of a tiny lab policy with BT and a verifier head,
     trained once per test run (~30 s; workers share it): masked SFT with verifier_head_weight=1
     (technique 10)."""
-    from halluc.lab import LabConfig, lab_splits
-    from halluc.model import load_causal_lm
-    from halluc.tokens import load_tokenizer
-    from halluc.verifier_head import load_head
+    from halluc.pipeline.lab import LabConfig, lab_splits
+    from halluc.core.model import load_causal_lm
+    from halluc.core.tokens import load_tokenizer
+    from halluc.objectives.verifier_head import load_head
 
     out = shared_dir / "lab-policy"
     with once(out) as built:

@@ -1,4 +1,4 @@
-"""The artifact store (halluc/artifacts.py): built once per settings, reused, rebuilt after a killed
+"""The artifact store (halluc/core/artifacts.py): built once per settings, reused, rebuilt after a killed
 build, waited for by a second process instead of built twice, and rank 0 building for all ranks."""
 import json
 import multiprocessing
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from halluc.artifacts import artifact_path, build_once, write_whole
+from halluc.core.artifacts import artifact_path, build_once, write_whole
 
 
 def test_the_name_is_the_settings_hash_every_cache_used():
@@ -47,7 +47,7 @@ def test_a_build_killed_before_its_last_file_is_built_again(tmp_path):
 def _builder(folder, first_in, second_trying, result, role, lock=True):
     import contextlib
 
-    import halluc.artifacts as artifacts
+    import halluc.core.artifacts as artifacts
 
     if not lock:  # the negative control: the same store without its file lock
         artifacts.file_lock = lambda path: contextlib.nullcontext()
@@ -122,7 +122,7 @@ def test_a_filesystem_without_flock_builds_unlocked_with_a_warning(tmp_path, mon
     import fcntl
     import logging
 
-    from halluc.checkpoint import _HELD, hold_output_dir
+    from halluc.training.checkpoint import _HELD, hold_output_dir
 
     def no_flock(*args):
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")

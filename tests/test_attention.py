@@ -1,13 +1,13 @@
-"""The edit-tree structure (halluc.attention) and packing (halluc.packing), no model."""
+"""The edit-tree structure (halluc.structure.attention) and packing (halluc.structure.packing), no model."""
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from halluc.attention import dense_mask, edit_tree, pad_end, position_ids, pred_pos, visible_keys
-from halluc.example import IGNORE_INDEX, Role, apply_backtrack
-from halluc.packing import collate, layout_example, layout_two_branch, pack, pack_examples
+from halluc.structure.attention import dense_mask, edit_tree, pad_end, position_ids, pred_pos, visible_keys
+from halluc.core.example import IGNORE_INDEX, Role, apply_backtrack
+from halluc.structure.packing import collate, layout_example, layout_two_branch, pack, pack_examples
 
 LETTER = {"P": Role.PROMPT, "K": Role.KEPT, "E": Role.ERROR, "B": Role.BACKTRACK, "C": Role.CORRECTION}
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from halluc.attention import edit_tree
-from halluc.backends import _targets, forward_loss, path_segments, unit_bounds
-from halluc.example import IGNORE_INDEX, Role
-from halluc.packing import collate, layout_example, layout_two_branch, pack, pack_examples
+from halluc.structure.attention import edit_tree
+from halluc.structure.backends import _targets, forward_loss, path_segments, unit_bounds
+from halluc.core.example import IGNORE_INDEX, Role
+from halluc.structure.packing import collate, layout_example, layout_two_branch, pack, pack_examples
 
 BT = 3
 VOCAB = 50

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from tokenizers.processors import TemplateProcessing
 
 from halluc import apply_backtrack
-from halluc.tokens import BACKTRACK_TOKEN, add_backtrack_token, backtrack_id
+from halluc.core.tokens import BACKTRACK_TOKEN, add_backtrack_token, backtrack_id
 
 BT = 0
 seqs = st.lists(st.integers(0, 5), max_size=40)  # 0 is the BT id here

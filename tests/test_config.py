@@ -7,7 +7,7 @@ from conftest import load_script
 
 import pytest
 
-from halluc.config import load_config
+from halluc.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ BAD_SETTINGS = [
     ("recipes/mcts.py", ["value=x"], "value='x': choose one of oracle, prm, head, rollouts, none"),
     ("recipes/mcts.py", ["value=prm"], "value=prm needs prm=DIR"),
     ("recipes/mcts.py", ["value=head", "model={model}"], "has no verifier head (verifier_head.safetensors)"),
-    # the rules every recipe shares (halluc.config.check_run_rules), in each recipe
+    # the rules every recipe shares (halluc.core.config.check_run_rules), in each recipe
     *[(f"recipes/{name}.py", ["layout.attention=block_errors"], "layout.attention=block_errors needs layout.positions=rewound")
       for name in ("self_correct", "dpo", "prm", "mcts")],
     *[(f"recipes/{name}.py", ["resume=true", "overwrite=true"], "resume=true and overwrite=true contradict")

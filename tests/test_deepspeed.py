@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-2/3 for real on CPU (gloo): 2 processes shard, train like 1, save what reloads.
 
-Each test launches tests/helpers/ds_job.py (a tiny model through halluc.train's edit-tree
+Each test launches tests/helpers/ds_job.py (a tiny model through halluc.training.train's edit-tree
 Trainer path) under torchrun or the deepspeed launcher; the job records from inside what each
 rank holds and its per-step losses. The 1-process reference runs here, without DeepSpeed, with
 the same global batch (8 = 2 x 4). The launcher-less `python` + ZeRO-3 form is covered by
@@ -34,7 +34,7 @@ def torchrun() -> list[str]:
 
 
 def deepspeed_launcher() -> list[str]:
-    from halluc.distributed import free_port
+    from halluc.core.distributed import free_port
 
     return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
 
@@ -115,7 +115,7 @@ def test_zero3_with_lora_shards_the_adapter_and_saves_it_whole(tmp_path, referen
 def test_launch_glue_without_a_launcher(monkeypatch, tmp_path):
     """The deepspeed launcher's --local_rank is dropped; a plain process gets the env DeepSpeed needs
     (and a launcher's env is left alone)."""
-    from halluc.distributed import LAUNCHER_ENV, prepare_deepspeed, strip_launcher_args
+    from halluc.core.distributed import LAUNCHER_ENV, prepare_deepspeed, strip_launcher_args
 
     assert strip_launcher_args(["a=1", "--local_rank=1", "--local-rank", "0", "b=2"]) == ["a=1", "b=2"]
     # a private copy of the environment: what prepare_deepspeed sets must not reach later tests

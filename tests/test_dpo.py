@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import load_script
 
-from halluc.example import Role
-from halluc.losses import preference_loss, sequential_kl, sum_per_branch, target_log_probs
+from halluc.core.example import Role
+from halluc.core.losses import preference_loss, sequential_kl, sum_per_branch, target_log_probs
 
 # ---- pure losses -------------------------------------------------------------------------------
 
@@ -62,8 +62,8 @@ def test_sequential_kl_golden():
 # ---- pairs: text, roles, layout -------------------------------------------------------------------
 
 def test_text_pairs_tokenize_each_side_alone_with_eos_and_roles_from_the_bts(bt_tokenizer, tmp_path):
-    from halluc.pairs import load_pairs
-    from halluc.tokens import backtrack_id
+    from halluc.structure.pairs import load_pairs
+    from halluc.core.tokens import backtrack_id
 
     tok, bt = bt_tokenizer, backtrack_id(bt_tokenizer)
     path = tmp_path / "pairs.jsonl"
@@ -99,9 +99,9 @@ def _random_pairs(n, vocab, bt, seed=0):
 def _separate_sums(model, pairs, mode, positions):
     """Each pair as two ordinary sequences, prompt + chosen and prompt + rejected, scored alone
     with the dense reference mask: the obvious, slow version."""
-    from halluc.backends import forward_targets, use_backend
-    from halluc.example import IGNORE_INDEX
-    from halluc.packing import collate, layout_example
+    from halluc.structure.backends import forward_targets, use_backend
+    from halluc.core.example import IGNORE_INDEX
+    from halluc.structure.packing import collate, layout_example
 
     backend = use_backend(model, "dense")
     out = []
@@ -124,10 +124,10 @@ def _separate_sums(model, pairs, mode, positions):
 def _check_packed_pairs(mode, positions, backends, device="cpu"):
     """Seven pairs from "own errors" packed several to a row: per pair chosen / rejected sums on
     each backend equal scoring prompt + chosen and prompt + rejected alone (dense, fp32)."""
-    from halluc.backends import forward_targets, use_backend
-    from halluc.dpo import PairCollator
-    from halluc.model import tiny_llama
-    from halluc.pairs import pair_rows
+    from halluc.structure.backends import forward_targets, use_backend
+    from halluc.objectives.dpo import PairCollator
+    from halluc.core.model import tiny_llama
+    from halluc.structure.pairs import pair_rows
 
     torch.manual_seed(0)
     model = tiny_llama(40, hidden=32, layers=2, heads=2).eval().to(device)
@@ -169,8 +169,8 @@ def test_packed_pairs_on_the_gpu_backends(mode, positions):
 
 
 def test_a_bt_in_a_text_prompt_keeps_its_role(bt_tokenizer):
-    from halluc.pairs import tokenize_text_pair
-    from halluc.tokens import backtrack_id
+    from halluc.structure.pairs import tokenize_text_pair
+    from halluc.core.tokens import backtrack_id
 
     bt = backtrack_id(bt_tokenizer)
     pair = tokenize_text_pair({"prompt": "3 + 4 ; x = 9<|BACKTRACK|> 7 ; y", "chosen": " = 1", "rejected": " = 2"},
@@ -185,10 +185,10 @@ def test_packed_rows_weigh_micro_batches_by_their_pairs(tmp_path):
     """Rows packing 1 and 4 pairs: gradient accumulation over the two rows gives the mean over the
     5 pairs, as one batch of both rows does (PairCollator marks pairs, the trainer counts them);
     weighing the two micro-batches equally (the negative control) gives another loss."""
-    from halluc.dpo import PairCollator, PreferenceObjective
-    from halluc.model import tiny_llama
-    from halluc.pairs import pair_rows
-    from halluc.train import make_trainer, training_args
+    from halluc.objectives.dpo import PairCollator, PreferenceObjective
+    from halluc.core.model import tiny_llama
+    from halluc.structure.pairs import pair_rows
+    from halluc.training.train import make_trainer, training_args
 
     torch.manual_seed(0)
     pairs = _random_pairs(5, 40, bt=39, seed=3)
@@ -221,8 +221,8 @@ def test_packed_rows_weigh_micro_batches_by_their_pairs(tmp_path):
 @pytest.fixture(scope="module")
 def sft_dir(tmp_path_factory, bt_tokenizer):
     """A tiny model with the BT token, saved as the "SFT checkpoint" DPO starts from."""
-    from halluc.model import init_backtrack_embedding, tiny_llama
-    from halluc.tokens import backtrack_id
+    from halluc.core.model import init_backtrack_embedding, tiny_llama
+    from halluc.core.tokens import backtrack_id
 
     tok = copy.deepcopy(bt_tokenizer)
     torch.manual_seed(1)
@@ -299,10 +299,10 @@ def test_the_objective_equals_trls_loss_when_policy_and_reference_differ(sft_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from halluc.backends import TargetModel, use_backend
-    from halluc.dpo import PairCollator, PreferenceObjective
-    from halluc.pairs import load_pairs, pair_rows
-    from halluc.tokens import backtrack_id
+    from halluc.structure.backends import TargetModel, use_backend
+    from halluc.objectives.dpo import PairCollator, PreferenceObjective
+    from halluc.structure.pairs import load_pairs, pair_rows
+    from halluc.core.tokens import backtrack_id
 
     tok = AutoTokenizer.from_pretrained(sft_dir)
     policy = AutoModelForCausalLM.from_pretrained(sft_dir)
@@ -334,12 +334,12 @@ def test_the_objective_equals_trls_loss_when_policy_and_reference_differ(sft_dir
 def test_the_lora_reference_is_the_sft_checkpoint(sft_dir, bt_tokenizer):
     """Under LoRA with no ref_model, the reference is the policy with its adapter (and trained BT
     rows) disabled: it scores exactly like the SFT checkpoint, while the adapted policy does not."""
-    from halluc.backends import TargetModel, use_backend
-    from halluc.dpo import PairCollator, PreferenceObjective
-    from halluc.lora import LoraSettings, apply_lora
-    from halluc.model import load_causal_lm
-    from halluc.pairs import pair_rows
-    from halluc.tokens import backtrack_id
+    from halluc.structure.backends import TargetModel, use_backend
+    from halluc.objectives.dpo import PairCollator, PreferenceObjective
+    from halluc.training.lora import LoraSettings, apply_lora
+    from halluc.core.model import load_causal_lm
+    from halluc.structure.pairs import pair_rows
+    from halluc.core.tokens import backtrack_id
 
     bt = backtrack_id(bt_tokenizer)
     sft = load_causal_lm(str(sft_dir))
@@ -380,7 +380,7 @@ def test_the_lab_default_runs_tdpo2_on_packed_own_error_pairs(tmp_path, cache):
     from datasets import load_from_disk
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from halluc.example import apply_backtrack
+    from halluc.core.example import apply_backtrack
 
     report = load_script("recipes/dpo.py").main([f"output_dir={tmp_path}/out", f"cache_dir={cache}", "loss=tdpo2",
                                                  "layout.pack=256", "layout.attention=block_errors", "layout.positions=rewound", *TINY])
@@ -412,7 +412,7 @@ def test_the_lab_default_runs_tdpo2_on_packed_own_error_pairs(tmp_path, cache):
 def test_precomputed_reference_log_probs_are_cached_and_give_the_live_loss(tmp_path, cache, monkeypatch):
     """precompute_ref=true: reference log-probs once, on disk, keyed by data + weights; the steps log
     what the live reference gives, and a second call reads the cache instead of computing."""
-    import halluc.dpo
+    import halluc.objectives.dpo
 
     recipe = load_script("recipes/dpo.py")
     runs = {}
@@ -428,15 +428,15 @@ def test_precomputed_reference_log_probs_are_cached_and_give_the_live_loss(tmp_p
     def never(*args, **kwargs):
         raise AssertionError("computed again instead of reading the cache")
 
-    monkeypatch.setattr(halluc.dpo, "reference_log_probs", never)
-    from halluc.model import load_causal_lm
-    from halluc.pairs import load_pairs, pair_rows
-    from halluc.tokens import backtrack_id, load_tokenizer
+    monkeypatch.setattr(halluc.objectives.dpo, "reference_log_probs", never)
+    from halluc.core.model import load_causal_lm
+    from halluc.structure.pairs import load_pairs, pair_rows
+    from halluc.core.tokens import backtrack_id, load_tokenizer
 
     report = json.loads((tmp_path / "pre" / "eval.json").read_text())
     tok = load_tokenizer(report["start"])
     rows = pair_rows(load_pairs(report["pairs_from"], tok, backtrack_id(tok)))
-    again = halluc.dpo.precomputed_reference(load_causal_lm(report["start"]), rows, "dense_units", cache)
+    again = halluc.objectives.dpo.precomputed_reference(load_causal_lm(report["start"]), rows, "dense_units", cache)
     assert len(again) == len(rows) and all("ref_logps" in r for r in again)
     assert json.loads(cached.read_text())[0] == pytest.approx(again[0]["ref_logps"][0].tolist())
 
@@ -455,7 +455,7 @@ def test_lora_dpo_uses_the_starting_model_as_reference_and_saves_an_adapter(tmp_
 
 
 def test_a_reference_without_the_bt_row_is_refused(tmp_path, sft_dir, lab_tokenizer):
-    from halluc.model import tiny_llama
+    from halluc.core.model import tiny_llama
 
     plain = tmp_path / "plain"
     tiny_llama(len(lab_tokenizer), hidden=32, layers=1, heads=2).save_pretrained(plain)
@@ -514,7 +514,7 @@ def test_zero3_with_two_processes_trains_like_one_process(tmp_path, sft_dir):
 
     from conftest import ROOT
 
-    from halluc.distributed import free_port
+    from halluc.core.distributed import free_port
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _more_pairs(16)))
@@ -542,7 +542,7 @@ def test_pairs_beyond_the_models_positions_are_dropped_not_indexed(tmp_path, bt_
     dropped with a warning naming the limit, instead of indexing past the position table."""
     import logging
 
-    from halluc.model import tiny_llama
+    from halluc.core.model import tiny_llama
 
     tok = copy.deepcopy(bt_tokenizer)
     folder = tmp_path / "short"
@@ -561,12 +561,12 @@ def test_pairs_beyond_the_models_positions_are_dropped_not_indexed(tmp_path, bt_
 
 
 def test_the_recipe_offers_every_loss_kind_and_each_says_what_it_needs():
-    """Loss kinds are named objects with what they need (halluc.config.PREFERENCE_KINDS): the recipe
+    """Loss kinds are named objects with what they need (halluc.core.config.PREFERENCE_KINDS): the recipe
     offers exactly them, and the objective refuses a name it does not know."""
     import typing
 
-    from halluc.config import PREFERENCE_KINDS
-    from halluc.dpo import PreferenceObjective
+    from halluc.core.config import PREFERENCE_KINDS
+    from halluc.objectives.dpo import PreferenceObjective
 
     offered = typing.get_args(typing.get_type_hints(load_script("recipes/dpo.py").Config)["loss"])
     assert set(offered) == set(PREFERENCE_KINDS)

@@ -6,11 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from halluc import Role, apply_backtrack
-from halluc.data import build_sft_dataset, fit_length, labels_from_roles, make_example
-from halluc.errors import ErrorConfig, random_token_errors, step_errors
-from halluc.example import IGNORE_INDEX
+from halluc.sources.data import build_sft_dataset, fit_length, labels_from_roles, make_example
+from halluc.sources.errors import ErrorConfig, random_token_errors, step_errors
+from halluc.core.example import IGNORE_INDEX
 from halluc.tasks import arith, gsm8k
-from halluc.tokens import backtrack_id
+from halluc.core.tokens import backtrack_id
 
 P, K, E, B, C = (int(r) for r in Role)
 

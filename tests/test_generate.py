@@ -10,11 +10,11 @@ import torch
 from conftest import load_script
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from halluc.attention import dense_mask, edit_tree, position_ids
-from halluc.evaluate import evaluate_problems, markdown_table, score_problem
-from halluc.example import Role, apply_backtrack
-from halluc.generate import Forcing, Generation, LoopGuards, Sampling, generate, semantics_for
-from halluc.judge import backtrack_runs
+from halluc.structure.attention import dense_mask, edit_tree, position_ids
+from halluc.inference.evaluate import evaluate_problems, markdown_table, score_problem
+from halluc.core.example import Role, apply_backtrack
+from halluc.inference.generate import Forcing, Generation, LoopGuards, Sampling, generate, semantics_for
+from halluc.inference.judge import backtrack_runs
 from halluc.tasks import arith, get_task, gsm8k
 
 VOCAB, BT, EOS, PAD = 48, 47, 1, 0
@@ -150,7 +150,7 @@ def batched_and_single(model, semantics):
 def test_a_sampled_row_is_the_same_whether_finished_rows_leave_or_not(model, semantics, monkeypatch):
     """Sampling draws its random numbers for the whole batch, so finished rows leaving the batch
     (generate.LEAVE_AT) changes no sample: the same traces and logits as a batch that keeps them."""
-    import halluc.generate as generation
+    import halluc.inference.generate as generation
 
     def run(seed):
         handle = bt_rule_hook(model, ends=True)
@@ -176,7 +176,7 @@ def test_a_sampled_row_is_the_same_whether_finished_rows_leave_or_not(model, sem
 def test_drawing_only_for_the_rows_left_would_change_samples(model, monkeypatch):
     """Negative control of the test above: random numbers drawn for the rows still in the batch (as
     torch.multinomial on the smaller batch would) change what the rows sample after others finished."""
-    import halluc.generate as generation
+    import halluc.inference.generate as generation
 
     choose = generation.choose
     monkeypatch.setattr(generation, "choose", lambda logits, sampling, rng, draws=None: choose(logits, sampling, rng))

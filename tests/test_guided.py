@@ -11,17 +11,17 @@ from collections import Counter
 import pytest
 import torch
 
-from halluc.generate import Guide, Guided, LoopGuards, Sampling, generate
+from halluc.inference.generate import Guide, Guided, LoopGuards, Sampling, generate
 from halluc.tasks import arith
-from halluc.verifier_head import step_end_ids
-from halluc.verifiers import HeadVerifier, OracleVerifier
+from halluc.objectives.verifier_head import step_end_ids
+from halluc.inference.verifiers import HeadVerifier, OracleVerifier
 
 NO_OWN_BT = LoopGuards(max_backtracks=0)
 
 
 @pytest.fixture(scope="module")
 def policy(lab_policy):
-    from halluc.tokens import backtrack_id
+    from halluc.core.tokens import backtrack_id
 
     _, model, tok, problems = lab_policy
     return model, tok, backtrack_id(tok), problems
@@ -222,7 +222,7 @@ def test_the_head_scores_in_generation_equal_a_full_forward(policy):
 def test_every_verifier_kind_is_made_by_name_and_scores_whole_solutions_as_it_scores_prefixes(policy):
     """make_verifier builds each kind; a verifier's solution scores are its scores of each step prefix
     (the oracle), and a head reading texts gives the last step's solution score."""
-    from halluc.verifiers import PRMVerifier, make_verifier
+    from halluc.inference.verifiers import PRMVerifier, make_verifier
 
     model, tok, bt, problems = policy
     prompts = _prompts(tok, problems)[:6]

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from conftest import ROOT
 
-from halluc.generate import generate_text
-from halluc.model import tiny_llama
-from halluc.tokens import BACKTRACK_TOKEN, add_backtrack_token
+from halluc.inference.generate import generate_text
+from halluc.core.model import tiny_llama
+from halluc.core.tokens import BACKTRACK_TOKEN, add_backtrack_token
 
 ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
          "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"} for a, b in
@@ -40,7 +40,7 @@ def saved_model(tokenizer, folder: Path) -> Path:
 def test_the_model_class_answers_with_the_visible_text(lab_tokenizer, tmp_path):
     from lm_eval.api.instance import Instance
 
-    from halluc.harness import HallucLM, cut_at
+    from halluc.inference.harness import HallucLM, cut_at
 
     folder = saved_model(lab_tokenizer, tmp_path / "model")
     lm = HallucLM(pretrained=str(folder), max_gen_toks=24)
@@ -62,9 +62,9 @@ def test_lm_eval_command_line_runs_offline_on_a_local_gsm8k_file(lab_tokenizer, 
     data.mkdir(parents=True)
     (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     result = subprocess.run(
-        [sys.executable, "-m", "halluc.harness", "run", "--model", "halluc", "--model_args",
+        [sys.executable, "-m", "halluc.inference.harness", "run", "--model", "halluc", "--model_args",
          f"pretrained={folder},max_gen_toks=16", "--tasks", "halluc_gsm8k", "--include_path",
-         str(ROOT / "halluc" / "harness_tasks"), "--output_path", str(tmp_path / "out")],
+         str(ROOT / "halluc" / "inference" / "harness_tasks"), "--output_path", str(tmp_path / "out")],
         cwd=tmp_path, capture_output=True, text=True, timeout=1200,
         env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
              "HOME": str(tmp_path)})

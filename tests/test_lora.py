@@ -9,12 +9,12 @@ from safetensors.torch import load_file
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM)
 
-from halluc.data import build_sft_dataset
-from halluc.errors import ErrorConfig
-from halluc.lora import LoraSettings, apply_lora, base_identity, load_adapter, save_adapter
-from halluc.model import init_backtrack_embedding, tiny_llama
-from halluc.tokens import add_backtrack_token, backtrack_id
-from halluc.train import make_trainer, training_args
+from halluc.sources.data import build_sft_dataset
+from halluc.sources.errors import ErrorConfig
+from halluc.training.lora import LoraSettings, apply_lora, base_identity, load_adapter, save_adapter
+from halluc.core.model import init_backtrack_embedding, tiny_llama
+from halluc.core.tokens import add_backtrack_token, backtrack_id
+from halluc.training.train import make_trainer, training_args
 
 FROZEN_ROW = 7  # an ordinary token: its rows must not move under LoRA
 
@@ -137,7 +137,7 @@ def test_the_fingerprint_tells_apart_bases_that_differ_only_past_the_first_embed
     """A base trained a little more keeps its first embedding rows (the lab never uses those
     tokens) but moves its layers: the fingerprint must change (the old 16-row fingerprint did not),
     and must not change with the dtype the same weights are stored in."""
-    from halluc.lora import fingerprint
+    from halluc.training.lora import fingerprint
 
     base = tiny(len(lab_tokenizer))
     trained = copy.deepcopy(base)

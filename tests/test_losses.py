@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from halluc.backends import forward_targets, use_backend
-from halluc.example import IGNORE_INDEX, Role
-from halluc.losses import sum_per_branch, target_log_probs, token_cross_entropy
-from halluc.model import tiny_llama
-from halluc.packing import collate, layout_example, layout_two_branch, pack
+from halluc.structure.backends import forward_targets, use_backend
+from halluc.core.example import IGNORE_INDEX, Role
+from halluc.core.losses import sum_per_branch, target_log_probs, token_cross_entropy
+from halluc.core.model import tiny_llama
+from halluc.structure.packing import collate, layout_example, layout_two_branch, pack
 
 # softmax([0, ln 3]) = [1/4, 3/4]
 LOGITS = torch.tensor([[0.0, math.log(3.0)], [0.0, math.log(3.0)]])

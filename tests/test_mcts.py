@@ -1,4 +1,4 @@
-"""Technique 8: MCTS with a backtrack action (halluc/mcts.py). Selection and backup against values
+"""Technique 8: MCTS with a backtrack action (halluc/sources/mcts.py). Selection and backup against values
 computed by hand on a small tree; the data a tree leaves against its invariants; a search on the
 lab policy against the task verifier."""
 from __future__ import annotations
@@ -8,10 +8,10 @@ import math
 import pytest
 from conftest import load_script
 
-from halluc.example import Role, apply_backtrack
-from halluc.mcts import (Node, SearchConfig, Tree, backup, expand, judged_bad, load_trees, puct, save_trees, search,
+from halluc.core.example import Role, apply_backtrack
+from halluc.sources.mcts import (Node, SearchConfig, Tree, backup, expand, judged_bad, load_trees, puct, save_trees, search,
                          select, step_pairs, traces, uct)
-from halluc.verifier_head import step_end_ids
+from halluc.objectives.verifier_head import step_end_ids
 
 BT, EOS = 99, 98
 
@@ -77,7 +77,7 @@ def _solved() -> Tree:
                 Node(step=[4, 5], parent=1, depth=2, visits=1, value_sum=1.0, terminal=True, finished=True,
                      reward=1.0, verified=True)]
     t.nodes[0].children, t.nodes[0].visits = [1, 2], 3
-    from halluc.mcts import Backtrack
+    from halluc.sources.mcts import Backtrack
     t.backtracks.append(Backtrack(parent=0, abandoned=2, to=1, iteration=1))
     return t
 
@@ -95,7 +95,7 @@ def test_a_trace_writes_the_abandoned_step_erases_its_tail_and_reads_as_the_solu
 
 
 def test_step_pairs_and_the_dpo_loader():
-    from halluc.pairs import check_pair
+    from halluc.structure.pairs import check_pair
 
     (pair,) = step_pairs(_solved(), EOS)
     assert pair["prompt_ids"] == [100] and pair["chosen_ids"] == [1, 2, 3] and pair["rejected_ids"] == [1, 9]
@@ -124,10 +124,10 @@ def test_search_on_the_lab_policy(lab_policy, tmp_path):
     """A batched search with the task's verifier as the value: visit counts add up, every trace
     reads as a verified solution, every error in a trace is a step the search judged bad, and the
     search resumes from saved trees."""
-    from halluc.mcts import step_values
+    from halluc.sources.mcts import step_values
     from halluc.tasks import arith
-    from halluc.tokens import backtrack_id, load_tokenizer
-    from halluc.verifiers import OracleVerifier
+    from halluc.core.tokens import backtrack_id, load_tokenizer
+    from halluc.inference.verifiers import OracleVerifier
 
     folder, model, tok, problems = lab_policy
     bt = backtrack_id(tok)
@@ -180,7 +180,7 @@ def test_one_step_at_a_time_stops_after_a_step_end_and_its_logprobs_equal_a_forw
     forward over prompt + trace."""
     import torch
 
-    from halluc.generate import LoopGuards, Sampling, generate
+    from halluc.inference.generate import LoopGuards, Sampling, generate
     from halluc.tasks import arith
 
     _, model, tok, problems = lab_policy
@@ -206,9 +206,9 @@ def test_the_recipe_writes_data_the_other_recipes_read_and_resumes(lab_policy, t
     """recipes/mcts.py on the lab policy, in 2 chunks: traces masked_sft reads (data=), pairs the DPO
     loader reads, step values in the PRM format. Killed after its first chunk (the second chunk's
     trees removed), resume=true searches only the rest and ends with the same trees."""
-    from halluc.pairs import load_pairs
-    from halluc.prm import read_stepwise
-    from halluc.tokens import backtrack_id
+    from halluc.structure.pairs import load_pairs
+    from halluc.objectives.prm import read_stepwise
+    from halluc.core.tokens import backtrack_id
 
     folder, _, tok, _ = lab_policy
     mcts = load_script("recipes/mcts.py")

@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 
-from halluc.config import LayoutSettings
-from halluc.data import build_sft_dataset
-from halluc.errors import ErrorConfig
-from halluc.losses import sum_per_branch, target_log_probs
-from halluc.model import tiny_llama
-from halluc.tokens import add_backtrack_token
-from halluc.train import TokenCrossEntropy, make_trainer, training_args
+from halluc.core.config import LayoutSettings
+from halluc.sources.data import build_sft_dataset
+from halluc.sources.errors import ErrorConfig
+from halluc.core.losses import sum_per_branch, target_log_probs
+from halluc.core.model import tiny_llama
+from halluc.core.tokens import add_backtrack_token
+from halluc.training.train import TokenCrossEntropy, make_trainer, training_args
 
 
 class MeanPerExampleNLL:
@@ -91,7 +91,7 @@ def test_on_a_gpu_auto_picks_flex_and_the_objective_trains_in_bf16(lab_tokenizer
     trains through flex_attention in bf16 autocast (rows as plain dicts: no `datasets` needed)."""
     import random
 
-    from halluc.data import labels_from_roles, make_example
+    from halluc.sources.data import labels_from_roles, make_example
 
     tok = copy.deepcopy(lab_tokenizer)
     model = tiny_llama(len(tok), hidden=64, layers=2, heads=4)

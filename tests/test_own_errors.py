@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from halluc.example import Role, apply_backtrack
-from halluc.generate import Generation, Sampling
-from halluc.model import tiny_llama
-from halluc.own_errors import (OwnError, RoundStats, _verified_continuation, build, char_ends, corrections, locate,
+from halluc.core.example import Role, apply_backtrack
+from halluc.inference.generate import Generation, Sampling
+from halluc.core.model import tiny_llama
+from halluc.sources.own_errors import (OwnError, RoundStats, _verified_continuation, build, char_ends, corrections, locate,
                                make_round, reference_continuation, save_round, token_cut)
 from halluc.tasks import arith, gsm8k
-from halluc.tokens import backtrack_id, train_tokenizer
+from halluc.core.tokens import backtrack_id, train_tokenizer
 
 
 def problem_with_three_steps():

@@ -12,9 +12,9 @@ import torch
 from conftest import ROOT, load_script
 from transformers import AutoModelForCausalLM
 
-from halluc.model import tiny_llama
+from halluc.core.model import tiny_llama
 from halluc.tasks import arith, gsm8k, jsonl
-from halluc.tokens import BACKTRACK_TOKEN, train_tokenizer
+from halluc.core.tokens import BACKTRACK_TOKEN, train_tokenizer
 
 TINY = ["base.steps=20", "sft.steps=4", "base.batch_size=8", "sft.batch_size=8", "lab.train_size=200",
         "lab.sft_size=64", "lab.test_size=8", "tiny.hidden=32", "eval_max_new_tokens=24"]
@@ -91,7 +91,7 @@ def test_a_checkpoint_is_scored_on_its_own_lab_and_settings_that_cannot_apply_fa
     recipe().main([f"output_dir={tmp_path}/p5", f"cache_dir={cache}", "lab.prime=5", "seed=3", *TINY])
     evaluate = load_script("recipes/evaluate.py")
     report = evaluate.main(["--model", str(tmp_path / "p5" / "checkpoint"), "--limit", "4", "--max-new-tokens", "8"])
-    from halluc.lab import LabConfig, lab_splits
+    from halluc.pipeline.lab import LabConfig, lab_splits
 
     expected = lab_splits(LabConfig(prime=5, train_size=200, sft_size=64, test_size=8), 3)["test_id"][:4]
     assert [s["prompt"] for s in report["results"]["test_id"]["samples"][:4]] == [p.prompt for p in expected]
@@ -144,12 +144,12 @@ def test_prepare_train_evaluate_on_arith_and_on_own_jsonl_fields(tmp_path, cache
 
 # 6 -------------------------------------------------------------------------------------------
 def test_packing_drops_are_reported_and_nothing_left_fails_clearly(bt_tokenizer, arith_problems, tmp_path, caplog):
-    from halluc.config import Stage
-    from halluc.data import build_sft_dataset
-    from halluc.errors import ErrorConfig
-    from halluc.config import LayoutSettings
-    from halluc.stages import RunSettings, train_stage
-    from halluc.tokens import backtrack_id
+    from halluc.core.config import Stage
+    from halluc.sources.data import build_sft_dataset
+    from halluc.sources.errors import ErrorConfig
+    from halluc.core.config import LayoutSettings
+    from halluc.pipeline.stages import RunSettings, train_stage
+    from halluc.core.tokens import backtrack_id
 
     data = build_sft_dataset(arith_problems[:40], bt_tokenizer, ErrorConfig(example_rate=1.0), backtrack_id(bt_tokenizer))
     lengths = sorted(len(x) for x in data["input_ids"])
@@ -165,9 +165,9 @@ def test_packing_drops_are_reported_and_nothing_left_fails_clearly(bt_tokenizer,
 def test_path_mistakes_get_errors_that_name_the_path(tmp_path, no_pad_model, monkeypatch):
     import socket
 
-    from halluc.checkpoint import load_trained
-    from halluc.model import load_causal_lm
-    from halluc.tokens import load_tokenizer
+    from halluc.training.checkpoint import load_trained
+    from halluc.core.model import load_causal_lm
+    from halluc.core.tokens import load_tokenizer
 
     def no_network(*args):
         raise AssertionError(f"a local path mistake tried the network: {args}")
@@ -219,7 +219,7 @@ def test_intermediate_checkpoints_and_adapters_can_be_evaluated(tmp_path, cache)
 
 
 def test_adapters_saved_with_the_old_fingerprint_still_load(tmp_path, cache):
-    from halluc.lora import fingerprint_v1, load_adapter
+    from halluc.training.lora import fingerprint_v1, load_adapter
 
     recipe().main([f"output_dir={tmp_path}/lora", f"cache_dir={cache}", "lora.enabled=true", "lora.r=2", *TINY])
     path = tmp_path / "lora" / "adapter" / "halluc_adapter.json"
@@ -283,7 +283,7 @@ def test_data_file_edge_cases_name_the_file_and_line(tmp_path):
 
 
 def test_a_prompt_longer_than_the_model_positions_does_not_kill_the_evaluation(bt_tokenizer):
-    from halluc.evaluate import evaluate_problems
+    from halluc.inference.evaluate import evaluate_problems
 
     tok = copy.deepcopy(bt_tokenizer)
     model = tiny_llama(len(tok), hidden=32, layers=1, heads=2, max_positions=48)

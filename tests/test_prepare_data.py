@@ -36,7 +36,7 @@ def test_arith_to_disk(tmp_path):
 
 
 def test_gsm8k_to_disk(tmp_path, gsm8k_test_file):
-    from halluc.tokens import train_tokenizer
+    from halluc.core.tokens import train_tokenizer
     from halluc.tasks import gsm8k
 
     problems = gsm8k.read_jsonl(gsm8k_test_file, limit=100)

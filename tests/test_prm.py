@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import GSM8K_DIR, load_script
 
-from halluc.example import IGNORE_INDEX
-from halluc.prm import StepClassification, StepCollator, prm_example, read_stepwise, write_stepwise
-from halluc.step_labels import stepwise_row, verifier_labels, with_wrong_step
+from halluc.core.example import IGNORE_INDEX
+from halluc.objectives.prm import StepClassification, StepCollator, prm_example, read_stepwise, write_stepwise
+from halluc.sources.step_labels import stepwise_row, verifier_labels, with_wrong_step
 from halluc.tasks import arith
 from helpers.trl_prm import tokenize_row
 

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from halluc.process_scores import first_below, first_false, process_score, step_auc
+from halluc.inference.process_scores import first_below, first_false, process_score, step_auc
 
 
 def test_first_below_and_first_false():

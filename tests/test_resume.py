@@ -6,7 +6,7 @@ checkpoint-10: model or adapter, optimizer, scheduler, RNG and the position in t
 order. Its logged losses after the resume point (steps 11-15 and 16-20) must equal the
 uninterrupted run's, which also shows the data order is the same batch for batch.
 Variants: LoRA without DeepSpeed, and full fine-tuning under ZeRO-3 in a plain `python`
-process (no launcher: halluc.distributed sets the env DeepSpeed needs).
+process (no launcher: halluc.core.distributed sets the env DeepSpeed needs).
 """
 import json
 import os
@@ -64,7 +64,7 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_loss(tmp_path, cache, va
 
 
 def test_latest_checkpoint_skips_one_the_kill_interrupted(tmp_path):
-    from halluc.checkpoint import latest_checkpoint
+    from halluc.training.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(tmp_path / "missing") is None and latest_checkpoint(tmp_path) is None
     for step, complete in ((5, True), (10, True), (15, False)):  # killed while writing checkpoint-15

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, kill_when_paused, load_script
 
-from halluc.example import Role, apply_backtrack
+from halluc.core.example import Role, apply_backtrack
 from halluc.tasks import arith
 
 TINY = ["base.steps=150", "sft.steps=8", "base.batch_size=16", "sft.batch_size=16", "lab.train_size=400",
@@ -46,8 +46,8 @@ def check_round_data(folder, problems_by_index, tok, bt):
 def test_two_rounds_on_arith_write_valid_data_and_an_evaluation(tmp_path, cache):
     from transformers import AutoTokenizer
 
-    from halluc.lab import LabConfig, lab_splits
-    from halluc.tokens import backtrack_id
+    from halluc.pipeline.lab import LabConfig, lab_splits
+    from halluc.core.tokens import backtrack_id
 
     report = recipe().main([f"output_dir={tmp_path}/out", f"cache_dir={cache}", "rounds=2", *TINY])
     out = tmp_path / "out"
@@ -81,8 +81,8 @@ def test_kill_9_in_round_2_then_resume_continues_at_round_2(tmp_path, cache):
 
 def test_gsm8k_files_run_and_unplaceable_errors_are_counted(tmp_path, gsm8k_test_file):
     from halluc.tasks import gsm8k
-    from halluc.model import tiny_llama
-    from halluc.tokens import train_tokenizer
+    from halluc.core.model import tiny_llama
+    from halluc.core.tokens import train_tokenizer
 
     problems = gsm8k.read_jsonl(gsm8k_test_file, limit=120)
     tok = train_tokenizer([p.prompt + p.solution for p in problems], vocab_size=500)
@@ -106,9 +106,9 @@ def test_gsm8k_files_run_and_unplaceable_errors_are_counted(tmp_path, gsm8k_test
 # ---- curriculum ---------------------------------------------------------------------------
 
 def test_phases_are_what_they_say_and_shuffled_deals_the_same_examples(bt_tokenizer):
-    from halluc.curriculum import Curriculum, Phase, phase_datasets
-    from halluc.errors import ErrorConfig
-    from halluc.tokens import backtrack_id
+    from halluc.pipeline.curriculum import Curriculum, Phase, phase_datasets
+    from halluc.sources.errors import ErrorConfig
+    from halluc.core.tokens import backtrack_id
 
     problems = arith.make_split(400, (2, 4), seed=11)
     phases = [Phase(steps=100, error_rate=1.0, max_error_tokens=1, ops_max=2),
@@ -138,12 +138,12 @@ def test_phases_are_what_they_say_and_shuffled_deals_the_same_examples(bt_tokeni
 def test_a_competence_phase_ends_when_the_probe_passes(bt_tokenizer, arith_problems, tmp_path):
     import copy
 
-    from halluc.config import Stage
-    from halluc.curriculum import Curriculum, Phase, phase_datasets, train_phases
-    from halluc.errors import ErrorConfig
-    from halluc.model import tiny_llama
-    from halluc.stages import RunSettings
-    from halluc.tokens import backtrack_id
+    from halluc.core.config import Stage
+    from halluc.pipeline.curriculum import Curriculum, Phase, phase_datasets, train_phases
+    from halluc.sources.errors import ErrorConfig
+    from halluc.core.model import tiny_llama
+    from halluc.pipeline.stages import RunSettings
+    from halluc.core.tokens import backtrack_id
 
     tok = copy.deepcopy(bt_tokenizer)
     bt = backtrack_id(tok)
@@ -180,10 +180,10 @@ def test_a_curriculum_with_an_own_errors_phase_runs_in_a_round(tmp_path, cache):
 def test_a_short_own_share_shrinks_every_part_of_the_mix(bt_tokenizer, arith_problems):
     """Fewer own examples than mix.own asks: the set shrinks so the shares stay as set (the own arm
     keeps the error share of the synthetic arm), and clean examples come from other problems."""
-    from halluc.data import build_sft_dataset
-    from halluc.errors import ErrorConfig
-    from halluc.rounds import round_mix
-    from halluc.tokens import backtrack_id
+    from halluc.sources.data import build_sft_dataset
+    from halluc.sources.errors import ErrorConfig
+    from halluc.pipeline.rounds import round_mix
+    from halluc.core.tokens import backtrack_id
 
     cfg = recipe().load(["mix.own=0.5", "mix.clean=0.5", "round_examples=100"])
     bt = backtrack_id(bt_tokenizer)
@@ -201,8 +201,8 @@ def test_mcts_traces_as_the_own_share_of_a_round(tmp_path, lab_policy):
     """error_source=mcts (technique 8 through technique 5's round): the round's own share is MCTS
     traces of the model (the lab policy: it solves some problems) on the sampler's problems, each
     reading as a verified solution, trained with the same mix."""
-    from halluc.lab import LabConfig, lab_splits
-    from halluc.tokens import backtrack_id
+    from halluc.pipeline.lab import LabConfig, lab_splits
+    from halluc.core.tokens import backtrack_id
     from transformers import AutoTokenizer
 
     report = recipe().main([f"output_dir={tmp_path}/out", f"model={lab_policy[0]}", "error_source=mcts",

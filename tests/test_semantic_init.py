@@ -3,9 +3,9 @@ import copy
 
 import torch
 
-from halluc.data import tokenize_problem
-from halluc.model import init_backtrack_embedding, tiny_llama
-from halluc.tokens import add_backtrack_token
+from halluc.sources.data import tokenize_problem
+from halluc.core.model import init_backtrack_embedding, tiny_llama
+from halluc.core.tokens import add_backtrack_token
 
 
 def kl_after_adding_bt(lab_tokenizer, problems, method, tie=False):

@@ -98,9 +98,9 @@ def test_sbatch_dpo_with_two_tasks(cluster, tmp_path):
     """slurm/dpo.sh as written: two torchrun agents, ZeRO-3, preference pairs from a jsonl file."""
     import torch
 
-    from halluc.model import tiny_llama
+    from halluc.core.model import tiny_llama
     from halluc.tasks import arith
-    from halluc.tokens import add_backtrack_token, train_tokenizer
+    from halluc.core.tokens import add_backtrack_token, train_tokenizer
 
     problems = arith.make_split(64, (2, 3), seed=5)
     tok = train_tokenizer([p.prompt + p.solution for p in problems], vocab_size=300)
@@ -125,9 +125,9 @@ def test_sbatch_prm_with_two_tasks(cluster, tmp_path, bt_tokenizer, arith_proble
     rank 0 decodes with it."""
     import torch
 
-    from halluc.model import tiny_llama
-    from halluc.prm import write_stepwise
-    from halluc.step_labels import stepwise_row
+    from halluc.core.model import tiny_llama
+    from halluc.objectives.prm import write_stepwise
+    from halluc.sources.step_labels import stepwise_row
 
     torch.manual_seed(0)
     tiny_llama(len(bt_tokenizer), hidden=32, layers=1, heads=2, pad_token_id=bt_tokenizer.pad_token_id,

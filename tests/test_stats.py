@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from halluc.stats import (mean_estimate, paired_mean_difference, paired_ratio_difference, ratio_estimate,
+from halluc.core.stats import (mean_estimate, paired_mean_difference, paired_ratio_difference, ratio_estimate,
                           unpaired_resolution)
 
 N = 1000  # problems per seed

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from halluc.step_labels import agreement, rollout_labels, stepwise_row, verifier_labels, with_wrong_step
+from halluc.sources.step_labels import agreement, rollout_labels, stepwise_row, verifier_labels, with_wrong_step
 from halluc.tasks import arith
 
 
@@ -32,8 +32,8 @@ def test_labels_from_a_known_wrong_step_are_right():
 def test_rollout_labels_shape_and_what_needs_no_rollout(bt_tokenizer):
     """n rollouts from every prefix without the answer; a prefix with the answer is labelled by it
     (1.0 right, 0.0 wrong) whatever the model; soft labels are fractions, hard = soft > 0."""
-    from halluc.generate import Sampling
-    from halluc.model import tiny_llama
+    from halluc.inference.generate import Sampling
+    from halluc.core.model import tiny_llama
 
     tok = copy.deepcopy(bt_tokenizer)
     torch.manual_seed(0)

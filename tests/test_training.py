@@ -8,12 +8,12 @@ from conftest import load_script
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from halluc.config import LayoutSettings
-from halluc.data import build_sft_dataset
-from halluc.errors import ErrorConfig
-from halluc.model import init_backtrack_embedding, tiny_llama
-from halluc.tokens import BACKTRACK_TOKEN, add_backtrack_token, backtrack_id
-from halluc.train import make_trainer, training_args
+from halluc.core.config import LayoutSettings
+from halluc.sources.data import build_sft_dataset
+from halluc.sources.errors import ErrorConfig
+from halluc.core.model import init_backtrack_embedding, tiny_llama
+from halluc.core.tokens import BACKTRACK_TOKEN, add_backtrack_token, backtrack_id
+from halluc.training.train import make_trainer, training_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_recipe_end_to_end_tiny(tmp_path):
 def test_recipe_with_local_model_on_gsm8k(tmp_path, gsm8k_test_file):
     """--model DIR (any local HF causal LM without the BT token) on real GSM8K files."""
     from halluc.tasks import gsm8k
-    from halluc.tokens import train_tokenizer
+    from halluc.core.tokens import train_tokenizer
 
     problems = gsm8k.read_jsonl(gsm8k_test_file, limit=200)
     tok = train_tokenizer([p.prompt + p.solution for p in problems], vocab_size=500)
@@ -107,8 +107,8 @@ def test_recipe_with_local_model_on_gsm8k(tmp_path, gsm8k_test_file):
 
 def test_tree_trainer_glue_matches_the_stock_loss_and_blocks_errors(bt_tokenizer, arith_problems):
     """Causal through the edit-tree path == the model's own loss; block_errors differs (control)."""
-    from halluc.backends import forward_loss
-    from halluc.train import TreeCollator
+    from halluc.structure.backends import forward_loss
+    from halluc.training.train import TreeCollator
 
     torch.manual_seed(0)
     bt = backtrack_id(bt_tokenizer)
@@ -128,7 +128,7 @@ def test_tree_trainer_glue_matches_the_stock_loss_and_blocks_errors(bt_tokenizer
 
 
 def test_block_errors_packed_training_loss_falls(bt_tokenizer, arith_problems, tmp_path):
-    from halluc.packing import pack_examples
+    from halluc.structure.packing import pack_examples
 
     torch.manual_seed(0)
     bt = backtrack_id(bt_tokenizer)

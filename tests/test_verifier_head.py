@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import load_script
 
-from halluc.example import IGNORE_INDEX, Role
-from halluc.verifier_head import (HEAD_WEIGHTS, attach_head, get_head, load_head, split_head, step_end_labels,
+from halluc.core.example import IGNORE_INDEX, Role
+from halluc.objectives.verifier_head import (HEAD_WEIGHTS, attach_head, get_head, load_head, split_head, step_end_labels,
                                   step_end_ids)
 
 P, K, E, B, C = Role.PROMPT, Role.KEPT, Role.ERROR, Role.BACKTRACK, Role.CORRECTION
@@ -38,7 +38,7 @@ def test_step_end_ids_are_the_tokens_holding_the_separator(bt_tokenizer):
 
 
 def _tiny(tok):
-    from halluc.model import tiny_llama
+    from halluc.core.model import tiny_llama
 
     torch.manual_seed(0)
     return tiny_llama(len(tok), hidden=32, layers=1, heads=2, pad_token_id=tok.pad_token_id,
@@ -84,12 +84,12 @@ def test_masked_sft_trains_the_head_jointly_and_it_separates_wrong_steps(tmp_pat
     """verifier_head_weight>0: the head learns from the synthetic errors' step ends; the saved
     checkpoint holds it beside a plain LM, and on fresh examples it scores the ends of wrong steps
     above right ones (step AUC; an untrained head scores all alike: AUC 0.5, the negative control)."""
-    from halluc.data import build_sft_dataset
-    from halluc.errors import ErrorConfig
-    from halluc.lab import LabConfig, lab_splits
-    from halluc.model import load_causal_lm
-    from halluc.process_scores import step_auc
-    from halluc.tokens import backtrack_id, load_tokenizer
+    from halluc.sources.data import build_sft_dataset
+    from halluc.sources.errors import ErrorConfig
+    from halluc.pipeline.lab import LabConfig, lab_splits
+    from halluc.core.model import load_causal_lm
+    from halluc.inference.process_scores import step_auc
+    from halluc.core.tokens import backtrack_id, load_tokenizer
 
     recipe = load_script("recipes/masked_sft.py")
     tiny = ["base.steps=150", "sft.steps=80", "base.batch_size=16", "sft.batch_size=16", "lab.train_size=400",

@@ -16,7 +16,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from halluc.config import check_out_folder, replace_folder
+from halluc.core.config import check_out_folder, replace_folder
 
 log = logging.getLogger("merge_adapter")
 DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
@@ -39,8 +39,8 @@ def main(argv=None) -> Path:
     # The ML libraries load here, after the arguments were checked.
     import torch
 
-    from halluc.lora import BaseMismatch, merge_adapter, read_adapter_info
-    from halluc.tokens import backtrack_id
+    from halluc.training.lora import BaseMismatch, merge_adapter, read_adapter_info
+    from halluc.core.tokens import backtrack_id
 
     try:
         info = read_adapter_info(args.adapter)

@@ -16,10 +16,10 @@ import json
 import logging
 from pathlib import Path
 
-from halluc.config import check_out_folder, load_config, replace_folder
-from halluc.data import PREPARED_INFO, build_sft_dataset
-from halluc.errors import ErrorConfig
-from halluc.lab import LabConfig, lab_splits, lab_tokenizer
+from halluc.core.config import check_out_folder, load_config, replace_folder
+from halluc.sources.data import PREPARED_INFO, build_sft_dataset
+from halluc.sources.errors import ErrorConfig
+from halluc.pipeline.lab import LabConfig, lab_splits, lab_tokenizer
 from halluc.tasks import get_task
 
 
@@ -85,7 +85,7 @@ def load_problems(a):
 
 
 def edit_tree_columns(roles: list[int], mode: str, positions: str) -> dict:
-    from halluc.attention import edit_tree, position_ids
+    from halluc.structure.attention import edit_tree, position_ids
 
     end, depth = edit_tree(roles, mode)
     return {"attn_end": end.tolist(), "position_ids": position_ids(depth=depth, scheme=positions).tolist()}
@@ -95,7 +95,7 @@ def main(argv=None):
     a = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     problems = load_problems(a)  # the lab settings (--lab) are checked here, before torch loads
-    from halluc.tokens import add_backtrack_token, load_tokenizer
+    from halluc.core.tokens import add_backtrack_token, load_tokenizer
 
     if a.tokenizer:
         tokenizer = load_tokenizer(a.tokenizer)

@@ -16,7 +16,7 @@ killed sweep resumes where it stopped (an interrupted run, or an arm edited sinc
 first run of each seed goes first and the others of that seed wait for it. `--jobs` runs go at
 once, each with cores/jobs threads (a tiny model gains little from threads, a lot from processes).
 
-The report (halluc.stats; OUT/results.json, OUT/results.md, OUT/*.png): for every setting,
+The report (halluc.core.stats; OUT/results.json, OUT/results.md, OUT/*.png): for every setting,
 arm and split, the mean and 95% CI of answer accuracy, full-solution accuracy, BT precision,
 BT recall and wasted tokens per problem, and each arm's paired difference to the baseline arm,
 with every seed's own value. "base" is what every arm of a seed starts from, before the recipe trains (the same for every arm).
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from halluc.config import CHECK_SETTINGS, flat_dict
+from halluc.core.config import CHECK_SETTINGS, flat_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 FINISHED = "eval.json"
@@ -116,7 +116,7 @@ def plan(sweep: Sweep, out: Path) -> list[Run]:
 
 def check_settings(sweep: Sweep, runs: list[Run]) -> None:
     """Every run's settings, checked by the recipe's own loader before anything starts: one
-    `RECIPE --check-settings` process for all runs (halluc.config.check_settings_lines), no ML library."""
+    `RECIPE --check-settings` process for all runs (halluc.core.config.check_settings_lines), no ML library."""
     proc = subprocess.run([sys.executable, str(ROOT / sweep.recipe), CHECK_SETTINGS], cwd=ROOT, capture_output=True,
                           text=True, input="".join(json.dumps(run.args) + "\n" for run in runs))
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -189,7 +189,7 @@ def execute(sweep: Sweep, runs: list[Run], jobs: int, launch: str = "auto") -> l
         leader_done[r.seed] = leader_done.get(r.seed, False) or r.finished
     fork = bool(todo) and (launch == "fork" or (launch == "auto" and can_fork()))
     if fork:
-        import halluc.train  # noqa: F401  (what every run imports first: the children start with it)
+        import halluc.training.train  # noqa: F401  (what every run imports first: the children start with it)
         tqdm_module.tqdm.monitor_interval = 0  # no monitor thread in the parent: forked children get none
     running: dict[Run, tuple[subprocess.Popen | Forked, float]] = {}
     failed: list[Run] = []
@@ -260,7 +260,7 @@ def main(argv=None) -> int:
         print(f"sweep.py: no finished run of {args.sweep} under {out} to report on "
               f"({len(runs)} planned): run the sweep first, or give --out where it ran", file=sys.stderr)
         return 2
-    from halluc.report import write_report
+    from halluc.pipeline.report import write_report
 
     paths = write_report(sweep, finished, out)
     print("\n" + Path(paths["md"]).read_text())

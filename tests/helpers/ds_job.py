@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 tests/helpers/ds_job.py --out DIR --deepspeed ds_configs/zero3.json
 
 Every process builds the same tiny model and data from fixed seeds, trains through
-halluc.train (the edit-tree Trainer path, so compute_loss sees the DeepSpeedEngine), and
+halluc.training.train (the edit-tree Trainer path, so compute_loss sees the DeepSpeedEngine), and
 writes rank<R>.json: how much of each parameter / optimizer state it holds (ZeRO sharding
 seen from inside the job) and the per-step losses. Rank 0 also saves the model (gathered
 from the shards by save_model) and the logits of a fixed input computed inside the job.
@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from halluc.data import build_sft_dataset
-from halluc.distributed import barrier, is_main, rank, strip_launcher_args, world_size
-from halluc.errors import ErrorConfig
-from halluc.model import init_backtrack_embedding, tiny_llama
+from halluc.sources.data import build_sft_dataset
+from halluc.core.distributed import barrier, is_main, rank, strip_launcher_args, world_size
+from halluc.sources.errors import ErrorConfig
+from halluc.core.model import init_backtrack_embedding, tiny_llama
 from halluc.tasks import arith
-from halluc.tokens import add_backtrack_token, train_tokenizer
-from halluc.config import LayoutSettings
-from halluc.train import make_trainer, training_args
+from halluc.core.tokens import add_backtrack_token, train_tokenizer
+from halluc.core.config import LayoutSettings
+from halluc.training.train import make_trainer, training_args
 
 
 class ShardRecord(TrainerCallback):
@@ -68,7 +68,7 @@ def main(argv=None):
     bt = add_backtrack_token(tok, model)
     init_backtrack_embedding(model, tok, bt)
     if args.lora:
-        from halluc.lora import LoraSettings, apply_lora
+        from halluc.training.lora import LoraSettings, apply_lora
 
         if is_main():  # the base the adapter goes on (BT added and initialised), for the reload check
             model.save_pretrained(out / "base")

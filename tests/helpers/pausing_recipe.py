@@ -31,7 +31,7 @@ class PauseAt(TrainerCallback):
 
 
 def main():
-    import halluc.stages
+    import halluc.pipeline.stages
 
     spec = importlib.util.spec_from_file_location(RECIPE.stem, RECIPE)
     recipe = importlib.util.module_from_spec(spec)
@@ -39,7 +39,7 @@ def main():
     spec.loader.exec_module(recipe)
     pause_dir = Path(os.environ["PAUSE_DIR"]).resolve()
     step = int(os.environ["PAUSE_AT_STEP"])
-    original = halluc.stages.make_trainer
+    original = halluc.pipeline.stages.make_trainer
 
     def make_trainer(model, args, *rest, **kwargs):
         trainer = original(model, args, *rest, **kwargs)
@@ -47,7 +47,7 @@ def main():
             trainer.add_callback(PauseAt(step, pause_dir / f"paused-at-{step}"))
         return trainer
 
-    halluc.stages.make_trainer = make_trainer  # what train_stage calls
+    halluc.pipeline.stages.make_trainer = make_trainer  # what train_stage calls
     recipe.main(sys.argv[1:])
 
 

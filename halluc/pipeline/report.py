@@ -1,0 +1,257 @@
+"""The report of a sweep (tools/sweep.py): results.json, results.md and plots, from the runs' eval.json.
+
+Each run's eval.json holds, per split, one entry per test problem (`per_problem`); a unit is
+one problem of one seed, and every statistic comes from halluc.core.stats (scipy's bootstrap).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from halluc.core.stats import (Estimate, mean_estimate, paired_mean_difference, paired_ratio_difference,
+                          ratio_estimate, unpaired_resolution)
+
+# metric -> ("mean", per-problem field) or ("ratio", numerator field, denominator field)
+METRICS = {
+    "answer_acc": ("mean", "answer_correct"),
+    "full_solution_acc": ("mean", "full_solution"),
+    "bt_precision": ("ratio", "justified", "runs"),
+    "bt_recall": ("ratio", "caught_error", "made_error"),
+    "wasted_per_problem": ("mean", "wasted"),
+    "tokens_per_problem": ("mean", "tokens"),  # generated tokens, BTs included (all N samples of best-of-N)
+}
+PERCENT = {"answer_acc", "full_solution_acc", "bt_precision", "bt_recall"}
+TITLES = {"answer_acc": "answer acc", "full_solution_acc": "full solution", "bt_precision": "BT precision",
+          "bt_recall": "BT recall", "wasted_per_problem": "wasted / problem", "tokens_per_problem": "tokens / problem"}
+BASE = "base"  # what every arm of a seed starts from (before SFT, DPO, ...), as an arm
+
+
+def collect(runs, arm_order: list[str]) -> tuple[dict, dict]:
+    """({setting: {arm: {seed: {split: per_problem}}}}, {setting: {arm: {split: first-error kinds}}}),
+    with the base (what the arms start from) as the first arm, "base"; kinds are summed over seeds."""
+    table: dict = {}
+    kinds: dict = {}
+    for run in sorted(runs, key=lambda r: (r.setting, r.seed)):
+        report = json.loads((run.out / "eval.json").read_text())
+        arms = table.setdefault(run.setting, {BASE: {}})
+        for arm, stage in ((run.arm, "after"), (BASE, "before")):
+            if arm == BASE and run.seed in arms[BASE]:  # every arm of a seed shares the base ...
+                if {s: m["per_problem"] for s, m in report[stage].items()} != arms[BASE][run.seed]:
+                    raise ValueError(f"{run.setting}, seed {run.seed}: arm {run.arm} started from another base "
+                                     "than the other arms (an arm that changes base.*, tiny.*, max_len or model?): "
+                                     "its paired comparison would mix bases")
+                continue  # ... and its evaluation
+            arms.setdefault(arm, {})[run.seed] = {s: m["per_problem"] for s, m in report[stage].items()}
+            for split, m in report[stage].items():
+                counts = kinds.setdefault(run.setting, {}).setdefault(arm, {}).setdefault(split, {})
+                for kind, n in m["first_error_kinds"].items():
+                    counts[kind] = counts.get(kind, 0) + n
+    order = [BASE] + arm_order
+    rank = {arm: i for i, arm in enumerate(order)}
+    table = {setting: dict(sorted(arms.items(), key=lambda kv: rank.get(kv[0], len(order))))
+             for setting, arms in table.items()}
+    return table, kinds
+
+
+def _units(by_seed: dict, split: str, seeds: list[int], key: str) -> np.ndarray:
+    return np.concatenate([np.asarray(by_seed[s][split][key], dtype=float) for s in seeds])
+
+
+def _measured(by_seed: dict, split: str, seeds: list[int], keys) -> bool:
+    """Runs written before a metric existed lack its per-problem field: no estimate then."""
+    return all(k in by_seed[s][split] for s in seeds for k in keys)
+
+
+def estimate(by_seed: dict, split: str, seeds: list[int], metric: str) -> Estimate | None:
+    kind, *keys = METRICS[metric]
+    if not _measured(by_seed, split, seeds, keys):
+        return None
+    unit_seed = np.concatenate([[s] * len(by_seed[s][split][keys[0]]) for s in seeds])
+    arrays = [_units(by_seed, split, seeds, k) for k in keys]
+    return (mean_estimate if kind == "mean" else ratio_estimate)(*arrays, unit_seed)
+
+
+def difference(arm: dict, base: dict, split: str, seeds: list[int], metric: str) -> Estimate | None:
+    kind, *keys = METRICS[metric]
+    if not (_measured(arm, split, seeds, keys) and _measured(base, split, seeds, keys)):
+        return None
+    for s in seeds:
+        if len(arm[s][split][keys[0]]) != len(base[s][split][keys[0]]):
+            raise ValueError(f"seed {s}, {split}: the arms were evaluated on different problems")
+    unit_seed = np.concatenate([[s] * len(base[s][split][keys[0]]) for s in seeds])
+    a = [_units(arm, split, seeds, k) for k in keys]
+    b = [_units(base, split, seeds, k) for k in keys]
+    if kind == "mean":
+        return paired_mean_difference(a[0], b[0], unit_seed)
+    return paired_ratio_difference(a[0], a[1], b[0], b[1], unit_seed)
+
+
+def analyse(sweep, runs) -> dict:
+    results = {}
+    table, kinds = collect(runs, list(sweep.arms))
+    for setting, arms in table.items():
+        base_arm = arms.get(sweep.baseline, {})
+        splits = sorted({split for by_seed in arms.values() for per in by_seed.values() for split in per})
+        entry = {"overrides": sweep.settings.get(setting, []), "arms": {}, "vs_baseline": {}, "n_units": {},
+                 "first_error_kinds": kinds[setting]}
+        for arm, by_seed in arms.items():
+            seeds = sorted(by_seed)
+            entry["arms"][arm] = {split: {m: _dict(estimate(by_seed, split, seeds, m)) for m in METRICS}
+                                  for split in splits}
+            entry["arms"][arm]["seeds"] = seeds
+            paired = sorted(set(by_seed) & set(base_arm))
+            if arm != sweep.baseline and paired:
+                entry["vs_baseline"][arm] = {split: {m: _dict(difference(by_seed, base_arm, split, paired, m))
+                                                     for m in METRICS} for split in splits}
+                entry["vs_baseline"][arm]["seeds"] = paired
+        for split in splits:
+            seeds = sorted(base_arm) or sorted(next(iter(arms.values())))
+            source = base_arm or next(iter(arms.values()))
+            entry["n_units"][split] = int(sum(len(source[s][split]["answer_correct"]) for s in seeds))
+        results[setting] = entry
+    return results
+
+
+def _dict(e: Estimate | None) -> dict | None:
+    return None if e is None else {**e.as_dict(), "resolved": e.resolved()}
+
+
+def _cell(e: dict | None, metric: str, signed: bool = False) -> str:
+    if e is None:
+        return "n/a"
+    scale, unit = (100, "") if metric in PERCENT else (1, "")
+    fmt = "{:+.1f}" if signed else "{:.1f}"
+    text = f"{fmt.format(scale * e['value'])}{unit} [{fmt.format(scale * e['low'])}, {fmt.format(scale * e['high'])}]"
+    if signed:
+        per_seed = " / ".join("n/a" if v is None else fmt.format(scale * v) for v in e["per_seed"])
+        text += f" ({per_seed})" + (" **resolved**" if e["resolved"] else "")
+    return text
+
+
+def markdown(sweep, results: dict, wall: list[dict]) -> str:
+    lines = [f"# Results: {sweep.name}", ""]
+    if sweep.note:
+        lines += [sweep.note.strip(), ""]
+    total = sum(w["seconds"] for w in wall)
+    commands = sorted({w["command"] for w in wall})
+    lines += [f"Recipe `{sweep.recipe}`, seeds {sweep.seeds}, baseline arm `{sweep.baseline}`; common settings "
+              f"`{' '.join(sweep.common) or '(none)'}`.",
+              f"Made by `{commands[0] if commands else 'python tools/sweep.py ' + sweep.name}`"
+              f" ({len(wall)} invocation(s), {total / 60:.1f} min wall in all).", "",
+              "Cells: value [95% CI]. Accuracies, precision and recall in %, wasted tokens per problem as counts. "
+              "A unit is one test problem of one seed; CIs are scipy's paired percentile bootstrap over units "
+              "(halluc/core/stats.py). Differences are `arm - baseline` on the same units, followed by each seed's own "
+              "difference; **resolved** = the CI excludes 0 and every seed agrees in sign. BT precision = "
+              "justified BT runs / runs; recall = first errors caught / problems with an error "
+              "(docs/generation.md). `base` is what every arm of a seed starts from, before the recipe trains: "
+              "the pretrained model for masked SFT, the masked SFT model for DPO and the PRM recipe.", ""]
+    for setting, entry in results.items():
+        lines += [f"## Setting `{setting}`" + (f": `{' '.join(entry['overrides'])}`" if entry["overrides"] else ""), ""]
+        for split, n in entry["n_units"].items():
+            lines += [f"### {split} ({n} units)", "",
+                      "| arm | " + " | ".join(TITLES[m] for m in METRICS) + " |",
+                      "|---|" + "---|" * len(METRICS)]
+            for arm, per in entry["arms"].items():
+                lines.append(f"| {arm} | " + " | ".join(_cell(per[split][m], m) for m in METRICS) + " |")
+            diffs = entry["vs_baseline"]
+            if diffs:
+                seed_sets = sorted({tuple(per["seeds"]) for per in diffs.values()})
+                lines += ["", f"Paired differences to `{sweep.baseline}`; in brackets the 95% CI, in parentheses "
+                          f"each seed's own difference, seeds {' or '.join(map(str, map(list, seed_sets)))}:", "",
+                          "| arm - baseline | " + " | ".join("Δ " + TITLES[m] for m in METRICS) + " |",
+                          "|---|" + "---|" * len(METRICS)]
+                for arm, per in diffs.items():
+                    lines.append(f"| {arm} | " + " | ".join(_cell(per[split][m], m, signed=True) for m in METRICS) + " |")
+                widths = [per[split]["answer_acc"]["high"] - per[split]["answer_acc"]["low"]
+                          for per in diffs.values() if per[split]["answer_acc"]]
+                if widths:
+                    lines += ["", f"Smallest difference these sizes resolve ({split}): paired answer-accuracy CIs "
+                              f"are ±{50 * float(np.median(widths)):.1f} points (median half-width); without "
+                              f"pairing, two proportions near 50% over {n} units each need "
+                              f"±{100 * unpaired_resolution(n):.1f} points."]
+            lines.append("")
+        lines += ["### First errors", "",
+                  "The first step the verifier rejects in each final visible text, counted over all seeds "
+                  "(the error kinds of halluc/tasks/arith.py).", "",
+                  "| arm | " + " | ".join(entry["n_units"]) + " |", "|---|" + "---|" * len(entry["n_units"])]
+        for arm in entry["arms"]:
+            by_split = entry["first_error_kinds"].get(arm, {})
+            cells = [", ".join(f"{k} {n}" for k, n in sorted(by_split.get(split, {}).items(), key=lambda kv: -kv[1]))
+                     or "none" for split in entry["n_units"]]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(results: dict, baseline: str, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    settings = list(results)
+    splits = sorted({split for entry in results.values() for split in entry["n_units"]})
+    for metric_group, name in ((("answer_acc", "full_solution_acc"), "accuracy.png"),
+                               (("bt_precision", "bt_recall"), "backtracking.png")):
+        fig, axes = plt.subplots(len(settings), len(splits) * len(metric_group), squeeze=False,
+                                 figsize=(4.2 * len(splits) * len(metric_group), 0.6 + 2.9 * len(settings)))
+        for i, setting in enumerate(settings):
+            arms = results[setting]["arms"]
+            for j, (split, metric) in enumerate((s, m) for s in splits for m in metric_group):
+                ax = axes[i][j]
+                for k, (arm, per) in enumerate(arms.items()):
+                    e = per.get(split, {}).get(metric)
+                    if e is None:
+                        continue
+                    ax.bar(k, 100 * e["value"], color="tab:gray" if arm in (baseline, BASE) else "tab:blue")
+                    ax.errorbar(k, 100 * e["value"], yerr=[[100 * (e["value"] - e["low"])], [100 * (e["high"] - e["value"])]],
+                                color="black", capsize=3)
+                    seeds = [100 * v for v in e["per_seed"] if v is not None]
+                    ax.scatter([k] * len(seeds), seeds, s=8, color="tab:orange", zorder=3)  # each seed
+                ax.set_xticks(range(len(arms)), list(arms), rotation=40, ha="right", fontsize=7)
+                ax.set_title(f"{setting} / {split}: {TITLES[metric]} (%)", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+
+    fig, axes = plt.subplots(len(settings), len(splits), squeeze=False,
+                             figsize=(5.5 * len(splits), 0.6 + 2.6 * len(settings)))
+    for i, setting in enumerate(settings):
+        diffs = results[setting]["vs_baseline"]
+        for j, split in enumerate(splits):
+            ax = axes[i][j]
+            for k, (arm, per) in enumerate(diffs.items()):
+                for off, metric, color in ((-0.15, "answer_acc", "tab:blue"), (0.15, "full_solution_acc", "tab:green")):
+                    e = per[split][metric]
+                    if e is None:
+                        continue
+                    ax.errorbar(100 * e["value"], k + off, xerr=[[100 * (e["value"] - e["low"])], [100 * (e["high"] - e["value"])]],
+                                fmt="o", color=color, capsize=3, label=TITLES[metric] if k == 0 else None)
+            ax.axvline(0, color="black", lw=0.8)
+            ax.set_yticks(range(len(diffs)), list(diffs), fontsize=7)
+            ax.set_title(f"{setting} / {split}: arm - {baseline} (points)", fontsize=8)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "differences.png", dpi=110)
+    plt.close(fig)
+    return written + [out / "differences.png"]
+
+
+def write_report(sweep, runs, out: Path) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = analyse(sweep, runs)
+    wall_file = out / "wall.jsonl"
+    wall = [json.loads(line) for line in wall_file.read_text().splitlines()] if wall_file.exists() else []
+    (out / "results.json").write_text(json.dumps({"sweep": sweep.__dict__, "wall": wall, "settings": results}, indent=1))
+    (out / "results.md").write_text(markdown(sweep, results, wall))
+    paths = {"json": out / "results.json", "md": out / "results.md"}
+    if results:
+        for p in plots(results, sweep.baseline, out):
+            paths[p.stem] = p
+    return paths

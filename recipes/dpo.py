@@ -160,9 +160,7 @@ def train(cfg: Config) -> dict | None:
               "seconds": {"start": round(t_start, 1), "dpo": round(t_dpo, 1),
                           "total": round(time.perf_counter() - t0, 1)}}
     finish_run(out, cfg, report, trainer.state.global_step if trainer else 0,
-               f"{cfg.loss}" if cfg.steps else "start (steps=0)")
-    print(f"\n{'adapter' if cfg.lora.enabled else 'checkpoint'}: {saved}   eval: {out / 'eval.json'}   "
-          f"total {report['seconds']['total']:.0f} s")
+               f"{cfg.loss}" if cfg.steps else "start (steps=0)", saved=("adapter" if cfg.lora.enabled else "checkpoint", saved))
     return report
 
 

@@ -184,9 +184,7 @@ def train(cfg: Config) -> dict | None:
               "world_size": world_size(),
               "seconds": {"decode": round(t_decode, 1), "total": round(time.perf_counter() - t0, 1)}}
     label = f"{cfg.decode} ({cfg.verifier})" if cfg.verifier != "none" else "greedy"
-    finish_run(out, cfg, report, cfg.steps, label)
-    print(f"\n{'PRM: ' + str(prm_dir) if prm_dir else ''}   eval: {out / 'eval.json'}   "
-          f"total {report['seconds']['total']:.0f} s")
+    finish_run(out, cfg, report, cfg.steps, label, saved=("PRM", prm_dir) if prm_dir else None)
     return report
 
 

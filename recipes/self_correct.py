@@ -146,8 +146,7 @@ def train(cfg: Config) -> dict | None:
               "rounds": [{k: v for k, v in x.items() if k != "eval"} for x in rounds],
               "sft_train": rounds[-1]["train"] if rounds else None,
               "seconds": {"total": round(time.perf_counter() - t0, 1)}}
-    finish_run(out, cfg, report, cfg.rounds, f"after {cfg.rounds} round(s)")
-    print(f"\ncheckpoint: {report['saved']}   eval: {out / 'eval.json'}   total {report['seconds']['total']:.0f} s")
+    finish_run(out, cfg, report, cfg.rounds, f"after {cfg.rounds} round(s)", saved=("checkpoint", report["saved"]))
     return report
 
 

@@ -104,7 +104,8 @@ def train_sft(cfg: SFTConfig, objective=None, recipe: str = "masked_sft") -> dic
         datasets, counts = phase_datasets(cur, pool, tokenizer, bt_id, cfg.errors, examples=len(pool),
                                           masked=cfg.masked, max_len=cfg.max_len, overlong=cfg.overlong,
                                           seed=cfg.seed + 1, num_proc=cfg.num_proc)
-        trainer = train_phases(model, datasets, cur, counts, out, run, cfg.sft, tokenizer, probe=(probe, task, cfg.eval_max_new_tokens))
+        trainer = train_phases(model, datasets, cur, counts, out, run, cfg.sft, tokenizer,
+                               probe=(probe, task, cfg.eval_max_new_tokens))
     else:
         if cfg.data:
             data = load_prepared(cfg.data, tokenizer, task=cfg.lab.task)
@@ -145,9 +146,8 @@ def train_sft(cfg: SFTConfig, objective=None, recipe: str = "masked_sft") -> dic
               "sft_train": train_history(trainer),
               "seconds": {"base": round(t_base, 1), "sft": round(t_sft, 1),
                           "total": round(time.perf_counter() - t0, 1)}}
-    finish_run(out, cfg, report, trainer.state.global_step, "masked SFT" if cfg.masked else "unmasked SFT")
-    print(f"\n{'adapter' if cfg.lora.enabled else 'checkpoint'}: {saved}   eval: {out / 'eval.json'}   "
-          f"tensorboard: {out / 'tb'}   total {report['seconds']['total']:.0f} s")
+    finish_run(out, cfg, report, trainer.state.global_step, "masked SFT" if cfg.masked else "unmasked SFT",
+               saved=("adapter" if cfg.lora.enabled else "checkpoint", saved))
     return report
 
 

@@ -275,9 +275,10 @@ def add_backtrack(model, tokenizer, cfg, recipe: str, base_path):
     return model, bt_id, used, identity
 
 
-def finish_run(out: Path, cfg, report: dict, step: int, label: str) -> dict:
-    """eval.json, eval.md, TensorBoard (evaluation scalars and the settings), the console table
-    and a few samples that backtracked. `report` holds "before" and "after"."""
+def finish_run(out: Path, cfg, report: dict, step: int, label: str, saved: tuple[str, object] | None = None) -> dict:
+    """eval.json, eval.md, TensorBoard (evaluation scalars and the settings), the console table, a few
+    samples that backtracked, and a closing line: `saved` = (what, folder), then where the files are
+    and the run's time. `report` holds "before", "after" and "seconds"."""
     from halluc.core.config import flat_dict
     from halluc.inference.evaluate import backtrack_samples, log_to_tensorboard
     from halluc.pipeline.lab import eval_table
@@ -290,4 +291,7 @@ def finish_run(out: Path, cfg, report: dict, step: int, label: str) -> dict:
     print("\n" + table)
     if examples := backtrack_samples(report["after"]):
         print("\nsamples that backtracked (⌫ = one BT):\n" + examples)
+    where = [f"{saved[0]}: {saved[1]}"] if saved else []
+    where += [f"eval: {out / 'eval.json'}", f"tensorboard: {out / 'tb'}", f"total {report['seconds']['total']:.0f} s"]
+    print("\n" + "   ".join(where))
     return report

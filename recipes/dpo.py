@@ -29,6 +29,7 @@ from typing import Annotated, Literal
 from halluc.core.config import (PREFERENCE_KINDS, NonNegativeFloat, NonNegativeInt, PositiveInt, Range, Sampler, Stage,
                            as_dict, check_run_rules, recipe_entry)
 from halluc.pipeline.run_config import RunConfig
+from halluc.core.inputs import check_input_file, run_cli
 
 log = logging.getLogger("dpo")
 Beta = Annotated[float, Range(1e-6)]  # > 0: IPO divides by it
@@ -66,8 +67,8 @@ class Config(RunConfig):  # the shared settings (output, model, lab chain, layou
             if getattr(self, name) and (Path(getattr(self, name)) / "halluc_adapter.json").exists():
                 raise ValueError(f"{name}={getattr(self, name)} is a LoRA adapter: merge it first "
                                  "(tools/merge_adapter.py) and give the merged folder")
-        if self.data and not Path(self.data).exists():
-            raise ValueError(f"data={self.data}: no such file or folder")
+        if self.data and not Path(self.data).is_dir():
+            check_input_file(self.data, "data")  # a .jsonl file (a datasets folder is read as it is)
 
 
 def train(cfg: Config) -> dict | None:
@@ -107,10 +108,9 @@ def train(cfg: Config) -> dict | None:
     # a pair's positions run to its prompt + longer branch: keep the whole unit within the model's
     # positions (a model with learned positions, e.g. GPT-2, would index past its table)
     limit = getattr(model.config, "max_position_embeddings", None) or cfg.max_len
-    if limit < cfg.max_len:
-        log.warning("max_len=%d exceeds the model's %d positions: pairs longer than %d are dropped", cfg.max_len,
-                    limit, limit)
-    rows = pair_rows(pairs, cfg.layout.attention, cfg.layout.positions, min(cfg.max_len, limit), cfg.layout.pack)
+    capped = f"the model's {limit} positions (max_len={cfg.max_len} is more)" if limit < cfg.max_len else None
+    rows = pair_rows(pairs, cfg.layout.attention, cfg.layout.positions, min(cfg.max_len, limit), cfg.layout.pack,
+                     limit=capped)
 
     # (3) the reference: never reloaded from the policy's name (the BT row would be missing). Under
     # LoRA with no ref_model it is the policy with its adapter off: the starting model.
@@ -167,4 +167,4 @@ def train(cfg: Config) -> dict | None:
 load, main = recipe_entry(Config, train, __file__)  # configs/dpo.yaml, --config FILE, key=value
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -31,6 +31,7 @@ from halluc.core.config import Fraction, NonNegativeFloat, NonNegativeInt, Posit
 from halluc.inference.decoding import LoopGuards
 from halluc.pipeline.lab import LabConfig, lab_splits
 from halluc.tasks import get_task, gsm8k, jsonl
+from halluc.core.inputs import check_input_file, check_model_path, check_writable_folder, run_cli
 
 DEFAULT_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
 TopP = Annotated[float, Range(1e-6, 1)]  # (0, 1]
@@ -66,6 +67,16 @@ class Config:
             raise ValueError("give model=DIR (evaluate generation) or prm=DIR with data=FILE.jsonl (score a step verifier)")
         if self.prm and not self.data:
             raise ValueError("prm needs data=FILE.jsonl: stepwise rows (prompt, completions, labels)")
+        for name in ("model", "prm", "base"):
+            if getattr(self, name):
+                try:
+                    check_model_path(getattr(self, name), name)
+                except FileNotFoundError as e:
+                    raise ValueError(str(e)) from None
+        if self.data and (self.model or not Path(self.data).is_dir()):  # a PRM's rows may be a datasets folder
+            check_input_file(self.data, "data")
+        if self.out:
+            check_writable_folder(self.out, "out")
 
 
 def parse_args(argv=None) -> Config:
@@ -181,4 +192,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

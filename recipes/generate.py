@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 
 from halluc.core.config import NonNegativeFloat, NonNegativeInt, PositiveInt, Range, Texts, load_config
 from halluc.inference.decoding import LoopGuards
+from halluc.core.inputs import check_input_file, check_model_path, check_writable_folder, run_cli
 
 SHOWN_BT = "⌫"
 
@@ -41,8 +42,16 @@ class Config:
             raise ValueError("give model=DIR: a checkpoint or adapter folder")
         if not self.prompt and not self.prompts_file:
             raise ValueError("give prompt=TEXT (one or a list) or prompts_file=FILE")
-        if self.prompts_file and not Path(self.prompts_file).is_file():
-            raise ValueError(f"prompts_file={self.prompts_file}: no such file")
+        for name in ("model", "base"):
+            if getattr(self, name):
+                try:
+                    check_model_path(getattr(self, name), name)
+                except FileNotFoundError as e:
+                    raise ValueError(str(e)) from None
+        if self.prompts_file:
+            check_input_file(self.prompts_file, "prompts_file")
+        if self.json:
+            check_writable_folder(str(Path(self.json).parent), "json")
 
 
 def parse_args(argv=None) -> Config:
@@ -80,4 +89,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -18,9 +18,10 @@ from __future__ import annotations
 from halluc.core.config import recipe_entry
 from halluc.pipeline.sft import SFTConfig as Config
 from halluc.pipeline.sft import train_sft as train
+from halluc.core.inputs import run_cli
 
 
 load, main = recipe_entry(Config, train, __file__)  # configs/masked_sft.yaml, --config FILE, key=value
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -31,6 +31,7 @@ from typing import Literal
 from halluc.core.config import HEAD_WEIGHTS, PositiveInt, as_dict, check_run_rules, has_head, recipe_entry
 from halluc.pipeline.run_config import RunConfig
 from halluc.sources.mcts import SearchConfig, TraceData
+from halluc.core.inputs import run_cli
 
 log = logging.getLogger("mcts")
 
@@ -194,4 +195,4 @@ def write_data(cfg: Config, folder: Path, trees, problems, tokenizer) -> dict:
 load, main = recipe_entry(Config, train, __file__)  # configs/mcts.yaml, --config FILE, key=value
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

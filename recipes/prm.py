@@ -31,6 +31,7 @@ from halluc.core.config import (Fraction, HEAD_WEIGHTS, LoraSettings, NonNegativ
                            as_dict, check_run_rules, has_head, recipe_entry)
 from halluc.core.distributed import zero_stage
 from halluc.pipeline.run_config import RunConfig
+from halluc.core.inputs import check_input_file, run_cli
 
 log = logging.getLogger("prm")
 
@@ -98,8 +99,8 @@ class Config(RunConfig):  # the shared settings (output, model, lab chain, layou
         if self.decode == "guided" and self.resample == "sample" and not self.resample_temperature:
             raise ValueError("resample=sample needs resample_temperature > 0 (0 is greedy: use resample=ban)")
         for name in ("data", "test_data"):
-            if getattr(self, name) and not Path(getattr(self, name)).exists():
-                raise ValueError(f"{name}={getattr(self, name)}: no such file or folder")
+            if getattr(self, name) and not Path(getattr(self, name)).is_dir():
+                check_input_file(getattr(self, name), name)  # a .jsonl file (a datasets folder is read as it is)
 
 
 def train(cfg: Config) -> dict | None:
@@ -191,4 +192,4 @@ def train(cfg: Config) -> dict | None:
 load, main = recipe_entry(Config, train, __file__)  # configs/prm.yaml, --config FILE, key=value
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -35,6 +35,7 @@ from halluc.core.config import (Fraction, LoraSettings, PositiveInt, Sampler, St
 from halluc.pipeline.curriculum import Curriculum
 from halluc.pipeline.run_config import RunConfig
 from halluc.sources.mcts import SearchConfig, TraceData
+from halluc.core.inputs import run_cli
 
 log = logging.getLogger("self_correct")
 
@@ -153,4 +154,4 @@ def train(cfg: Config) -> dict | None:
 load, main = recipe_entry(Config, train, __file__)  # configs/self_correct.yaml, --config FILE, key=value
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

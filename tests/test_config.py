@@ -100,6 +100,20 @@ BAD_SETTINGS = [
     ("tools/merge_adapter.py", ["--adapter", "a", "--out", "o", "--dtype", "int8"],
      "argument --dtype: invalid choice: 'int8'"),
     ("tools/sweep.py", ["{sweep}"], "default/a/seed-0: command line: layout.attention='foo': choose one of causal"),
+    # issue 22, item 8: files and folders that are not what they should be, one line each (halluc.core.inputs)
+    ("recipes/masked_sft.py", ["lab.task=gsm8k", "lab.test_file={tmp}/no.jsonl", "lab.train_file={tmp}/no.jsonl"],
+     "lab.train_file={tmp}/no.jsonl: no such file"),
+    ("recipes/masked_sft.py", ["lab.task=gsm8k", "lab.test_file={tmp}", "lab.train_file={sweep}"],
+     "lab.test_file={tmp}: a folder, not a file (give the .jsonl file inside it)"),
+    ("recipes/masked_sft.py", ["model={model}/config.json"], "is a file: give the folder that holds it ({model})"),
+    ("recipes/masked_sft.py", ["output_dir={model}/config.json/run"], "config.json is a file, not a folder"),
+    ("recipes/masked_sft.py", ["output_dir=/proc/halluc-run"], "output_dir=/proc/halluc-run: cannot write in /proc"),
+    ("recipes/dpo.py", ["model={model}", "data={tmp}/pairs.jsonl"], "data={tmp}/pairs.jsonl: no such file"),
+    ("recipes/prm.py", ["model={model}", "test_data={tmp}/rows.jsonl"], "test_data={tmp}/rows.jsonl: no such file"),
+    ("recipes/evaluate.py", ["model={tmp}/nope"], "model {tmp}/nope: no such folder"),
+    ("recipes/evaluate.py", ["model={model}", "task=gsm8k", "data={tmp}"], "data={tmp}: a folder, not a file"),
+    ("tools/sweep.py", ["{tmp}/missing.yaml"], "sweep file={tmp}/missing.yaml: no such file"),
+    ("tools/prepare_data.py", ["--out", "{model}/config.json"], "--out {model}/config.json: a file, not a folder"),
 ]
 SCRIPTS = sorted({script for script, _, _ in BAD_SETTINGS})
 
@@ -112,8 +126,11 @@ def test_a_bad_setting_fails_fast_naming_the_key_and_the_allowed_values(script, 
                      "seeds: [0]\n")
     model.mkdir()
     (model / "config.json").write_text("{}")  # a model folder without a verifier head
-    result, imported = run_probed(script, *[a.format(sweep=sweep, model=model) for a in args])
-    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    fill = dict(sweep=sweep, model=model, tmp=tmp_path)
+    result, imported = run_probed(script, *[a.format(**fill) for a in args])
+    # one line and exit code 2 (halluc.core.inputs.run_cli; argparse's errors are 2 as well), no traceback
+    assert result.returncode == 2 and message.format(**fill) in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert imported == [], f"{script} {' '.join(args)} imported {imported} before failing"
 
 
@@ -140,22 +157,24 @@ def test_yaml_values_are_checked_too(tmp_path):
         load_recipe_config(["--config", str(bad)])
 
 
-def test_evaluate_and_generate_read_settings_like_every_recipe():
+def test_evaluate_and_generate_read_settings_like_every_recipe(tmp_path):
     """key=value and --key value alike; a string setting takes the text as written (YAML would read
     'Question: 2 + 2 ?' as a mapping); a bare --flag switches a boolean on; null empties a path."""
     evaluate, generate = load_script("recipes/evaluate.py"), load_script("recipes/generate.py")
-    cfg = generate.parse_args(["--model", "m", "prompt=Question: 2 + 2 ?", "--max-new-tokens", "7"])
+    (tmp_path / "config.json").write_text("{}")  # both check their model folder at load
+    cfg = generate.parse_args(["--model", str(tmp_path), "prompt=Question: 2 + 2 ?", "--max-new-tokens", "7"])
     assert cfg.prompt == ["Question: 2 + 2 ?"] and cfg.max_new_tokens == 7
-    assert generate.parse_args(["model=m", "prompt=[a, b]"]).prompt == ["a", "b"]
-    cfg = evaluate.parse_args(["model=m", "--ban-erased", "--prompt-field", "123", "base=null"])
+    assert generate.parse_args([f"model={tmp_path}", "prompt=[a, b]"]).prompt == ["a", "b"]
+    cfg = evaluate.parse_args([f"model={tmp_path}", "--ban-erased", "--prompt-field", "123", "base=null"])
     assert cfg.ban_erased is True and cfg.prompt_field == "123" and cfg.base is None
 
 
-def test_a_list_of_names_reads_comma_separated_and_a_prompt_keeps_its_commas():
+def test_a_list_of_names_reads_comma_separated_and_a_prompt_keeps_its_commas(tmp_path):
     """Issue 22, item 7: lora.targets=c_attn,c_proj is two module names (it was one, 'c_attn,c_proj'),
     while a prompt, free text, keeps its commas."""
     recipe = load_script("recipes/masked_sft.py")
     assert recipe.load(["lora.targets=c_attn,c_proj"]).lora.targets == ("c_attn", "c_proj")
     assert recipe.load(["lora.targets=[q_proj, v_proj]"]).lora.targets == ("q_proj", "v_proj")
     prompt = "a = 4 , b = a + 2 . b ?"
-    assert load_script("recipes/generate.py").parse_args(["model=m", f"prompt={prompt}"]).prompt == [prompt]
+    (tmp_path / "config.json").write_text("{}")
+    assert load_script("recipes/generate.py").parse_args([f"model={tmp_path}", f"prompt={prompt}"]).prompt == [prompt]

@@ -557,7 +557,7 @@ def test_pairs_beyond_the_models_positions_are_dropped_not_indexed(tmp_path, bt_
                                                      f"output_dir={tmp_path}/out", "lab.test_size=2",
                                                      "eval_max_new_tokens=4"])
     assert report["pairs"] == len(TEXT_PAIRS) + 1 and report["rows"] == len(TEXT_PAIRS)
-    assert "exceeds the model's 48 positions" in caplog.text
+    assert "longer than the model's 48 positions (max_len=512 is more) tokens" in caplog.text
 
 
 def test_the_recipe_offers_every_loss_kind_and_each_says_what_it_needs():

@@ -6,7 +6,7 @@ from pathlib import Path
 import halluc
 
 ROOT = Path(halluc.__file__).parent
-ORDER = ["tasks", "core", "structure", "training", "objectives", "inference", "sources", "pipeline"]
+ORDER = ["core", "tasks", "structure", "training", "objectives", "inference", "sources", "pipeline"]
 
 
 def halluc_imports(source: str) -> list[tuple[int, str]]:

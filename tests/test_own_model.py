@@ -95,8 +95,9 @@ def test_a_checkpoint_is_scored_on_its_own_lab_and_settings_that_cannot_apply_fa
 
     expected = lab_splits(LabConfig(prime=5, train_size=200, sft_size=64, test_size=8), 3)["test_id"][:4]
     assert [s["prompt"] for s in report["results"]["test_id"]["samples"][:4]] == [p.prompt for p in expected]
+    (tmp_path / "x.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
     with pytest.raises(SystemExit, match="data=.* is read only by task=gsm8k or jsonl"):
-        evaluate.main(["--model", str(tmp_path / "p5" / "checkpoint"), "--data", "x.jsonl"])
+        evaluate.main(["--model", str(tmp_path / "p5" / "checkpoint"), "--data", str(tmp_path / "x.jsonl")])
     with pytest.raises(SystemExit, match="lab.train_file is read only by lab.task=gsm8k or jsonl"):
         recipe().load(["lab.train_file=train.jsonl"])
     with pytest.raises(SystemExit, match="lab.prompt_field is read only by lab.task=jsonl"):
@@ -314,3 +315,26 @@ def test_lengths_beyond_the_models_positions_fail_before_any_work(tmp_path, lab_
                                                "--out", str(data)])
     with pytest.raises(SystemExit, match="more than the 48\\s+positions of the model: prepare it again with --max-len 48"):
         recipe().main([f"output_dir={tmp_path}/prepared", f"model={folder}", f"data={data}", "max_len=48", *TINY])
+
+
+def test_lora_on_a_gpt2_model_names_its_layers_before_work_then_trains_with_them(tmp_path, lab_tokenizer):
+    """Issue 22, item 7: lora.enabled=true on a GPT-2 failed with PEFT's NoMatchingPeftModuleError after
+    the base evaluation (the default targets are Llama names). Now it fails before anything is
+    written, naming GPT-2's layers; with them (lora.targets=c_attn,c_proj) it trains and saves an adapter."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = copy.deepcopy(lab_tokenizer)
+    folder = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=256,
+                               eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "default_targets"
+    with pytest.raises(ValueError, match="q_proj, k_proj.* not a module of .*gpt2 \\(gpt2\\); its linear layers: "
+                                         "c_attn, c_fc, c_proj"):
+        recipe().main([f"output_dir={out}", f"model={folder}", "lora.enabled=true", *TINY])
+    assert not out.exists()  # nothing ran: no evaluation, no output folder
+    out = tmp_path / "gpt2_targets"
+    report = recipe().main([f"output_dir={out}", f"model={folder}", "lora.enabled=true", "lora.targets=c_attn,c_proj",
+                            *TINY])
+    assert (out / "adapter" / "adapter_config.json").exists() and report["sft_train"]["steps"] == 4

@@ -16,7 +16,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from halluc.core.config import check_out_folder, replace_folder
+from halluc.core.inputs import check_out_folder, replace_folder, run_cli
 
 log = logging.getLogger("merge_adapter")
 DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
@@ -60,4 +60,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

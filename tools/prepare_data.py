@@ -16,7 +16,8 @@ import json
 import logging
 from pathlib import Path
 
-from halluc.core.config import check_out_folder, load_config, replace_folder
+from halluc.core.config import load_config
+from halluc.core.inputs import check_out_folder, replace_folder, run_cli
 from halluc.sources.data import PREPARED_INFO, build_sft_dataset
 from halluc.sources.errors import ErrorConfig
 from halluc.pipeline.lab import LabConfig, lab_splits, lab_tokenizer
@@ -122,4 +123,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -37,6 +37,7 @@ from pathlib import Path
 import yaml
 
 from halluc.core.config import CHECK_SETTINGS, flat_dict
+from halluc.core.inputs import check_input_file, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FINISHED = "eval.json"
@@ -84,7 +85,11 @@ class Run:
 
 
 def read_sweep(path: str) -> Sweep:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    check_input_file(path, "sweep file")
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SystemExit(f"{path}: not readable as YAML: {e}") from None
     known = set(Sweep.__dataclass_fields__)
     if unknown := set(data) - known:
         raise SystemExit(f"{path}: unknown key(s) {sorted(unknown)}; a sweep has {sorted(known)}")
@@ -271,4 +276,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -434,58 +434,20 @@ PREFERENCE_KINDS = {kind.name: kind for kind in (
     PreferenceKind("tdpo2", token_kl=True), PreferenceKind("sft", reference=False))}
 
 
-def check_out_folder(path: str, overwrite: bool, flag: str = "--out") -> None:
-    """A tool's output folder, checked before any work: refused when it holds anything (a run may have
-    trained on it) unless `overwrite`; then `replace_folder` empties it when the tool writes."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise SystemExit(f"{flag} {path}: a file, not a folder")
-    if p.is_dir() and any(p.iterdir()) and not overwrite:
-        raise SystemExit(f"{flag} {path} already holds {', '.join(sorted(x.name for x in p.iterdir())[:6])}: "
-                         "pass --overwrite to replace it, or choose another folder")
-
-
-def replace_folder(path: str) -> Path:
-    """An empty folder at `path` (what was there is removed: check_out_folder allowed it)."""
-    import shutil
-
-    p = Path(path)
-    if p.exists():
-        shutil.rmtree(p)
-    p.mkdir(parents=True)
-    return p
-
-
-def check_model_path(path: str, what: str = "model") -> None:
-    """Fail at once, naming the path, when a local model folder is missing (instead of HF retrying
-    the hub for a minute or complaining about repo ids). `org/name` is left to the hub unless its
-    first part is a local folder (then `models/llama3` is a typo) or HF_HUB_OFFLINE=1."""
-    import os
-
-    p = Path(path).expanduser()
-    if p.exists():
-        if p.is_dir() and not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
-            raise FileNotFoundError(f"{what} folder {path} has no config.json: not a saved model "
-                                    f"(found: {sorted(x.name for x in p.iterdir())[:12]})")
-        return
-    text = str(path)
-    local = text.startswith((".", "/", "~")) or text.count("/") != 1 or Path(text.split("/")[0]).is_dir()
-    if local:
-        raise FileNotFoundError(f"{what} {path}: no such folder")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(f"{what} {path}: no such folder, and HF_HUB_OFFLINE=1 forbids the hub")
-
-
 def check_run_rules(cfg, model_paths: tuple[str, ...] = ("model",)) -> None:
     """The rules every recipe's settings share; each recipe's `check()` calls it first. Raises
     ValueError: resume together with overwrite, a model path (of the fields in `model_paths`) that is
     not there. (The layout's rules are LayoutSettings.check, which runs by itself.)"""
+    from halluc.core.inputs import check_model_path, check_writable_folder
+
     if cfg.resume and cfg.overwrite:
         raise ValueError("resume=true and overwrite=true contradict each other: choose one")
+    check_writable_folder(cfg.output_dir, "output_dir")
+    check_writable_folder(cfg.cache_dir, "cache_dir")
     for name in model_paths:
         if getattr(cfg, name):
             try:
-                check_model_path(getattr(cfg, name))
+                check_model_path(getattr(cfg, name))  # halluc.core.inputs
             except FileNotFoundError as e:
                 raise ValueError(f"{name}={getattr(cfg, name)}: {e}") from None
 

@@ -26,7 +26,7 @@ def tiny_llama(vocab_size: int, hidden: int = 128, layers: int = 2, heads: int =
     return LlamaForCausalLM(config)
 
 
-from halluc.core.config import check_model_path  # noqa: E402 (re-exported: where loaders look for it)
+from halluc.core.inputs import check_model_path  # noqa: E402 (re-exported: where loaders look for it)
 
 
 def load_causal_lm(path: str, dtype=torch.float32, attn_implementation: str = "sdpa"):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from halluc.core.example import IGNORE_INDEX
+from halluc.core.inputs import InputError
 
 
 def prm_example(row: dict, tokenizer=None) -> dict:
@@ -58,13 +59,13 @@ def read_stepwise(path) -> list[dict]:
     for n, row in iter_jsonl_rows(path):
         missing = [k for k in ("prompt", "completions", "labels") if k not in row]
         if missing:
-            raise ValueError(f"{path}:{n}: a stepwise row needs prompt, completions and labels; "
+            raise InputError(f"{path}:{n}: a stepwise row needs prompt, completions and labels; "
                              f"missing {', '.join(missing)}")
         if len(row["completions"]) != len(row["labels"]):
-            raise ValueError(f"{path}:{n}: {len(row['completions'])} completions but {len(row['labels'])} labels")
+            raise InputError(f"{path}:{n}: {len(row['completions'])} completions but {len(row['labels'])} labels")
         rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: no stepwise rows")
+        raise InputError(f"{path}: no stepwise rows")
     return rows
 
 
@@ -124,13 +125,13 @@ def load_prm(path: str, dtype=torch.float32, new_head: bool = False):
     a fresh classification head)."""
     from transformers import AutoConfig, AutoModelForTokenClassification
 
-    from halluc.core.config import check_model_path
+    from halluc.core.inputs import check_model_path
 
     check_model_path(path, "PRM")
     config = AutoConfig.from_pretrained(path)
     fresh = not any(a.endswith("ForTokenClassification") for a in (config.architectures or []))
     if fresh and not new_head:
-        raise ValueError(f"{path} is not a PRM (its architectures are {config.architectures}; a PRM is a "
+        raise InputError(f"{path} is not a PRM (its architectures are {config.architectures}; a PRM is a "
                          "...ForTokenClassification folder from recipes/prm.py), and it has no verifier head")
     kwargs = {"num_labels": 2, "id2label": {0: "wrong", 1: "right"}, "label2id": {"wrong": 0, "right": 1}} if fresh else {}
     return AutoModelForTokenClassification.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from halluc.core.config import Fraction, NonNegativeFloat, PositiveInt, Range
+from halluc.core.inputs import check_input_file
 from halluc.tasks import Problem
 from halluc.tasks import arith
 
@@ -57,6 +58,8 @@ class LabConfig:
         if self.swap_rate and "swapped" not in (self.listing, self.base_listing):
             raise ValueError(f"lab.swap_rate={self.swap_rate} applies only to lab.listing=swapped "
                              "(or lab.base_listing=swapped)")
+        for name in files:  # last: the rules above say more about a wrong combination
+            check_input_file(getattr(self, name), f"lab.{name}")
 
 
 @dataclass

@@ -199,6 +199,10 @@ def open_run(cfg, splits: bool = True) -> Opening:
     from halluc.pipeline.lab import lab_splits
     from halluc.tasks import get_task
 
+    if getattr(cfg, "lora", None) and cfg.lora.enabled and cfg.model:  # before the model loads
+        from halluc.core.inputs import check_lora_targets
+
+        check_lora_targets(cfg.model, cfg.lora.targets)
     set_seed(cfg.seed)
     out = start_run(cfg)
     t0 = time.perf_counter()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from halluc.core.example import IGNORE_INDEX, Role
 from halluc.structure.packing import Layout, best_fit_decreasing, concat_row, layout_two_branch
+from halluc.core.inputs import InputError
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,10 @@ def trace_roles(prompt_ids: list[int], completion_ids: list[int], bt_id: int | N
 def tokenize_text_pair(row: dict, tokenizer, bt_id: int | None, where: str = "") -> dict:
     """A {prompt, chosen, rejected} text row as token ids + roles (module docstring)."""
     for key in TEXT_COLUMNS:
-        if not isinstance(row.get(key), str):
-            raise ValueError(f"{where}: field {key!r} must be a string, got {type(row.get(key)).__name__}")
+        if key not in row:
+            raise InputError(f"{where}: missing field {key!r} (fields present: {sorted(row)})")
+        if not isinstance(row[key], str):
+            raise InputError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
     prompt = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
     eos = tokenizer.eos_token_id
     out = {"prompt_ids": prompt}
@@ -154,10 +157,13 @@ def layout_pair(pair: dict, mode: str = "causal", positions: str = "original") -
 
 
 def pair_rows(pairs: list[dict], mode: str = "causal", positions: str = "original", max_len: int = 512,
-              pack_len: int = 0) -> list[dict]:
+              pack_len: int = 0, limit: str | None = None) -> list[dict]:
     """The rows a preference trainer takes: one pair per row, or (pack_len > 0) pairs packed
     best-fit into rows of pack_len tokens, no pair split. Pairs longer than max_len (prompt and
-    both completions) are dropped, with a warning."""
+    both completions) are dropped, with a warning. `limit`: what set max_len when it is not the
+    user's setting (the model's positions), named in the messages."""
+    what = limit or f"max_len={max_len}"
+    fix = "a model with more positions" if limit else "raise max_len"
     units, too_long = [], 0
     for pair in pairs:
         unit = layout_pair(pair, mode, positions)
@@ -166,10 +172,10 @@ def pair_rows(pairs: list[dict], mode: str = "causal", positions: str = "origina
             continue
         units.append(unit)
     if too_long:
-        log.warning("%d of %d pairs are longer than max_len=%d tokens (prompt + chosen + rejected) and were "
-                    "dropped: raise max_len", too_long, len(pairs), max_len)
+        log.warning("%d of %d pairs are longer than %s tokens (prompt + chosen + rejected) and were "
+                    "dropped: %s", too_long, len(pairs), what, fix)
     if not units:
-        raise SystemExit(f"every pair is longer than max_len={max_len} tokens: raise max_len")
+        raise SystemExit(f"every pair is longer than {what} tokens (prompt + chosen + rejected): {fix}")
     if pack_len:
         kept = [i for i, u in enumerate(units) if len(u) <= pack_len]
         if len(kept) < len(units):

@@ -22,6 +22,7 @@ from fractions import Fraction
 
 from halluc.tasks import jsonl
 from halluc.tasks.base import Problem, StepReport
+from halluc.core.inputs import InputError
 
 STEP_SEPARATOR = "\n"  # what ends a step's text (guided decoding and the verifier head find step ends by it)
 
@@ -45,7 +46,7 @@ def read_jsonl(path, limit: int | None = None) -> list[Problem]:
         answer_text = jsonl.get_text(row, "answer", path, n)
         answer = extract_answer(answer_text)
         if answer is None:
-            raise ValueError(f"{path}:{n}: field 'answer' has no '#### <number>' final line")
+            raise InputError(f"{path}:{n}: field 'answer' has no '#### <number>' final line")
         problems.append(Problem(
             prompt=PROMPT_TEMPLATE.format(question=question),
             steps=split_steps(" " + answer_text),

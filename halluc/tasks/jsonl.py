@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from halluc.tasks.base import Problem, StepReport
+from halluc.core.inputs import InputError
 
 STEP_SEPARATOR = "\n"  # what ends a step's text (guided decoding and the verifier head find step ends by it)
 
@@ -29,7 +30,7 @@ def iter_jsonl_rows(path, limit: int | None = None) -> Iterator[tuple[int, dict]
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line: "
+                raise InputError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line: "
                                  f"{raw[max(0, e.start - 10):e.start + 10]!r})") from None
             if lineno == 1:
                 line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark (some editors write one)
@@ -38,9 +39,9 @@ def iter_jsonl_rows(path, limit: int | None = None) -> Iterator[tuple[int, dict]
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON line: {e}") from None
+                raise InputError(f"{path}:{lineno}: malformed JSON line: {e}") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             yield lineno, row
             seen += 1
             if limit is not None and seen >= limit:
@@ -51,7 +52,7 @@ def get_field(row: dict, name: str, source, line: int):
     """row[name], or a ValueError naming the field, file and line. None counts as missing:
     `datasets` fills absent keys with None."""
     if row.get(name) is None:
-        raise ValueError(f"{source}:{line}: missing field {name!r} (fields present: {sorted(row)})")
+        raise InputError(f"{source}:{line}: missing field {name!r} (fields present: {sorted(row)})")
     return row[name]
 
 
@@ -60,7 +61,7 @@ def get_text(row: dict, name: str, source, line: int) -> str:
     the field, file and line."""
     value = get_field(row, name, source, line)
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError(f"{source}:{line}: field {name!r} must be text, got {type(value).__name__}")
+        raise InputError(f"{source}:{line}: field {name!r} must be text, got {type(value).__name__}")
     return value if isinstance(value, str) else str(value)
 
 
@@ -145,15 +146,15 @@ def problem_from_row(
     try:
         prompt_text = prompt_template.format(**{**row, "prompt": prompt})
     except KeyError as e:
-        raise ValueError(f"{source}:{line}: missing field {e.args[0]!r} used by prompt_template") from None
+        raise InputError(f"{source}:{line}: missing field {e.args[0]!r} used by prompt_template") from None
     if isinstance(response, (list, tuple)):
         steps = steps_from_list(list(response), step_separator)
     elif isinstance(response, (str, int, float)) and not isinstance(response, bool):
         steps = split_steps(str(response), step_separator)
     else:
-        raise ValueError(f"{source}:{line}: field {response_field!r} must be a string or a list of strings")
+        raise InputError(f"{source}:{line}: field {response_field!r} must be a string or a list of strings")
     if not steps or not "".join(steps).strip():
-        raise ValueError(f"{source}:{line}: field {response_field!r} is empty")
+        raise InputError(f"{source}:{line}: field {response_field!r} is empty")
     if answer_field is not None:
         answer = get_text(row, answer_field, source, line).strip()
     else:  # as evaluation reads it: the last step of the text (a list item may hold several lines)
@@ -211,13 +212,13 @@ def _load_split(name_or_path, split: str):
     if path.is_file():
         builder = _FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"{path}: unknown data file type {path.suffix!r}")
+            raise InputError(f"{path}: unknown data file type {path.suffix!r}")
         return datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise ValueError(f"{path}: no split {split!r} (splits: {sorted(ds)})")
+                raise InputError(f"{path}: no split {split!r} (splits: {sorted(ds)})")
             ds = ds[split]
         return ds
     return datasets.load_dataset(str(name_or_path), split=split)

@@ -85,7 +85,7 @@ def train(cfg: Config) -> dict | None:
     from halluc.pipeline.stages import RunSettings, evaluate_on_main, finish_run, open_run, train_history, train_stage
     from halluc.core.tokens import backtrack_id, has_backtrack, load_tokenizer
 
-    out, task, splits, tests, t0 = open_run(cfg, splits=cfg.lab.task == "arith" or bool(cfg.lab.train_file))
+    out, task, splits, tests, t0 = open_run(cfg)  # gsm8k/jsonl without lab.train_file: the test split only
     run = RunSettings.of(cfg)
 
     # (1) the policy to start from, and its evaluation

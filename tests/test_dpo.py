@@ -575,3 +575,30 @@ def test_the_recipe_offers_every_loss_kind_and_each_says_what_it_needs():
     assert [k for k, v in PREFERENCE_KINDS.items() if not v.reference] == ["sft"]
     with pytest.raises(ValueError, match="loss must be one of sigmoid, ipo, tdpo1, tdpo2, sft"):
         PreferenceObjective("dpo")
+
+
+def test_a_gsm8k_checkpoint_is_evaluated_on_gsm8k_or_refused(sft_dir, tmp_path):
+    """Issue 22, item 1: a checkpoint that records task gsm8k was evaluated on the built-in arith task,
+    and with lab.task=gsm8k and only a test file the run exited 0 with an empty table. Now the first is
+    refused at load, naming the task and file it was trained with, and the second evaluates on the file."""
+    import shutil
+
+    test_file = tmp_path / "test.jsonl"
+    rows = [{"question": f"Tom has {a} apples and buys {b}. How many?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+            for a, b in ((2, 3), (4, 1), (5, 5))]
+    test_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = tmp_path / "gsm8k_checkpoint"
+    shutil.copytree(sft_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["halluc"] = {"lab": {"task": "gsm8k", "test_file": str(test_file)}, "attention": "causal"}
+    (model / "config.json").write_text(json.dumps(config))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in TEXT_PAIRS))
+    dpo = load_script("recipes/dpo.py")
+    common = [f"model={model}", f"data={pairs}", "steps=1", "batch_size=2", "eval_max_new_tokens=4"]
+    with pytest.raises(SystemExit, match=f"trained on lab.task=gsm8k .* would evaluate it on lab.task=arith: set "
+                                         f"lab.task=gsm8k \\(it was trained with lab.test_file={test_file}\\)"):
+        dpo.main([*common, f"output_dir={tmp_path}/refused"])
+    report = dpo.main([*common, f"output_dir={tmp_path}/out", "lab.task=gsm8k", f"lab.test_file={test_file}"])
+    assert report["before"]["test_id"]["n"] == 3 and report["after"]["test_id"]["n"] == 3
+    assert json.loads((tmp_path / "out" / "eval.json").read_text())["after"]["test_id"]["n"] == 3

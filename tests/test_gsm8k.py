@@ -79,7 +79,7 @@ def test_result_corruptions_are_flagged_and_leave_other_steps_alone(test_set):
             assert wrong.endswith("\n") == step.endswith("\n")
             kinds = gsm8k.verify_steps(p, p.steps[:i] + [wrong] + p.steps[i + 1:]).kinds
             assert kinds[i] in ("wrong_result", "wrong_answer")
-            assert kinds[:i] + kinds[i + 1:] == ["ok"] * (len(kinds) - 1)
+            assert all(k in ("ok", "unchecked") for k in kinds[:i] + kinds[i + 1:])
             kinds_seen.add(kinds[i])
     assert kinds_seen == {"wrong_result", "wrong_answer"}
 
@@ -122,7 +122,8 @@ def test_toy_problem_verifies():
     ("So <<__import__('os')=0>>0\n", "bad_annotation"),
     ("So <<9**9**9=1>>1\n", "bad_annotation"),            # bounded power
     ("So <<1/0=1>>1\n", "bad_annotation"),
-    ("No arithmetic here.\n", "ok"),
+    ("No arithmetic here.\n", "unchecked"),  # nothing to recompute: not wrong, and not counted as valid
+    ("::::::::\n", "unchecked"),
     ("#### 18", "ok"),
     ("#### 18.0", "ok"),
     ("#### 17", "wrong_answer"),
@@ -218,3 +219,19 @@ def test_result_corruption_of_unusual_numbers_is_flagged(step):
     for _ in range(30):
         wrong = gsm8k.corrupt_step(p, 0, rng, mode="result")
         assert gsm8k.verify_steps(p, [wrong, "#### 1"]).kinds == ["wrong_result", "ok"]
+
+
+def test_step_validity_counts_only_steps_the_verifier_can_check(lab_tokenizer):
+    """Issue 22, item 3: an untrained model writing ':::::::' scored 100% step validity (every line an
+    'ok' step). Lines with nothing to recompute are UNCHECKED: left out of step validity (n/a when no
+    step can be checked) and reported as unchecked_steps; a reference solution stays at 100%."""
+    from halluc.inference.evaluate import metrics_of
+    from halluc.inference.generate import Generation
+
+    p = _toy()
+    garbage = Generation(trace=[], visible=[], prompt_len=1, text="::::::::\n::::::::\n")
+    reference = Generation(trace=[], visible=[], prompt_len=1, text=p.solution)
+    m = metrics_of(None, lab_tokenizer, [p], gsm8k, [garbage], "keep")
+    assert m["step_validity"] is None and m["unchecked_steps"] == 1.0 and m["answer_acc"] == 0.0
+    m = metrics_of(None, lab_tokenizer, [p, p], gsm8k, [reference, garbage], "keep")
+    assert m["step_validity"] == 1.0 and m["unchecked_steps"] == 2 / 5 and m["answer_acc"] == 0.5  # 3 + 2 steps

@@ -450,6 +450,27 @@ def check_run_rules(cfg, model_paths: tuple[str, ...] = ("model",)) -> None:
                 check_model_path(getattr(cfg, name))  # halluc.core.inputs
             except FileNotFoundError as e:
                 raise ValueError(f"{name}={getattr(cfg, name)}: {e}") from None
+    if "model" in model_paths and getattr(cfg, "model", None) and hasattr(cfg, "lab"):
+        check_task_of_checkpoint(cfg.model, cfg.lab)
+
+
+def check_task_of_checkpoint(model: str, lab) -> None:
+    """A halluc checkpoint records the lab it was trained on (config.json: halluc.lab): a run from it
+    evaluates on that task, so a lab.task that differs is refused at load (it evaluated the built-in
+    arith task on a GSM8K checkpoint, silently)."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        trained = (json.loads(config.read_text()).get("halluc") or {}).get("lab") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return
+    task = trained.get("task")
+    if task and task != lab.task:
+        hint = " ".join(f"lab.{k}={trained[k]}" for k in ("test_file", "train_file") if trained.get(k))
+        raise ValueError(f"model={model} was trained on lab.task={task} (its config.json records it), but this run "
+                         f"would evaluate it on lab.task={lab.task}: set lab.task={task}"
+                         + (f" (it was trained with {hint})" if hint else "") + " and the test file to evaluate on")
 
 
 HEAD_WEIGHTS = "verifier_head.safetensors"  # a saved verifier head (halluc.objectives.verifier_head, which imports torch)

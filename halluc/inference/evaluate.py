@@ -21,6 +21,7 @@ import torch
 from halluc.inference.generate import Generation, Guide, LoopGuards, Sampling, generate_text, semantics_for
 from halluc.inference.judge import backtrack_runs, first_error, run_justified
 from halluc.tasks import Problem, StepReport
+from halluc.tasks.base import UNCHECKED
 from halluc.core.tokens import BACKTRACK_TOKEN, backtrack_id, has_backtrack
 
 
@@ -118,6 +119,7 @@ def metrics_of(model, tokenizer, problems: list[Problem], task, gens: list[Gener
     runs = sum(s.n_runs for s in scores)
     errors = sum(s.made_error for s in scores)
     steps = sum(len(s.kinds) for s in scores)
+    checked = sum(k != UNCHECKED for s in scores for k in s.kinds)
     # the first five problems, then up to five more that backtracked (what a reader wants to see)
     rows = list(zip(problems, gens, scores))
     shown = rows[:5] + [r for r in rows[5:] if r[2].n_runs][:5]
@@ -128,7 +130,9 @@ def metrics_of(model, tokenizer, problems: list[Problem], task, gens: list[Gener
         "n": len(problems), "semantics": used,
         "answer_acc": sum(s.answer_correct for s in scores) / n,
         "full_solution_acc": sum(s.full_solution for s in scores) / n,
-        "step_validity": sum(k == "ok" for s in scores for k in s.kinds) / max(steps, 1),
+        # over the steps the task's verifier can check: a step it cannot (UNCHECKED) is neither
+        "step_validity": sum(k == "ok" for s in scores for k in s.kinds) / checked if checked else None,
+        "unchecked_steps": (steps - checked) / steps if steps else 0.0,
         "bt_per_problem": sum(s.n_backtracks for s in scores) / n,
         "bt_runs_per_problem": runs / n,
         "erased_per_problem": sum(s.n_erased for s in scores) / n,

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 from halluc.tasks import Problem
+from halluc.tasks.base import NOT_WRONG
 
 _SENTINEL = "\x00"  # a character no task uses, to see whether the last step is finished
 
@@ -61,7 +62,7 @@ def first_error(task, problem: Problem, text: str, final: bool) -> tuple[int, in
     for step, kind in zip(steps, kinds):
         start = text.index(step, pos)
         pos = start + len(step)
-        if kind != "ok":
+        if kind not in NOT_WRONG:
             return start, pos, kind
     return None
 

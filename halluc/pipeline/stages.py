@@ -208,7 +208,10 @@ def open_run(cfg, splits: bool = True) -> Opening:
     t0 = time.perf_counter()
     task = get_task(cfg.lab.task)
     drawn = lab_splits(cfg.lab, cfg.seed) if splits else {}
-    return Opening(out, task, drawn, {name: drawn[name] for name in ("test_id", "test_ood") if name in drawn}, t0)
+    tests = {name: drawn[name] for name in ("test_id", "test_ood") if name in drawn}
+    if splits and not tests:  # a run reports before/after on its test problems: never an empty table
+        raise SystemExit(f"lab.task={cfg.lab.task}: no test problems to evaluate on (set lab.test_file)")
+    return Opening(out, task, drawn, tests, t0)
 
 
 def check_lengths_fit(cfg, model_dir: str) -> None:

@@ -22,9 +22,13 @@ class Problem:
         return "".join(self.steps)
 
 
+UNCHECKED = "unchecked"  # a step the task's verifier cannot check (no arithmetic in it): not wrong, not right
+NOT_WRONG = ("ok", UNCHECKED)
+
+
 @dataclass
 class StepReport:
-    """Verdict on a (generated) solution: one kind per step ("ok" or why it is wrong)."""
+    """Verdict on a (generated) solution: one kind per step ("ok", UNCHECKED, or why it is wrong)."""
 
     kinds: list[str]
     answer_correct: bool
@@ -32,7 +36,7 @@ class StepReport:
     @property
     def first_wrong(self) -> int | None:
         for i, k in enumerate(self.kinds):
-            if k != "ok":
+            if k not in NOT_WRONG:
                 return i
         return None
 

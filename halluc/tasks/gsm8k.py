@@ -21,7 +21,7 @@ import re
 from fractions import Fraction
 
 from halluc.tasks import jsonl
-from halluc.tasks.base import Problem, StepReport
+from halluc.tasks.base import UNCHECKED, Problem, StepReport
 from halluc.core.inputs import InputError
 
 STEP_SEPARATOR = "\n"  # what ends a step's text (guided decoding and the verifier head find step ends by it)
@@ -80,7 +80,8 @@ def numbers_equal(a: str, b: str) -> bool:
 
 def verify_steps(problem: Problem, steps: list[str]) -> StepReport:
     """Recompute every annotation of every step; check any `####` step's number against
-    the known answer. Kinds: "ok", "bad_annotation", "wrong_result", "wrong_answer"."""
+    the known answer. Kinds: "ok", "bad_annotation", "wrong_result", "wrong_answer", and UNCHECKED for a
+    step with neither (a narrative line, or garbage): step validity leaves it out."""
     kinds = [_step_kind(step, problem.answer) for step in steps]
     final = extract_answer("".join(steps))
     return StepReport(kinds=kinds, answer_correct=final is not None and numbers_equal(final, problem.answer))
@@ -172,6 +173,8 @@ def _normalize(number: str) -> str:
 # --- checking ------------------------------------------------------------------------
 
 def _step_kind(step: str, answer: str) -> str:
+    if "<<" not in step and ">>" not in step and "####" not in step:
+        return UNCHECKED  # no calculator annotation, no answer: nothing to recompute (":::::" is not "ok")
     matches = list(_ANNOTATION.finditer(step))
     if step.count("<<") != len(matches) or step.count(">>") != len(matches):
         return "bad_annotation"  # unclosed or stray brackets: unparseable

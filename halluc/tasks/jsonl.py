@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from halluc.tasks.base import Problem, StepReport
+from halluc.tasks.base import UNCHECKED, Problem, StepReport
 from halluc.core.inputs import InputError
 
 STEP_SEPARATOR = "\n"  # what ends a step's text (guided decoding and the verifier head find step ends by it)
@@ -100,11 +100,12 @@ def extract_answer(text: str, sep: str = "\n") -> str | None:
 
 
 def verify_steps(problem: Problem, steps: list[str]) -> StepReport:
-    """No per-step checker for arbitrary text: all steps "ok"; the answer is string-compared."""
+    """No per-step checker for arbitrary text: every step UNCHECKED (step validity is n/a); the answer is
+    string-compared."""
     sep = problem.meta.get("step_separator", "\n")
     answer = extract_answer("".join(steps), sep)
     known = problem.answer.strip()
-    return StepReport(kinds=["ok"] * len(steps), answer_correct=bool(known) and answer == known)
+    return StepReport(kinds=[UNCHECKED] * len(steps), answer_correct=bool(known) and answer == known)
 
 
 def later_steps(problem: Problem, i: int) -> list[str]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from halluc.core.config import Fraction, NonNegativeFloat, NonNegativeInt, PositiveInt, Range, as_dict, load_config
+from halluc.core.config import Escaped, Fraction, NonNegativeFloat, NonNegativeInt, PositiveInt, Range, as_dict, load_config
 from halluc.inference.decoding import LoopGuards
 from halluc.pipeline.lab import LabConfig, lab_splits
 from halluc.tasks import get_task, gsm8k, jsonl
@@ -49,7 +49,8 @@ class Config:
     prompt_field: str = "prompt"          # jsonl: the prompt's field
     response_field: str = "response"      # jsonl: the reference response's field
     answer_field: str | None = None       # jsonl: the final answer's field (default: the last step)
-    step_separator: str = "\n"            # jsonl: what ends a step
+    step_separator: Escaped = "\n"        # jsonl: what ends a step (\n read as a newline)
+    prompt_template: Escaped = "{prompt}\n"  # jsonl: the text before the response ({prompt}, any field of the row)
     limit: PositiveInt | None = None      # at most N problems per split
     semantics: Literal["keep", "rewind"] | None = None  # default: from the checkpoint
     out: str | None = None                # folder for eval.json and eval.md (default: the model folder)
@@ -85,7 +86,8 @@ def parse_args(argv=None) -> Config:
     return load_config(Config, argv)
 
 
-JSONL_FLAGS = {"prompt_field": "prompt", "response_field": "response", "answer_field": None, "step_separator": "\n"}
+JSONL_FLAGS = {"prompt_field": "prompt", "response_field": "response", "answer_field": None, "step_separator": "\n",
+               "prompt_template": "{prompt}\n"}
 
 
 def load_splits(args, record: dict) -> dict:
@@ -114,6 +116,8 @@ def load_splits(args, record: dict) -> dict:
         path = Path(data)
         # the flags given, else the checkpoint's own field names (a jsonl checkpoint), else the defaults
         trained = {k: trained_lab[k] for k in JSONL_FLAGS if trained_lab.get("task") == "jsonl" and k in trained_lab}
+        if trained_lab.get("task") == "jsonl" and "prompt_template" not in trained_lab:
+            trained["prompt_template"] = "{prompt}"  # checkpoints from before the setting: prompt and response joined
         fields = {k: getattr(args, k) if getattr(args, k) != d else trained.get(k, d) for k, d in JSONL_FLAGS.items()}
         return {path.stem: jsonl.read_jsonl(path, **fields, limit=limit)}
     path = Path(data) if data else DEFAULT_GSM8K

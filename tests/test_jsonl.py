@@ -120,3 +120,27 @@ def test_a_utf8_byte_order_mark_is_read_past(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     assert [p.prompt for p in jsonl.read_jsonl(path, prompt_field="q")] == \
         [p.prompt for p in jsonl.read_jsonl(_write(tmp_path / "plain.jsonl", ROWS), prompt_field="q")]
+
+
+def test_lab_jsonl_settings_read_escapes_and_put_a_newline_between_prompt_and_response(tmp_path):
+    """Issue 22, item 4: lab.step_separator=\\n\\n was stored as backslash-n characters; the jsonl task
+    joined prompt and response with nothing between them; prompt_template was not a setting."""
+    import json
+
+    from halluc.core.config import load_config
+    from halluc.pipeline.lab import LabConfig, lab_splits
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"q": f"What is {i} + 1?", "response": f"{i} + 1\n\n= {i + 1}"}) + "\n"
+                            for i in range(6)))
+    common = ["task=jsonl", f"train_file={data}", f"test_file={data}", "prompt_field=q", "test_size=2"]
+    cfg = load_config(LabConfig, [*common, r"step_separator=\n\n"])
+    assert cfg.step_separator == "\n\n" and cfg.prompt_template == "{prompt}\n"
+    problem = lab_splits(cfg)["test_id"][0]
+    assert problem.prompt == "What is 0 + 1?\n" and problem.steps == ["0 + 1\n\n", "= 1"]
+    assert (problem.prompt + problem.solution).startswith("What is 0 + 1?\n0 + 1")  # not "...?0 + 1"
+    cfg = load_config(LabConfig, [*common, r"prompt_template=Q: {prompt}\nA: "])
+    assert lab_splits(cfg)["test_id"][0].prompt == "Q: What is 0 + 1?\nA: "
+    yaml_file = tmp_path / "lab.yaml"
+    yaml_file.write_text("step_separator: '\\n\\n'\n")  # single-quoted YAML keeps the backslashes: read them too
+    assert load_config(LabConfig, ["--config", str(yaml_file), *common]).step_separator == "\n\n"

@@ -122,8 +122,16 @@ def test_prepare_train_evaluate_on_arith_and_on_own_jsonl_fields(tmp_path, cache
     # the folder knows its task: arith data with a GSM8K test file would score another task
     gsm = tmp_path / "gsm.jsonl"
     gsm.write_text(json.dumps({"question": "q", "answer": "1 + 1 = <<1+1=2>>2\n#### 2"}) + "\n")
-    with pytest.raises(SystemExit, match="prepared from arith problems, but lab.task=gsm8k"):
+    with pytest.raises(SystemExit, match="trained on lab.task=arith .* would evaluate it on lab.task=gsm8k"):
         recipe().main([f"data={tmp_path / 'data'}", f"model={tmp_path}/out/checkpoint", "lab.task=gsm8k",
+                       f"lab.test_file={gsm}", f"output_dir={tmp_path}/gsm-out", *TINY])
+    import shutil  # a model that records no task: the prepared data's own record refuses it
+    shutil.copytree(tmp_path / "out" / "checkpoint", tmp_path / "unrecorded")
+    config = json.loads((tmp_path / "unrecorded" / "config.json").read_text())
+    del config["halluc"]["lab"]
+    (tmp_path / "unrecorded" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="prepared from arith problems, but lab.task=gsm8k"):
+        recipe().main([f"data={tmp_path / 'data'}", f"model={tmp_path}/unrecorded", "lab.task=gsm8k",
                        f"lab.test_file={gsm}", f"output_dir={tmp_path}/gsm-out", *TINY])
 
     # a user's jsonl with its own field names: train on it and evaluate the checkpoint on it

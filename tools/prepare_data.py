@@ -16,8 +16,8 @@ import json
 import logging
 from pathlib import Path
 
-from halluc.core.config import load_config
-from halluc.core.inputs import check_out_folder, replace_folder, run_cli
+from halluc.core.config import load_config, unescape
+from halluc.core.inputs import check_input_file, check_out_folder, replace_folder, run_cli
 from halluc.sources.data import PREPARED_INFO, build_sft_dataset
 from halluc.sources.errors import ErrorConfig
 from halluc.pipeline.lab import LabConfig, lab_splits, lab_tokenizer
@@ -32,6 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt-field", default="prompt")
     p.add_argument("--response-field", default="response")
     p.add_argument("--answer-field", default=None)
+    p.add_argument("--step-separator", default="\n", type=unescape, help="jsonl: what ends a step (\\n read as a newline)")
+    p.add_argument("--prompt-template", default="{prompt}\n", type=unescape,
+                   help="jsonl: the text before the response ({prompt} and any field of the row; default {prompt}\\n)")
     p.add_argument("--size", type=int, default=10000, help="arith: number of problems")
     p.add_argument("--lab", action="append", default=[], metavar="KEY=VALUE",
                    help="arith: a lab setting as the recipe takes it without 'lab.' (repeat), e.g. --lab prime=5; "
@@ -76,10 +79,13 @@ def load_problems(a):
         return lab_splits(arith_lab(a), a.seed)["sft"]
     if not a.input:
         raise SystemExit(f"--task {a.task} needs --input")
+    if a.input.endswith(".jsonl") or a.task == "gsm8k":
+        check_input_file(a.input, "--input")
     if a.task == "gsm8k":
         return get_task("gsm8k").read_jsonl(a.input, limit=a.limit)
     jsonl = get_task("jsonl")
-    fields = dict(prompt_field=a.prompt_field, response_field=a.response_field, answer_field=a.answer_field)
+    fields = dict(prompt_field=a.prompt_field, response_field=a.response_field, answer_field=a.answer_field,
+                  step_separator=a.step_separator, prompt_template=a.prompt_template)
     if a.input.endswith(".jsonl"):
         return jsonl.read_jsonl(a.input, limit=a.limit, **fields)
     return jsonl.load_hf_dataset(a.input, split=a.split, limit=a.limit, **fields)

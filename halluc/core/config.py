@@ -40,7 +40,20 @@ class Verbatim:
     """Marks a list of free texts (prompts): one command-line value is one item, commas and all."""
 
 
+class Escapes:
+    """Marks a string setting whose backslash escapes are read (\\n, \\t, \\r, \\\\): a separator typed on
+    a command line as lab.step_separator=\\n\\n is two newlines, not four characters."""
+
+
+def unescape(text: str) -> str:
+    """\\n, \\t, \\r and \\\\ as the characters they name; any other backslash stays."""
+    import re
+
+    return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], text)
+
+
 Texts = Annotated[list[str], Verbatim()]
+Escaped = Annotated[str, Escapes()]
 NonNegativeInt = Annotated[int, Range(0)]
 PositiveInt = Annotated[int, Range(1)]
 NonNegativeFloat = Annotated[float, Range(0)]
@@ -233,6 +246,8 @@ def _coerce(value, hint):
         for check in args[1:]:
             if value is not None and isinstance(check, Range):
                 check.check(value)
+            if isinstance(value, str) and isinstance(check, Escapes):
+                value = unescape(value)
         return value
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):  # e.g. one phase of a list of phases
         if not isinstance(value, dict):

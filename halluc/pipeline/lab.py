@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from halluc.core.config import Fraction, NonNegativeFloat, PositiveInt, Range
+from halluc.core.config import Escaped, Fraction, NonNegativeFloat, PositiveInt, Range
 from halluc.core.inputs import check_input_file
 from halluc.tasks import Problem
 from halluc.tasks import arith
@@ -38,7 +38,8 @@ class LabConfig:
     prompt_field: str = "prompt"       # jsonl: the field holding the prompt
     response_field: str = "response"   # jsonl: the reference response (text or a list of steps)
     answer_field: str | None = None     # None: the last step is the answer
-    step_separator: str = "\n"         # jsonl: what ends a step
+    step_separator: Escaped = "\n"     # jsonl: what ends a step (\n, \t read as escapes: step_separator=\n\n)
+    prompt_template: Escaped = "{prompt}\n"  # jsonl: the text before the response ({prompt} and any field of the row)
 
     def check(self) -> None:
         files = [k for k in ("train_file", "test_file") if getattr(self, k)]
@@ -51,7 +52,7 @@ class LabConfig:
         if self.train_ops_min > self.train_ops_max or self.ood_ops_min > self.ood_ops_max:
             raise ValueError("lab.*_ops_min must not exceed lab.*_ops_max")
         jsonl_fields = {"prompt_field": "prompt", "response_field": "response", "answer_field": None,
-                        "step_separator": "\n"}
+                        "step_separator": "\n", "prompt_template": "{prompt}\n"}
         changed = [k for k, v in jsonl_fields.items() if getattr(self, k) != v]
         if changed and self.task != "jsonl":
             raise ValueError(f"lab.{changed[0]} is read only by lab.task=jsonl (lab.task is {self.task})")
@@ -111,7 +112,7 @@ def file_splits(cfg: LabConfig) -> dict[str, list[Problem]]:
     task = get_task(cfg.task)
     fields = {} if cfg.task != "jsonl" else {
         "prompt_field": cfg.prompt_field, "response_field": cfg.response_field, "answer_field": cfg.answer_field,
-        "step_separator": cfg.step_separator}
+        "step_separator": cfg.step_separator, "prompt_template": cfg.prompt_template}
     test = task.read_jsonl(cfg.test_file, limit=cfg.test_size, **fields)
     held_out = {p.prompt for p in test}
     read = task.read_jsonl(cfg.train_file, limit=max(cfg.train_size, cfg.sft_size), **fields) if cfg.train_file else None

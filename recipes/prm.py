@@ -52,7 +52,9 @@ class StepData:
 
 @dataclass
 class Config(RunConfig):  # the shared settings (output, model, lab chain, layout, launcher): halluc.pipeline.run_config
-    output_dir: str = "runs/prm"          # prm/ (the PRM), data/, eval.json, eval.md, config.yaml
+    # eval.json, eval.md, config.yaml; prm/ and data/: links to the PRM and the labelled solutions, which are
+    # built once per settings under cache_dir (prm-*, steps-*) and shared by the runs that use them
+    output_dir: str = "runs/prm"
     model: str | None = None              # the policy; None = the lab's masked SFT model
     max_len: PositiveInt = 256            # labelled solutions longer than this are dropped
     lora: LoraSettings = field(default_factory=LoraSettings)  # the PRM: adapters + its new head, merged at the end
@@ -145,6 +147,11 @@ def train(cfg: Config) -> dict | None:
         prm_dir, prm_train = train_prm(cfg, policy, policy_dir, tokenizer, train_rows)
     if not is_main():
         return None
+    for name, made in (("prm", prm_dir if prm_train else None), ("data", data_stats.get("folder"))):
+        if made:  # output_dir shows what the run used, where the cache keeps it
+            link = out / name
+            link.unlink(missing_ok=True)
+            link.symlink_to(Path(made).resolve(), target_is_directory=True)
 
     # (4) ProcessBench scores of the verifier on the held-out rows
     from halluc.objectives.prm import load_prm

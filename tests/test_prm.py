@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,6 +93,12 @@ def test_the_recipe_trains_a_prm_guides_decoding_and_scores_it(tmp_path, lab_pol
     report = recipe.main([f"model={folder}", f"output_dir={tmp_path}/out", f"cache_dir={cache}", *TINY])
     prm_dir = report["prm"]
     assert AutoModelForTokenClassification.from_pretrained(prm_dir).config.num_labels == 2
+    # issue 22, item 2: output_dir shows the PRM and the labelled solutions (--help said so; they lay only in
+    # cache_dir): links to the cached folders
+    out = tmp_path / "out"
+    assert (out / "prm").resolve() == Path(prm_dir).resolve() and (out / "prm" / "config.json").exists()
+    assert (out / "data").resolve() == Path(report["step_data"]["folder"]).resolve()
+    assert (out / "data" / "train.jsonl").exists() and (out / "data" / "test.jsonl").exists()
     bench = report["process_bench"]["all"]
     assert bench["erroneous"] > 0 and bench["correct"] > 0 and 0 <= bench["f1"] <= 1
     assert bench["step_auc"] > 0.6  # the PRM learned something about wrong steps

@@ -120,11 +120,18 @@ def test_launch_glue_without_a_launcher(monkeypatch, tmp_path):
     assert strip_launcher_args(["a=1", "--local_rank=1", "--local-rank", "0", "b=2"]) == ["a=1", "b=2"]
     # a private copy of the environment: what prepare_deepspeed sets must not reach later tests
     # (or their subprocesses, which would then wait for ranks that do not exist)
-    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV})
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if k not in LAUNCHER_ENV and k != "TORCH_EXTENSIONS_DIR"})
     prepare_deepspeed(None)
-    assert "RANK" not in os.environ
+    assert "RANK" not in os.environ and "TORCH_EXTENSIONS_DIR" not in os.environ
     prepare_deepspeed(str(ROOT / "ds_configs" / "zero3.json"))
     assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")] == ["0", "1", "0", "127.0.0.1"]
+    # issue 22, item 13: DeepSpeed's CPU op is built per environment, not in one folder every clone and
+    # venv of the user shares (they rebuilt it for each other); a folder the user chose is kept
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "mine")
+    prepare_deepspeed(str(ROOT / "ds_configs" / "zero3.json"))
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "mine")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("MASTER_PORT", "12345")
     prepare_deepspeed(str(ROOT / "ds_configs" / "zero2.json"))

@@ -134,6 +134,7 @@ def prepare_deepspeed(path: str | None) -> None:
     if not path:
         return
     read_deepspeed_config(path)
+    use_environment_extensions_dir()
     if launched():
         return
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
@@ -142,6 +143,21 @@ def prepare_deepspeed(path: str | None) -> None:
         os.environ.setdefault(key, value)
     log.info("deepspeed without a launcher: one process, %s",
              " ".join(f"{k}={os.environ[k]}" for k in LAUNCHER_ENV))
+
+
+def use_environment_extensions_dir() -> None:
+    """DeepSpeed JIT-builds a CPU op (its shared-memory collective) into TORCH_EXTENSIONS_DIR, by default
+    ~/.cache/torch_extensions, one folder for every Python environment of the user: a checkout whose
+    environment has other paths (another clone, another venv) changes the build command, so each
+    rebuilds it for the other, 1-2 silent minutes each time (measured: ninja's log here alternated between
+    two command hashes, this checkout's and a fresh clone's). Unless the user set it, builds go under
+    this environment (sys.prefix/torch_extensions): once per environment, and the first is announced."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ or not os.access(sys.prefix, os.W_OK):
+        return
+    folder = Path(sys.prefix) / "torch_extensions"
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
+    if is_main() and not any(folder.rglob("deepspeed_shm_comm*.so")):
+        log.info("DeepSpeed builds its CPU collective op into %s (1-2 min, once for this environment)", folder)
 
 
 def release_deepspeed_config() -> None:

@@ -114,6 +114,8 @@ BAD_SETTINGS = [
     ("recipes/evaluate.py", ["model={model}", "task=gsm8k", "data={tmp}"], "data={tmp}: a folder, not a file"),
     ("tools/sweep.py", ["{tmp}/missing.yaml"], "sweep file={tmp}/missing.yaml: no such file"),
     ("tools/prepare_data.py", ["--out", "{model}/config.json"], "--out {model}/config.json: a file, not a folder"),
+    ("tools/prepare_data.py", ["--task", "gsm8k", "--input", "{tmp}/no.jsonl", "--out", "{tmp}/o"],
+     "--input={tmp}/no.jsonl: no such file"),
 ]
 SCRIPTS = sorted({script for script, _, _ in BAD_SETTINGS})
 
@@ -178,3 +180,14 @@ def test_a_list_of_names_reads_comma_separated_and_a_prompt_keeps_its_commas(tmp
     prompt = "a = 4 , b = a + 2 . b ?"
     (tmp_path / "config.json").write_text("{}")
     assert load_script("recipes/generate.py").parse_args([f"model={tmp_path}", f"prompt={prompt}"]).prompt == [prompt]
+
+
+def test_a_bad_row_in_a_data_file_is_one_line_naming_file_and_line(tmp_path):
+    """Issue 22, item 9: a non-UTF-8 byte or a missing field gave a good message inside a traceback."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
+    args = ["lab.task=jsonl", f"lab.train_file={rows}", f"lab.test_file={rows}", f"output_dir={tmp_path}/out"]
+    result = subprocess.run([sys.executable, "recipes/masked_sft.py", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and f"{rows}:2: not UTF-8 text" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith("error: ")

@@ -80,11 +80,13 @@ def train(cfg: Config) -> dict | None:
     from halluc.sources.own_errors import own_pairs
     from halluc.training.lora import apply_lora, base_identity
     from halluc.core.model import load_causal_lm
-    from halluc.structure.pairs import load_pairs, pair_rows
+    from halluc.structure.pairs import check_pairs_file, load_pairs, pair_rows
     from halluc.pipeline.sft import lab_sft_model
     from halluc.pipeline.stages import RunSettings, evaluate_on_main, finish_run, open_run, train_history, train_stage
     from halluc.core.tokens import backtrack_id, has_backtrack, load_tokenizer
 
+    if cfg.data:
+        check_pairs_file(cfg.data)  # every row, before the lab's SFT model trains or any model loads
     out, task, splits, tests, t0 = open_run(cfg)  # gsm8k/jsonl without lab.train_file: the test split only
     run = RunSettings.of(cfg)
 

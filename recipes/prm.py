@@ -117,6 +117,11 @@ def train(cfg: Config) -> dict | None:
     from halluc.objectives.verifier_head import load_head
     from halluc.inference.verifiers import make_verifier, process_bench
 
+    from halluc.objectives.prm import read_stepwise
+
+    for name in ("data", "test_data"):  # every row, before the lab's models train or any model loads
+        if getattr(cfg, name):
+            read_stepwise(getattr(cfg, name))
     out, task, splits, tests, t0 = open_run(cfg)
 
     # (1) the policy, and the plain greedy decoding every arm is compared with

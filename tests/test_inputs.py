@@ -89,3 +89,15 @@ def test_pairs_dropped_for_the_models_positions_say_so_not_max_len(lab_tokenizer
         pair_rows([pair], max_len=8, limit="the model's 8 positions (max_len=512 is more)")
     with pytest.raises(SystemExit, match="longer than max_len=8 tokens .*: raise max_len"):  # the user's own max_len
         pair_rows([pair], max_len=8)
+
+
+def test_a_bad_pairs_file_fails_before_any_model_trains_or_loads(tmp_path):
+    """DPO from the lab model with data=pairs.jsonl: a bad row is found before the lab's SFT model would
+    train (minutes) and before any model loads; nothing is written."""
+    from conftest import load_script
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    with pytest.raises(InputError, match=r"pairs.jsonl:2: missing field 'rejected'"):
+        load_script("recipes/dpo.py").main([f"data={data}", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}/cache"])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()

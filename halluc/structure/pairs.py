@@ -53,13 +53,27 @@ def trace_roles(prompt_ids: list[int], completion_ids: list[int], bt_id: int | N
     return roles[:len(prompt_ids)], roles[len(prompt_ids):]
 
 
-def tokenize_text_pair(row: dict, tokenizer, bt_id: int | None, where: str = "") -> dict:
-    """A {prompt, chosen, rejected} text row as token ids + roles (module docstring)."""
+def check_text_pair(row: dict, where: str) -> None:
+    """A {prompt, chosen, rejected} row has the three fields, as text."""
     for key in TEXT_COLUMNS:
         if key not in row:
             raise InputError(f"{where}: missing field {key!r} (fields present: {sorted(row)})")
         if not isinstance(row[key], str):
             raise InputError(f"{where}: field {key!r} must be a string, got {type(row[key]).__name__}")
+
+
+def check_pairs_file(path) -> None:
+    """Every row of a .jsonl pairs file, read and checked before any model loads (no tokenizer needed)."""
+    from halluc.tasks.jsonl import iter_jsonl_rows
+
+    if str(path).endswith(".jsonl"):
+        for line, row in iter_jsonl_rows(path):
+            check_text_pair(row, f"{path}:{line}")
+
+
+def tokenize_text_pair(row: dict, tokenizer, bt_id: int | None, where: str = "") -> dict:
+    """A {prompt, chosen, rejected} text row as token ids + roles (module docstring)."""
+    check_text_pair(row, where)
     prompt = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
     eos = tokenizer.eos_token_id
     out = {"prompt_ids": prompt}

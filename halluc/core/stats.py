@@ -1,14 +1,16 @@
-"""Confidence intervals for experiment results: scipy's bootstrap over evaluation units.
+"""Confidence intervals for experiment results: a two-level bootstrap over seeds, then problems.
 
 A unit is one test problem of one seed (each seed has its own test problems and its own
 trained model). Every arm of a sweep is evaluated on the same units, so two arms are compared
-*paired*: the bootstrap resamples units and recomputes both arms' statistic on the same draw,
-which removes the problem-to-problem variance that both arms share.
+*paired*: a draw picks the same units for both arms, which removes the problem-to-problem
+variance that both arms share.
 
-Seeds are pooled into the units, which treats the 3 training runs as given: a difference that
-one seed drives can still get a narrow interval. Reports therefore show each seed's own value
-beside the interval (halluc.core.stats.per_seed), and call a difference resolved only when the
-interval excludes 0 and every seed agrees in sign (`resolved`).
+A seed's training run is itself one draw: an interval over pooled problem x seed units treats the
+runs as given, so one seed's outlier run could look "resolved" (issue 23). Each draw therefore
+resamples the seeds with replacement, then the problems within each drawn seed
+(`hierarchical_bootstrap`); with one seed only problems can be resampled (scipy's bootstrap), and
+such an estimate says nothing about run-to-run variance. A difference is resolved when the
+two-level interval excludes 0 (`Estimate.resolved`); each seed's own value is shown beside it.
 """
 from __future__ import annotations
 
@@ -30,21 +32,19 @@ class Estimate:
     high: float
     per_seed: list[float | None]  # the statistic on each seed's units alone
     undefined_resamples: int = 0  # bootstrap draws where the statistic was undefined (a ratio over 0)
+    levels: str = "seeds+problems"  # what the draws resample; "problems" with one seed
 
     @property
     def half_width(self) -> float:
         return (self.high - self.low) / 2
 
     def resolved(self) -> bool:
-        """The interval excludes 0 and every seed's value has the same sign as the estimate."""
-        if self.low <= 0 <= self.high:
-            return False
-        sign = np.sign(self.value)
-        return all(v is not None and np.sign(v) == sign for v in self.per_seed)
+        """The two-level interval excludes 0 (one seed cannot resolve anything: its run may be the outlier)."""
+        return self.levels == "seeds+problems" and not self.low <= 0 <= self.high
 
     def as_dict(self) -> dict:
         return {"value": self.value, "low": self.low, "high": self.high, "per_seed": self.per_seed,
-                "undefined_resamples": self.undefined_resamples}
+                "undefined_resamples": self.undefined_resamples, "levels": self.levels}
 
 
 def _mean(x, axis=-1):
@@ -64,11 +64,40 @@ def _difference(statistic: Callable, n_args: int) -> Callable:
     return diff
 
 
+def hierarchical_bootstrap(arrays: list[np.ndarray], statistic: Callable, seed_of_unit: np.ndarray,
+                           seed: int = 0, resamples: int = RESAMPLES) -> tuple[float, float, int]:
+    """(low, high, undefined draws) of the percentile interval of a two-level bootstrap: each draw
+    resamples the seeds (training runs) with replacement, then the units within each drawn seed. A
+    seed's run is one draw of training, so its variance enters the interval, which a pooled bootstrap
+    over problem x seed units leaves out. Arrays stay paired: every array is drawn at the same indices."""
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(seed_of_unit == s) for s in np.unique(seed_of_unit)]
+    sizes = {len(g) for g in groups}
+    draws = np.empty(resamples)
+    if len(sizes) == 1:  # the usual case (every seed has its test problems): one vectorised draw
+        n = sizes.pop()
+        picked = rng.integers(len(groups), size=(resamples, len(groups)))           # seeds
+        within = rng.integers(n, size=(resamples, len(groups), n))                  # units of each drawn seed
+        index = np.stack(groups)[picked[:, :, None], within].reshape(resamples, -1)
+        draws = np.asarray(statistic(*(a[index] for a in arrays), axis=-1), dtype=float)
+    else:
+        for b in range(resamples):
+            index = np.concatenate([g[rng.integers(len(g), size=len(g))]
+                                    for g in (groups[i] for i in rng.integers(len(groups), size=len(groups)))])
+            draws[b] = statistic(*(a[index] for a in arrays), axis=-1)
+    finite = draws[np.isfinite(draws)]
+    if not len(finite):
+        return np.nan, np.nan, resamples
+    low, high = np.percentile(finite, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
+    return float(low), float(high), int(resamples - len(finite))
+
+
 def bootstrap(arrays: list[np.ndarray], statistic: Callable, seed_of_unit: np.ndarray,
               seed: int = 0) -> Estimate | None:
-    """The statistic with its paired 95% bootstrap interval; None if undefined on all units
-    (e.g. a precision without a single BT run)."""
+    """The statistic with its paired 95% interval: two-level (seeds, then problems) with several
+    seeds, problems only with one; None if undefined on all units (e.g. a precision without a BT run)."""
     arrays = [np.asarray(a, dtype=float) for a in arrays]
+    seed_of_unit = np.asarray(seed_of_unit)
     value = float(statistic(*arrays))
     if not np.isfinite(value):
         return None
@@ -76,8 +105,12 @@ def bootstrap(arrays: list[np.ndarray], statistic: Callable, seed_of_unit: np.nd
     for s in np.unique(seed_of_unit):
         v = float(statistic(*(a[seed_of_unit == s] for a in arrays)))
         per_seed.append(v if np.isfinite(v) else None)
+    levels = "seeds+problems" if len(per_seed) > 1 else "problems"
     if all(np.ptp(a) == 0 for a in arrays):  # nothing varies: the interval is the point
-        return Estimate(value, value, value, per_seed)
+        return Estimate(value, value, value, per_seed, 0, levels)
+    if levels == "seeds+problems":
+        low, high, dropped = hierarchical_bootstrap(arrays, statistic, seed_of_unit, seed)
+        return Estimate(value, low, high, per_seed, dropped, levels)
     with warnings.catch_warnings():  # a ratio with no BT run in some resamples is NaN there: handled below
         warnings.simplefilter("ignore", stats.DegenerateDataWarning)
         res = stats.bootstrap(arrays, statistic, paired=True, vectorized=True, n_resamples=RESAMPLES,
@@ -90,7 +123,7 @@ def bootstrap(arrays: list[np.ndarray], statistic: Callable, seed_of_unit: np.nd
     if not (np.isfinite(low) and np.isfinite(high)):
         dist = res.bootstrap_distribution[np.isfinite(res.bootstrap_distribution)]
         low, high = np.percentile(dist, [100 * (1 - CONFIDENCE) / 2, 100 * (1 + CONFIDENCE) / 2])
-    return Estimate(value, float(low), float(high), per_seed, dropped)
+    return Estimate(value, float(low), float(high), per_seed, dropped, levels)
 
 
 def mean_estimate(values, seed_of_unit, seed: int = 0) -> Estimate | None:

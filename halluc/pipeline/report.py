@@ -141,9 +141,10 @@ def markdown(sweep, results: dict, wall: list[dict]) -> str:
               f"Made by `{commands[0] if commands else 'python tools/sweep.py ' + sweep.name}`"
               f" ({len(wall)} invocation(s), {total / 60:.1f} min wall in all).", "",
               "Cells: value [95% CI]. Accuracies, precision and recall in %, wasted tokens per problem as counts. "
-              "A unit is one test problem of one seed; CIs are scipy's paired percentile bootstrap over units "
-              "(halluc/core/stats.py). Differences are `arm - baseline` on the same units, followed by each seed's own "
-              "difference; **resolved** = the CI excludes 0 and every seed agrees in sign. BT precision = "
+              "A unit is one test problem of one seed; CIs are a paired two-level percentile bootstrap: seeds "
+              "(training runs) with replacement, then the problems within each (halluc/core/stats.py; with one "
+              "seed, problems only). Differences are `arm - baseline` on the same problems, followed by each seed's "
+              "own difference; **resolved** = the two-level CI excludes 0 (never with one seed). BT precision = "
               "justified BT runs / runs; recall = first errors caught / problems with an error "
               "(docs/generation.md). `base` is what every arm of a seed starts from, before the recipe trains: "
               "the pretrained model for masked SFT, the masked SFT model for DPO and the PRM recipe.", ""]

@@ -400,3 +400,48 @@ def test_evaluate_gsm8k_five_problems(bt_tokenizer, gsm8k_test_file, tmp_path):
     report = recipe.main(["--model", str(tmp_path / "ckpt"), "--task", "gsm8k", "--data", str(gsm8k_test_file),
                           "--limit", "5", "--max-new-tokens", "8"])
     assert report["results"]["test"]["n"] == 5 and (tmp_path / "ckpt" / "eval.md").exists()
+
+
+def simulated_policy(problems, tok, bt, policy: str, seed: int = 0) -> dict:
+    """The evaluation of hand-written traces (issue 23), step by step over each reference solution:
+    damage_then_repair erases every right step, rewrites it wrong, erases that and rewrites it right;
+    erase_every_step erases every step and rewrites it unchanged; honest writes one wrong step first
+    and erases it at once (the positive control)."""
+    from halluc.inference.evaluate import metrics_of
+
+    rng = random.Random(seed)
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    gens = []
+    for p in problems:
+        trace, slip = [], rng.randrange(len(p.steps))
+        for i, step in enumerate(p.steps):
+            right, wrong = ids(step), ids(arith.corrupt_step(p, i, rng) or step)
+            if policy == "damage_then_repair":
+                trace += right + [bt] * len(right) + wrong + [bt] * len(wrong) + right
+            elif policy == "erase_every_step":
+                trace += right + [bt] * len(right) + right
+            else:
+                trace += (wrong + [bt] * len(wrong) if i == slip else []) + right
+        visible = apply_backtrack(trace, bt)
+        gens.append(Generation(trace=trace, visible=visible, prompt_len=1, n_backtracks=trace.count(bt),
+                               text=tok.decode(visible, skip_special_tokens=True)))
+    return metrics_of(None, tok, problems, arith, gens, "keep")
+
+
+def test_backtracking_over_right_text_is_not_detection_skill(bt_tokenizer, arith_problems):
+    """Issue 23, item 1: under the old definitions a policy that damages and repairs every step scored
+    recall 100% (and accuracy 100%); now recall counts only first-pass errors (there are none: n/a) and
+    precision only first runs (none justified: 0%). An honest policy that slips once and erases the
+    slip at once scores 100% on both."""
+    from halluc.core.tokens import backtrack_id
+
+    bt, problems = backtrack_id(bt_tokenizer), arith_problems[:200]
+    damage = simulated_policy(problems, bt_tokenizer, bt, "damage_then_repair")
+    assert damage["answer_acc"] == 1.0 and damage["bt_recall_any_segment"] == 1.0  # the old recall: fooled
+    assert damage["bt_recall"] is None and damage["problems_with_error"] == 0 and damage["bt_precision"] == 0.0
+    assert damage["later_repairs_per_problem"] >= 2.0  # its own damage, repaired: reported apart
+    every = simulated_policy(problems, bt_tokenizer, bt, "erase_every_step")
+    assert every["answer_acc"] == 1.0 and every["bt_recall"] is None and every["bt_precision"] == 0.0
+    honest = simulated_policy(problems, bt_tokenizer, bt, "honest")
+    assert honest["answer_acc"] == 1.0 and honest["bt_recall"] == 1.0 and honest["bt_precision"] == 1.0
+    assert honest["problems_with_error"] >= 190 and honest["later_repairs_per_problem"] == 0.0

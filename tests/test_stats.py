@@ -104,3 +104,17 @@ def test_ratio_metrics():
     assert ratio_estimate(np.zeros(6), np.zeros(6), seeds) is None  # no BT run at all: undefined
     d = paired_ratio_difference(justified, runs, np.zeros(6), runs, seeds)
     assert d.value == pytest.approx(5 / 6)
+
+
+def test_arms_are_paired_by_problem_id_and_different_problems_are_refused():
+    """Issue 23, item 5: arms were paired by index with only a length check."""
+    from halluc.pipeline.report import paired_by_id
+
+    base = {"id": ["a", "b", "c"], "answer_correct": [1, 0, 1]}
+    arm = {"id": ["c", "a", "b"], "answer_correct": [0, 1, 1]}
+    assert paired_by_id(arm, base, "seed 0") == {"id": ["a", "b", "c"], "answer_correct": [1, 1, 0]}
+    with pytest.raises(ValueError, match="seed 0: the arms were evaluated on different problems \\(1 of"):
+        paired_by_id({"id": ["a", "b", "d"], "answer_correct": [1, 1, 1]}, base, "seed 0")
+    old = {"answer_correct": [1, 1]}  # runs from before ids: by position, same count required
+    with pytest.raises(ValueError, match="different problems"):
+        paired_by_id(old, {"answer_correct": [1, 0, 1]}, "seed 0")

@@ -35,9 +35,23 @@ class ProblemScore:
     n_justified: int
     n_erased: int
     n_wasted: int
-    made_error: bool
-    caught_error: bool
+    made_error: bool        # an error in the first segment that had one (any run's text, or the final text)
+    caught_error: bool      # ... and the run after it erased it (the old recall: rewards self-inflicted errors)
     token_forwards: int
+    # detection of the model's own errors (issue 23): only the text written before its first BT run counts
+    first_pass_error: bool = False   # the text before the first BT run (no run: the final text) has an error
+    first_pass_caught: bool = False  # ... and the first run erases it
+    first_run: bool = False          # the model backtracked at all
+    first_run_justified: bool = False  # its first run erased an error (a run over right text is not)
+    later_runs: int = 0              # runs after the first
+    later_justified: int = 0         # ... that erased an error written after backtracking began (self-inflicted, repaired)
+
+
+def problem_id(problem: Problem) -> str:
+    """A short, stable id of a test problem (its prompt's hash): reports pair arms by it."""
+    import hashlib
+
+    return hashlib.sha1(problem.prompt.encode()).hexdigest()[:12]
 
 
 def score_problem(task, problem: Problem, gen: Generation, tokenizer, bt: int | None) -> ProblemScore:
@@ -45,20 +59,25 @@ def score_problem(task, problem: Problem, gen: Generation, tokenizer, bt: int | 
     report = task.verify_steps(problem, task.split_steps(text))
     runs = backtrack_runs(gen.trace, bt) if bt is not None else []
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    justified, made_error, caught = [], False, False
+    justified, made_error, caught, first_err = [], False, False, None
     for run in runs:
         ok, err = run_justified(task, problem, decode(run.before), decode(run.after))
         justified.append(ok)
+        first_err = err if len(justified) == 1 else first_err
         if err is not None and not made_error:  # the first segment that ends with an error
             made_error, caught = True, justified[-1]
     if not made_error:
         made_error = first_error(task, problem, text, final=True) is not None
+    first_pass_error = first_err is not None if runs else made_error
     return ProblemScore(
         answer_correct=report.answer_correct,
         full_solution=report.all_ok and len(report.kinds) == len(problem.steps),
         kinds=report.kinds, n_backtracks=gen.n_backtracks, n_runs=len(runs), n_justified=sum(justified),
         n_erased=gen.n_erased, n_wasted=len(gen.trace) - len(gen.visible), made_error=made_error,
-        caught_error=caught, token_forwards=gen.token_forwards)
+        caught_error=caught, token_forwards=gen.token_forwards, first_pass_error=first_pass_error,
+        first_pass_caught=first_pass_error and bool(justified) and justified[0], first_run=bool(runs),
+        first_run_justified=bool(justified) and justified[0], later_runs=max(len(runs) - 1, 0),
+        later_justified=sum(justified[1:]))
 
 
 def evaluate_problems(model, tokenizer, problems: list[Problem], task, max_new_tokens: int = 160,
@@ -118,6 +137,8 @@ def metrics_of(model, tokenizer, problems: list[Problem], task, gens: list[Gener
     n = max(len(problems), 1)
     runs = sum(s.n_runs for s in scores)
     errors = sum(s.made_error for s in scores)
+    own_errors = sum(s.first_pass_error for s in scores)
+    first_runs = sum(s.first_run for s in scores)
     steps = sum(len(s.kinds) for s in scores)
     checked = sum(k != UNCHECKED for s in scores for k in s.kinds)
     # the first five problems, then up to five more that backtracked (what a reader wants to see)
@@ -139,9 +160,15 @@ def metrics_of(model, tokenizer, problems: list[Problem], task, gens: list[Gener
         "wasted_per_problem": sum(s.n_wasted for s in scores) / n,
         "tokens_per_problem": sum(tokens) / n,
         "guided_runs_per_problem": sum(g.n_guided for g in gens) / n,
-        "bt_precision": sum(s.n_justified for s in scores) / runs if runs else None,
-        "bt_recall": sum(s.caught_error for s in scores) / errors if errors else None,
-        "problems_with_error": errors,
+        # detection (issue 23): of the model's own first-pass errors, and of its first runs only; errors
+        # it wrote after backtracking began, and their repairs, apart (they were counted as skill before)
+        "bt_precision": sum(s.first_run_justified for s in scores) / first_runs if first_runs else None,
+        "bt_recall": sum(s.first_pass_caught for s in scores) / own_errors if own_errors else None,
+        "problems_with_error": own_errors,
+        "later_runs_per_problem": sum(s.later_runs for s in scores) / n,
+        "later_repairs_per_problem": sum(s.later_justified for s in scores) / n,
+        "bt_precision_all_runs": sum(s.n_justified for s in scores) / runs if runs else None,
+        "bt_recall_any_segment": sum(s.caught_error for s in scores) / errors if errors else None,
         "token_forwards_per_problem": sum(s.token_forwards for s in scores) / n,
         "stops": dict(Counter(g.stop for g in gens)),
         "first_error_kinds": dict(first_wrong.most_common()),
@@ -152,6 +179,12 @@ def metrics_of(model, tokenizer, problems: list[Problem], task, gens: list[Gener
                         "runs": [s.n_runs for s in scores], "justified": [s.n_justified for s in scores],
                         "made_error": [int(s.made_error) for s in scores],
                         "caught_error": [int(s.caught_error) for s in scores],
+                        "first_pass_error": [int(s.first_pass_error) for s in scores],
+                        "first_pass_caught": [int(s.first_pass_caught) for s in scores],
+                        "first_run": [int(s.first_run) for s in scores],
+                        "first_run_justified": [int(s.first_run_justified) for s in scores],
+                        "later_justified": [s.later_justified for s in scores],
+                        "id": [problem_id(p) for p in problems],
                         "wasted": [s.n_wasted for s in scores], "tokens": list(tokens)},
     }
 

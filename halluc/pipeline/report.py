@@ -17,8 +17,10 @@ from halluc.core.stats import (Estimate, mean_estimate, paired_mean_difference, 
 METRICS = {
     "answer_acc": ("mean", "answer_correct"),
     "full_solution_acc": ("mean", "full_solution"),
-    "bt_precision": ("ratio", "justified", "runs"),
-    "bt_recall": ("ratio", "caught_error", "made_error"),
+    # detection of the model's own errors (issue 23): first runs, first-pass errors; runs written before
+    # these fields existed have none and get no estimate (their old definitions rewarded self-inflicted errors)
+    "bt_precision": ("ratio", "first_run_justified", "first_run"),
+    "bt_recall": ("ratio", "first_pass_caught", "first_pass_error"),
     "wasted_per_problem": ("mean", "wasted"),
     "tokens_per_problem": ("mean", "tokens"),  # generated tokens, BTs included (all N samples of best-of-N)
 }
@@ -77,15 +79,31 @@ def difference(arm: dict, base: dict, split: str, seeds: list[int], metric: str)
     kind, *keys = METRICS[metric]
     if not (_measured(arm, split, seeds, keys) and _measured(base, split, seeds, keys)):
         return None
-    for s in seeds:
-        if len(arm[s][split][keys[0]]) != len(base[s][split][keys[0]]):
-            raise ValueError(f"seed {s}, {split}: the arms were evaluated on different problems")
+    arm = {s: {split: paired_by_id(arm[s][split], base[s][split], f"seed {s}, {split}")} for s in seeds}
     unit_seed = np.concatenate([[s] * len(base[s][split][keys[0]]) for s in seeds])
     a = [_units(arm, split, seeds, k) for k in keys]
     b = [_units(base, split, seeds, k) for k in keys]
     if kind == "mean":
         return paired_mean_difference(a[0], b[0], unit_seed)
     return paired_ratio_difference(a[0], a[1], b[0], b[1], unit_seed)
+
+
+def paired_by_id(arm: dict, base: dict, where: str) -> dict:
+    """The arm's per-problem fields in the baseline's problem order, matched by problem id (runs from
+    before ids were recorded: by position, same count required). Different problems are refused: a
+    paired difference over them would compare other problems."""
+    n = len(next(iter(base.values())))
+    if "id" not in arm or "id" not in base:
+        if len(next(iter(arm.values()))) != n:
+            raise ValueError(f"{where}: the arms were evaluated on different problems")
+        return arm
+    if sorted(arm["id"]) != sorted(base["id"]) or len(set(base["id"])) != n:
+        missing = len(set(base["id"]) - set(arm["id"]))
+        raise ValueError(f"{where}: the arms were evaluated on different problems ({missing} of the baseline's "
+                         f"{n} problems are not in the arm's evaluation)")
+    at = {pid: i for i, pid in enumerate(arm["id"])}
+    order = [at[pid] for pid in base["id"]]
+    return {k: [v[i] for i in order] for k, v in arm.items()}
 
 
 def analyse(sweep, runs) -> dict:
@@ -144,8 +162,10 @@ def markdown(sweep, results: dict, wall: list[dict]) -> str:
               "A unit is one test problem of one seed; CIs are a paired two-level percentile bootstrap: seeds "
               "(training runs) with replacement, then the problems within each (halluc/core/stats.py; with one "
               "seed, problems only). Differences are `arm - baseline` on the same problems, followed by each seed's "
-              "own difference; **resolved** = the two-level CI excludes 0 (never with one seed). BT precision = "
-              "justified BT runs / runs; recall = first errors caught / problems with an error "
+              "own difference; **resolved** = the two-level CI excludes 0 (never with one seed). BT precision = first "
+              "BT runs that erase an error / problems with a run; recall = errors in the text written before the "
+              "first BT run that this run erases / problems with such an error (errors made after backtracking "
+              "began are not detection skill) "
               "(docs/generation.md). `base` is what every arm of a seed starts from, before the recipe trains: "
               "the pretrained model for masked SFT, the masked SFT model for DPO and the PRM recipe.", ""]
     for setting, entry in results.items():

@@ -62,6 +62,7 @@ class Config:
     max_backtracks: NonNegativeInt = LoopGuards.max_backtracks
     max_backtracks_per_position: NonNegativeInt = LoopGuards.max_backtracks_per_position
     ban_erased: bool = False              # ban the just-erased token right after a rewind
+    bt_banned: bool = True                # also decode with BT banned (same seed): backtracking's own effect
 
     def check(self) -> None:
         if bool(self.model) == bool(self.prm):
@@ -181,7 +182,7 @@ def main(argv=None) -> dict:
     guards = LoopGuards(args.max_backtracks, args.max_backtracks_per_position, args.ban_erased)
     results = {name: evaluate_problems(model, tokenizer, problems, task, args.max_new_tokens, args.batch_size,
                                        desc=f"eval {name}", semantics=args.semantics, sampling=sampling,
-                                       guards=guards)
+                                       guards=guards, bt_banned=args.bt_banned)
                for name, problems in splits.items()}
     out = Path(args.out or args.model)
     out.mkdir(parents=True, exist_ok=True)

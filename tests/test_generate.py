@@ -445,3 +445,41 @@ def test_backtracking_over_right_text_is_not_detection_skill(bt_tokenizer, arith
     honest = simulated_policy(problems, bt_tokenizer, bt, "honest")
     assert honest["answer_acc"] == 1.0 and honest["bt_recall"] == 1.0 and honest["bt_precision"] == 1.0
     assert honest["problems_with_error"] >= 190 and honest["later_repairs_per_problem"] == 0.0
+
+
+def test_backtrackings_own_effect_decodes_again_with_bt_banned(bt_tokenizer, monkeypatch):
+    """Issue 23 (SCoRe-style): every evaluation of a model with a BT token decodes again with BT banned,
+    same weights and sampling seed, and reports wrong->right and right->wrong per problem. Control: a
+    model whose BTs are already banned gets no effect (0 and 0)."""
+    import halluc.inference.evaluate as evaluation
+    from halluc.inference.evaluate import metrics_of
+
+    tok = copy.deepcopy(bt_tokenizer)
+    bt = tok.convert_tokens_to_ids("<|BACKTRACK|>")
+    model = tiny_model(vocab=len(tok))
+    bias = torch.zeros(len(tok))
+    bias[bt] = 3.0  # a model that backtracks often
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, out: out + bias)
+    calls = []
+    original = evaluation.generate_text
+    monkeypatch.setattr(evaluation, "generate_text", lambda *a, **kw: calls.append(kw) or original(*a, **kw))
+    problems = arith.make_split(8, (2, 3), seed=5)
+    sampling = Sampling(temperature=1.0, seed=11)
+    try:
+        result = evaluate_problems(model, tok, problems, arith, max_new_tokens=20, batch_size=8, sampling=sampling)
+        control = evaluate_problems(model, tok, problems, arith, max_new_tokens=20, batch_size=8, sampling=sampling,
+                                    guards=LoopGuards(max_backtracks=0))
+    finally:
+        handle.remove()
+    assert [c["guards"].max_backtracks for c in calls] == [32, 0, 0, 0] and all(c["sampling"] == sampling for c in calls)
+    per = result["per_problem"]
+    assert per["bt_gain"] == [a - b for a, b in zip(per["answer_correct"], per["answer_correct_bt_banned"])]
+    assert result["bt_per_problem"] > 0 and {"answer_acc_bt_banned", "wrong_to_right", "right_to_wrong"} <= set(result)
+    assert control["wrong_to_right"] == control["right_to_wrong"] == 0.0
+    assert control["answer_acc"] == control["answer_acc_bt_banned"]
+    # the counts on known outcomes: allowed right/right/wrong/wrong vs banned right/wrong/right/wrong
+    gens = [Generation(trace=[], visible=[], prompt_len=1, text=t) for t in
+            [problems[0].solution, problems[1].solution, "x", "x"]]
+    m = metrics_of(model, tok, problems[:4], arith, gens, "keep", banned=[True, False, True, False])
+    assert (m["answer_acc"], m["answer_acc_bt_banned"], m["wrong_to_right"], m["right_to_wrong"]) == (0.5, 0.5, 0.25, 0.25)
+    assert m["per_problem"]["bt_gain"] == [0, 1, -1, 0]

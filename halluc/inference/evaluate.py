@@ -13,6 +13,7 @@ run (a maximal run of consecutive BTs) was justified. In short:
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
@@ -83,16 +84,26 @@ def score_problem(task, problem: Problem, gen: Generation, tokenizer, bt: int | 
 def evaluate_problems(model, tokenizer, problems: list[Problem], task, max_new_tokens: int = 160,
                       batch_size: int = 64, desc: str = "eval", semantics: str | None = None,
                       sampling: Sampling = Sampling(), guards: LoopGuards = LoopGuards(), verifier=None,
-                      guide: Guide = Guide()) -> dict:
+                      guide: Guide = Guide(), bt_banned: bool = True) -> dict:
     """Accuracy, step validity and backtrack behaviour (precision, recall, erased, wasted); with a
-    `verifier` (halluc.inference.verifiers), decoding is guided by it (halluc.inference.generate)."""
+    `verifier` (halluc.inference.verifiers), decoding is guided by it (halluc.inference.generate).
+
+    bt_banned (a model with a BT token, no verifier): decode again with BT banned, same weights and
+    sampling seed, and report backtracking's own effect per problem (SCoRe-style): accuracy allowed vs
+    banned, wrong->right and right->wrong, whatever training did to the model besides."""
     if not problems:
         raise ValueError(f"{desc}: no problems to evaluate (an empty test file?)")
     with torch.no_grad():
         gens = generate_text(model, tokenizer, [p.prompt for p in problems], max_new_tokens=max_new_tokens,
                              batch_size=batch_size, semantics=semantics, sampling=sampling, guards=guards, desc=desc,
                              verifier=verifier, guide=guide, step_separator=getattr(task, "STEP_SEPARATOR", "\n"))
-    return metrics_of(model, tokenizer, problems, task, gens, semantics)
+        banned = None
+        if bt_banned and verifier is None and has_backtrack(tokenizer):
+            plain = generate_text(model, tokenizer, [p.prompt for p in problems], max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, semantics=semantics, sampling=sampling,
+                                  guards=dataclasses.replace(guards, max_backtracks=0), desc=f"{desc} (BT banned)")
+            banned = [task.verify_steps(p, task.split_steps(g.text)).answer_correct for p, g in zip(problems, plain)]
+    return metrics_of(model, tokenizer, problems, task, gens, semantics, banned=banned)
 
 
 def evaluate_best_of_n(model, tokenizer, problems: list[Problem], task, score_steps, n: int, select: str,
@@ -125,9 +136,10 @@ def evaluate_best_of_n(model, tokenizer, problems: list[Problem], task, score_st
 
 
 def metrics_of(model, tokenizer, problems: list[Problem], task, gens: list[Generation], semantics: str | None,
-               tokens: list[int] | None = None) -> dict:
+               tokens: list[int] | None = None, banned: list[bool] | None = None) -> dict:
     """The evaluation of one generation per problem (`tokens`: generated tokens per problem, if not
-    the generation's own trace length)."""
+    the generation's own trace length; `banned`: each problem's answer correctness decoded with BT
+    banned, for backtracking's own effect)."""
     bt = backtrack_id(tokenizer) if has_backtrack(tokenizer) else None
     used = gens[0].semantics if gens else semantics_for(model, semantics, has_backtrack=bt is not None)
     scores = [score_problem(task, p, g, tokenizer, bt) for p, g in zip(problems, gens)]
@@ -147,8 +159,13 @@ def metrics_of(model, tokenizer, problems: list[Problem], task, gens: list[Gener
     samples = [{"prompt": p.prompt, "trace": tokenizer.decode(g.trace), "visible": g.text, "kinds": s.kinds,
                 "stop": g.stop, "backtracks": g.n_backtracks, "justified_runs": s.n_justified}
                for p, g, s in shown]
+    allowed = [s.answer_correct for s in scores]
+    effect = {} if banned is None else {  # backtracking's own effect, same model and seed
+        "answer_acc_bt_banned": sum(banned) / n,
+        "wrong_to_right": sum(a and not b for a, b in zip(allowed, banned)) / n,
+        "right_to_wrong": sum(b and not a for a, b in zip(allowed, banned)) / n}
     return {
-        "n": len(problems), "semantics": used,
+        "n": len(problems), "semantics": used, **effect,
         "answer_acc": sum(s.answer_correct for s in scores) / n,
         "full_solution_acc": sum(s.full_solution for s in scores) / n,
         # over the steps the task's verifier can check: a step it cannot (UNCHECKED) is neither
@@ -185,6 +202,11 @@ def metrics_of(model, tokenizer, problems: list[Problem], task, gens: list[Gener
                         "first_run_justified": [int(s.first_run_justified) for s in scores],
                         "later_justified": [s.later_justified for s in scores],
                         "id": [problem_id(p) for p in problems],
+                        **({} if banned is None else {
+                            "answer_correct_bt_banned": [int(b) for b in banned],
+                            "wrong_to_right": [int(a and not b) for a, b in zip(allowed, banned)],
+                            "right_to_wrong": [int(b and not a) for a, b in zip(allowed, banned)],
+                            "bt_gain": [int(a) - int(b) for a, b in zip(allowed, banned)]}),
                         "wasted": [s.n_wasted for s in scores], "tokens": list(tokens)},
     }
 
@@ -217,12 +239,14 @@ def markdown_table(results: dict[str, dict]) -> str:
     def pct(v):
         return "n/a" if v is None else f"{v:.1%}"
 
-    rows = ["| split | n | semantics | answer acc | full solution | step validity | BT / problem | "
-            "erased / problem | wasted / problem | BT precision | BT recall |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| split | n | semantics | answer acc | BT banned: acc, wrong->right, right->wrong | full solution | "
+            "step validity | BT / problem | erased / problem | wasted / problem | BT precision | BT recall |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in results.items():
-        rows.append(f"| {name} | {m['n']} | {m['semantics']} | {pct(m['answer_acc'])} | "
-                    f"{pct(m['full_solution_acc'])} | {pct(m['step_validity'])} | {m['bt_per_problem']:.2f} | "
+        effect = (f"{pct(m['answer_acc_bt_banned'])}, +{pct(m['wrong_to_right'])}, -{pct(m['right_to_wrong'])}"
+                  if "answer_acc_bt_banned" in m else "n/a")
+        rows.append(f"| {name} | {m['n']} | {m['semantics']} | {pct(m['answer_acc'])} | {effect} | "
+                    f"{pct(m['full_solution_acc'])} | {pct(m.get('step_validity'))} | {m['bt_per_problem']:.2f} | "
                     f"{m['erased_per_problem']:.2f} | {m['wasted_per_problem']:.2f} | {pct(m['bt_precision'])} | "
                     f"{pct(m['bt_recall'])} |")
     return "\n".join(rows)

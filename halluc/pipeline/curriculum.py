@@ -176,7 +176,7 @@ def recall_probe(tokenizer, probe, threshold: float, every: int, writer, offset:
             if state.global_step % every or model is None:
                 return control
             model.eval()
-            m = evaluate_problems(model, tokenizer, problems, task, max_new, desc="probe")
+            m = evaluate_problems(model, tokenizer, problems, task, max_new, desc="probe", bt_banned=False)
             model.train()
             # no error made on the probe: nothing left to catch, the phase has done its work
             recall = 1.0 if m["bt_recall"] is None else m["bt_recall"]

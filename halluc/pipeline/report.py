@@ -22,11 +22,19 @@ METRICS = {
     "bt_precision": ("ratio", "first_run_justified", "first_run"),
     "bt_recall": ("ratio", "first_pass_caught", "first_pass_error"),
     "wasted_per_problem": ("mean", "wasted"),
+    # backtracking's own effect (issue 23): the same model decoded with BT banned, same seed
+    "answer_acc_bt_banned": ("mean", "answer_correct_bt_banned"),
+    "bt_gain": ("mean", "bt_gain"),             # wrong->right minus right->wrong, per problem
+    "wrong_to_right": ("mean", "wrong_to_right"),
+    "right_to_wrong": ("mean", "right_to_wrong"),
     "tokens_per_problem": ("mean", "tokens"),  # generated tokens, BTs included (all N samples of best-of-N)
 }
-PERCENT = {"answer_acc", "full_solution_acc", "bt_precision", "bt_recall"}
+PERCENT = {"answer_acc", "full_solution_acc", "bt_precision", "bt_recall", "answer_acc_bt_banned", "bt_gain",
+           "wrong_to_right", "right_to_wrong"}
 TITLES = {"answer_acc": "answer acc", "full_solution_acc": "full solution", "bt_precision": "BT precision",
-          "bt_recall": "BT recall", "wasted_per_problem": "wasted / problem", "tokens_per_problem": "tokens / problem"}
+          "bt_recall": "BT recall", "wasted_per_problem": "wasted / problem", "tokens_per_problem": "tokens / problem",
+          "answer_acc_bt_banned": "acc, BT banned", "bt_gain": "BT's own gain", "wrong_to_right": "wrong->right",
+          "right_to_wrong": "right->wrong"}
 BASE = "base"  # what every arm of a seed starts from (before SFT, DPO, ...), as an arm
 
 

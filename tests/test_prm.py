@@ -54,9 +54,12 @@ def test_step_classification_is_cross_entropy_at_the_labelled_step_ends():
     batch = StepCollator()([{"input_ids": [5, 0, 2], "labels": [IGNORE_INDEX, 1, 0]},
                             {"input_ids": [1, 3], "labels": [IGNORE_INDEX, 1]}])
     loss, metrics = StepClassification()(Fixed(), batch)
-    # labelled: id 0 label 1, id 2 label 0, id 3 label 1; logits (0, id)
-    want = torch.nn.functional.cross_entropy(torch.tensor([[0., 0.], [0., 2.], [0., 3.]]), torch.tensor([1, 0, 1]))
-    torch.testing.assert_close(loss, want)
+    # labelled: id 0 label 1, id 2 label 0, id 3 label 1; logits (0, id). The classes weigh alike (issue 23):
+    # the mean of the right steps' mean loss and the wrong step's loss, not the mean over the three steps
+    ce = torch.nn.functional.cross_entropy(torch.tensor([[0., 0.], [0., 2.], [0., 3.]]), torch.tensor([1, 0, 1]),
+                                           reduction="none")
+    torch.testing.assert_close(loss, (ce[[0, 2]].mean() + ce[1]) / 2)
+    assert not torch.isclose(loss, ce.mean())  # the unweighted mean differs (the control)
     assert float(metrics["step_acc"]) == pytest.approx(1 / 3)  # ties (id 0) go to label 0
     assert (batch["shift_labels"] != IGNORE_INDEX).sum() == 3  # the items the trainer weighs by
 

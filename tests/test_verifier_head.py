@@ -123,3 +123,54 @@ def test_masked_sft_trains_the_head_jointly_and_it_separates_wrong_steps(tmp_pat
     untrained = load_causal_lm(str(saved))
     attach_head(untrained)  # zero-initialised
     assert auc(untrained) == 0.5
+
+
+def test_a_wrong_answer_step_is_labelled_wrong_before_its_bt_run():
+    """Issue 23, item 2: the answer step has no separator, and a wrong one is followed by BTs, not EOS,
+    so it was never labelled; the corrected answer was labelled right. Now the token before every BT
+    run ends a step. Negative control: the old labels (at_bt_runs=False) miss it."""
+    # prompt | "1 2 ;" right | answer "6" wrong, BT, "7" right, EOS
+    ids, roles = [1, 1, 2, END, 6, BT, 7, EOS], [P, P, K, K, E, B, C, K]
+    assert step_end_labels(ids, roles, {END}, EOS) == [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 0, 1, IGNORE_INDEX,
+                                                        0, IGNORE_INDEX]
+    assert step_end_labels(ids, roles, {END}, EOS, at_bt_runs=False)[4] == IGNORE_INDEX
+
+
+def test_every_bt_run_in_the_sft_data_follows_a_wrong_label(bt_tokenizer, arith_problems):
+    """On the lab's masked-SFT examples (synthetic wrong steps, answer steps included): the position
+    before every BT run is labelled wrong, and wrong answer steps are among the labels. The old labels
+    fail both (the negative control)."""
+    from halluc.core.tokens import backtrack_id
+    from halluc.sources.data import build_sft_dataset
+    from halluc.sources.errors import ErrorConfig
+
+    tok = bt_tokenizer
+    data = build_sft_dataset(arith_problems[:400], tok, ErrorConfig(example_rate=1.0), backtrack_id(tok), seed=3)
+    ends = step_end_ids(tok, ";")
+
+    def positives_before_runs(at_bt_runs):
+        before, answer_wrong = [], 0
+        for row in data:
+            labels = step_end_labels(row["input_ids"], row["roles"], ends, tok.eos_token_id, at_bt_runs)
+            runs = [i for i in range(len(row["roles"]) - 1)
+                    if row["roles"][i + 1] == Role.BACKTRACK and row["roles"][i] != Role.BACKTRACK]
+            before += [labels[i] == 1 for i in runs]
+            answer_wrong += any(labels[i] == 1 and row["input_ids"][i] not in ends for i in runs)
+        return before, answer_wrong
+
+    before, answer_wrong = positives_before_runs(True)
+    assert len(before) >= 300 and all(before) and answer_wrong >= 30
+    old_before, old_answer_wrong = positives_before_runs(False)
+    assert not all(old_before) and old_answer_wrong == 0
+
+
+def test_the_head_loss_weighs_the_rare_wrong_steps_like_the_right_ones():
+    """Class weighting: with one wrong step in ten, predicting 'right' everywhere is not a good loss."""
+    from halluc.core.losses import balanced_bce
+
+    labels = torch.tensor([1.0] + [0.0] * 9)
+    always_right, informative = torch.full((10,), -3.0), torch.tensor([3.0] + [-3.0] * 9)
+    plain = torch.nn.functional.binary_cross_entropy_with_logits
+    assert balanced_bce(always_right, labels) > 3 * balanced_bce(informative, labels)
+    assert plain(always_right, labels) < 0.5  # unweighted, "always right" already looks good
+    assert balanced_bce(informative, torch.zeros(10)) == pytest.approx(plain(informative, torch.zeros(10)))

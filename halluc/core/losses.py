@@ -20,6 +20,24 @@ def token_cross_entropy(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.float(), ids)
 
 
+def balanced_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy with the positive class weighed by negatives / positives of the batch, so
+    both classes count alike: unweighted, a verifier on ~10% wrong steps learns "right" everywhere
+    (issue 23). Without positives it is the plain loss."""
+    positives = labels.sum()
+    weight = (labels.numel() - positives) / positives if positives > 0 else labels.new_tensor(1.0)
+    return F.binary_cross_entropy_with_logits(logits, labels, pos_weight=weight)
+
+
+def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with each class present weighed by n / (classes present x its count): the mean
+    over classes of each class's mean loss (the PRM's right / wrong steps, issue 23)."""
+    counts = torch.bincount(labels, minlength=logits.shape[-1]).to(logits.dtype)
+    present = counts > 0
+    weight = torch.where(present, labels.numel() / (present.sum() * counts.clamp(min=1)), torch.zeros_like(counts))
+    return F.cross_entropy(logits, labels, weight=weight)
+
+
 def target_log_probs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[id] per target, (N, V), (N,) -> (N,), in fp32 (as TRL's oracle runs)."""
     logits = logits.float()

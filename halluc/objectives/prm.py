@@ -17,9 +17,9 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from halluc.core.example import IGNORE_INDEX
+from halluc.core.losses import balanced_cross_entropy
 from halluc.core.inputs import InputError
 
 
@@ -100,7 +100,8 @@ def right_padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, to
 
 
 class StepClassification:
-    """Cross-entropy of the PRM's 2-way logits at the labelled step ends (label 1 = still right)."""
+    """Cross-entropy of the PRM's 2-way logits at the labelled step ends (label 1 = still right), the two
+    classes weighed alike (halluc.core.losses.balanced_cross_entropy)."""
 
     item_mean = True
     backend = "native"  # the PRM runs its own plain forward over one solution per row
@@ -112,7 +113,7 @@ class StepClassification:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         at = batch["labels"] != IGNORE_INDEX
         picked, labels = logits[at].float(), batch["labels"][at]
-        loss = F.cross_entropy(picked, labels)
+        loss = balanced_cross_entropy(picked, labels)  # wrong steps are rare: both classes weigh alike
         right = labels == 1
         metrics = {"step_acc": (picked.argmax(-1) == labels).float().mean()}
         if bool((~right).any()):

@@ -13,8 +13,13 @@ rides on the LM head through a forward hook, so every edit-tree backend, packing
   guided decoding (halluc.inference.verifiers.HeadVerifier) reads, at the cost of one dot product.
 
 Labels (`step_end_labels`): at the last token of every step of the trace (a token whose text holds
-the task's step separator, or the token before EOS), 1 if a token of the still-visible step is an
-error (Role.ERROR; a BT run that erased it makes the step right again), else 0.
+the task's step separator, the token before EOS, or the token before a BT run), 1 if a token of the
+still-visible step is an error (Role.ERROR; a BT run that erased it makes the step right again),
+else 0. The token before a BT run is where an error step is complete in the data (a wrong
+`answer = 5` is followed by BTs, never by EOS): without it the head never saw a wrong answer step
+(issue 23: all answer-step labels were "right", and its AUC fell below chance). Labels are
+imbalanced (about one step in ten is wrong): the loss weighs the wrong ones by negatives/positives
+of the batch (`balanced_bce`).
 
 Saving: the head's weights leave the LM's safetensors for `verifier_head.safetensors` (and
 `verifier_head.json`), so plain `AutoModelForCausalLM.from_pretrained` loads the LM without
@@ -26,7 +31,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # re-exported: torch-free, so recipes check a model folder for a head before torch loads
@@ -133,9 +137,11 @@ def step_end_ids(tokenizer, separator: str) -> set[int]:
             if separator in tokenizer.convert_tokens_to_string([tok])}
 
 
-def step_end_labels(ids: list[int], roles: list[int], ends: set[int], eos_id: int | None) -> list[int]:
+def step_end_labels(ids: list[int], roles: list[int], ends: set[int], eos_id: int | None,
+                    at_bt_runs: bool = True) -> list[int]:
     """Per token: 1 / 0 at the last token of a step whose visible tokens hold / lack an error,
-    IGNORE_INDEX elsewhere (module docstring). A step ends at a separator token, or before EOS."""
+    IGNORE_INDEX elsewhere (module docstring). A step ends at a separator token, before EOS, or
+    before a BT run (at_bt_runs=False: the labels before issue 23, kept as a negative control)."""
     out = [IGNORE_INDEX] * len(ids)
     visible: list[bool] = []   # per visible response token: is it an error
     step_start = 0             # where the current step starts in `visible`
@@ -149,7 +155,8 @@ def step_end_labels(ids: list[int], roles: list[int], ends: set[int], eos_id: in
             continue
         visible.append(r == Role.ERROR)
         last = i + 1 == len(ids) or ids[i + 1] == eos_id
-        if t in ends or last:
+        before_bt = at_bt_runs and i + 1 < len(ids) and roles[i + 1] == Role.BACKTRACK
+        if t in ends or last or before_bt:
             out[i] = int(any(visible[step_start:]))
             step_start = len(visible)
     return out
@@ -202,7 +209,7 @@ class HeadObjective:
                             tokenizer.eos_token_id)
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        from halluc.core.losses import token_cross_entropy
+        from halluc.core.losses import balanced_bce, token_cross_entropy
 
         t = model.targets(batch)
         vocab = t.logits.shape[-1] - 1
@@ -213,6 +220,6 @@ class HeadObjective:
         if not bool(at.any()):
             return lm + 0.0 * t.logits[:, vocab].sum(), metrics
         wrong = t.logits[at, vocab].float()
-        head = F.binary_cross_entropy_with_logits(wrong, labels[at].float())
+        head = balanced_bce(wrong, labels[at].float())  # wrong steps are rare: both classes weigh alike
         metrics.update(head_loss=head.detach(), head_acc=((wrong > 0) == (labels[at] == 1)).float().mean())
         return lm + self.weight * head, metrics

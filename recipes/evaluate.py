@@ -42,7 +42,7 @@ log = logging.getLogger("evaluate")
 class Config:
     model: str | None = None              # a checkpoint or adapter folder saved by halluc, or any local HF causal LM
     prm: str | None = None                # score a step verifier instead: a PRM folder, or a checkpoint with a head
-    threshold: Fraction = 0.5             # prm: a step scored below this is the first wrong one
+    threshold: Fraction | None = None     # prm: a step scored below this is the first wrong one; None: calibrated on half the rows
     base: str | None = None               # an adapter's base folder, if not where it was at training
     task: Literal["arith", "gsm8k", "jsonl"] | None = None  # default: the task the checkpoint was trained on
     data: str | None = None               # gsm8k / jsonl: a jsonl file (gsm8k default: the shared test set); prm: rows
@@ -151,11 +151,12 @@ def score_verifier(args) -> dict:
     report = {"verifier": str(args.prm), "kind": kind, "data": str(args.data), "threshold": args.threshold,
               "process_bench": scores, "seconds": round(time.perf_counter() - t0, 1)}
     (out / "process_bench.json").write_text(json.dumps(report, indent=2))
-    table = ["| rows | n erroneous | n correct | acc erroneous | acc correct | F1 | step AUC |", "|---|---|---|---|---|---|---|"]
+    table = ["| rows | n erroneous | n correct | threshold | acc erroneous | acc correct | F1 | step AUC (to the first error) |",
+             "|---|---|---|---|---|---|---|---|"]
     pct = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
     for name, m in scores.items():
         auc = "n/a" if m["step_auc"] is None else f"{m['step_auc']:.3f}"
-        table.append(f"| {name} | {m['erroneous']} | {m['correct']} | {pct(m['acc_erroneous'])} | "
+        table.append(f"| {name} | {m['erroneous']} | {m['correct']} | {m['threshold']:.3f} | {pct(m['acc_erroneous'])} | "
                      f"{pct(m['acc_correct'])} | {pct(m['f1'])} | {auc} |")
     print(f"\n# {kind} {args.prm} on {args.data}\n\n" + "\n".join(table) + f"\n\nscores: {out / 'process_bench.json'}")
     return report

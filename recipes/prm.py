@@ -68,9 +68,11 @@ class Config(RunConfig):  # the shared settings (output, model, lab chain, layou
     batch_size: PositiveInt = 32          # labelled solutions per process and step
     lr: NonNegativeFloat = 1e-3
     head_weight: NonNegativeFloat = 1.0   # verifier=head with the lab model: the head's loss weight in SFT
-    threshold: Fraction = 0.5             # guided: a step scored below this is erased and rewritten
+    # guided: a step scored below this is erased and rewritten; None: the threshold with the best ProcessBench
+    # F1 on half the held-out rows (the other half is scored), or 0.5 for the oracle (its scores are 0 or 1)
+    threshold: Fraction | None = None
     budget: NonNegativeInt = 4            # guided: verifier-triggered BT runs per solution
-    resample: Literal["ban", "sample"] = "ban"   # guided: how the erased step is rewritten
+    resample: Literal["ban", "sample"] = "sample"  # guided: how the erased step is rewritten (ban: greedy, cannot repair an operand)
     resample_temperature: NonNegativeFloat = 1.0  # guided, resample=sample
     # guided: rewind (the erased step leaves the KV cache; the policy rewrites it from the clean prefix)
     # or keep (the policy sees its erased step and the BTs, as in causal SFT data); the policy's own
@@ -168,16 +170,17 @@ def train(cfg: Config) -> dict | None:
         return make_verifier(cfg.verifier, policy=policy, tokenizer=tokenizer, task=task, problems=problems, prm=prm,
                              prm_tokenizer=load_tokenizer(prm_dir) if prm_dir else None)
 
-    bench = None
+    bench, threshold = None, cfg.threshold if cfg.threshold is not None else 0.5
     if cfg.verifier in ("prm", "head"):
         bench = process_bench(verifier_for([]), test_rows, tokenizer, cfg.threshold)
     if bench:
+        threshold = bench["all"]["threshold"]  # calibrated on held-out rows unless set
         log.info("ProcessBench-style scores of the %s on %d held-out solutions: %s", cfg.verifier, len(test_rows),
                  json.dumps(bench["all"]))
 
     # (5) decode the test problems
     t1 = time.perf_counter()
-    guide = Guide(cfg.threshold, cfg.budget, cfg.resample, cfg.resample_temperature, cfg.erase)
+    guide = Guide(threshold, cfg.budget, cfg.resample, cfg.resample_temperature, cfg.erase)
     after = {}
     for name, problems in tests.items():
         desc = f"eval {cfg.decode} {cfg.verifier} {name}"

@@ -112,7 +112,7 @@ def test_the_recipe_trains_a_prm_guides_decoding_and_scores_it(tmp_path, lab_pol
 
     evaluate = load_script("recipes/evaluate.py")
     data = f"{report['step_data']['folder']}/test.jsonl"
-    scored = evaluate.main(["--prm", prm_dir, "--data", data, "--out", str(tmp_path / "scored"), "--threshold", "0.5"])
+    scored = evaluate.main(["--prm", prm_dir, "--data", data, "--out", str(tmp_path / "scored")])  # calibrated alike
     assert scored["process_bench"]["all"] == pytest.approx(report["process_bench"]["all"])
     with pytest.raises(SystemExit, match="is not a PRM"):
         evaluate.main(["--prm", str(load_policy_without_head(tmp_path, folder)), "--data", data])

@@ -41,3 +41,34 @@ def test_step_auc_golden_and_against_scipy():
     u = mannwhitneyu(pos, neg).statistic
     assert step_auc(scores, labels) == pytest.approx(u / (len(pos) * len(neg)))
     assert abs(step_auc(scores, labels) - 0.5) > 0.1  # the scores carry signal: not a constant 0.5
+
+
+def test_a_calibrated_threshold_finds_what_0_5_misses_and_auc_stops_at_the_first_error():
+    """Issue 23, item 3: a verifier whose scores are informative but all above 0.5 (wrong steps 0.6-0.7,
+    right ones 0.8-0.9) scores F1 0 at 0.5; the threshold chosen on calibration rows scores 100% on
+    others. Step AUC against first-error labels ignores the steps after the first error, which prefix
+    labels call wrong whatever they hold."""
+    from halluc.inference.process_scores import calibrated_threshold, up_to_first_error
+
+    rng = random.Random(0)
+
+    def solution(first_wrong):
+        steps = [rng.uniform(0.8, 0.9) for _ in range(4)]
+        labels = [True] * 4
+        if first_wrong is not None:
+            steps[first_wrong] = rng.uniform(0.6, 0.7)
+            labels[first_wrong:] = [False] * (4 - first_wrong)
+        return steps, labels
+
+    rows = [solution(rng.choice([None, 0, 1, 2, 3])) for _ in range(200)]
+    cal, test = rows[::2], rows[1::2]
+    at_half = process_score([first_below(s, 0.5) for s, _ in test], [first_false(y) for _, y in test])
+    assert at_half.acc_erroneous == 0.0 and at_half.f1 == 0.0  # the control: 0.5 calls nothing wrong
+    t = calibrated_threshold([s for s, _ in cal], [y for _, y in cal])
+    assert 0.7 < t < 0.8
+    tuned = process_score([first_below(s, t) for s, _ in test], [first_false(y) for _, y in test])
+    assert tuned.f1 == 1.0
+    scores, labels = up_to_first_error([0.9, 0.3, 0.95, 0.9], [True, False, False, False])
+    assert (scores, labels) == ([0.9, 0.3], [True, False])
+    assert step_auc(*up_to_first_error([0.9, 0.3, 0.95], [True, False, False])) == 1.0
+    assert step_auc([0.9, 0.3, 0.95], [True, False, False]) == 0.5  # prefix labels: a right-looking later step

@@ -30,7 +30,7 @@ class Guide:
 
     threshold: float = 0.5     # a step scored below this (P(text so far is right)) is erased
     budget: int = 4            # verifier-triggered BT runs per sequence
-    resample: str = "ban"      # ban: greedy, a verbatim repeat banned | sample: at `temperature`
+    resample: str = "sample"   # sample: at `temperature` | ban: greedy, a verbatim repeat banned (cannot fix an operand)
     temperature: float = 1.0   # resample="sample"
     erase: str = "rewind"      # rewind: the erased step leaves the cache | keep: it stays in context
 

@@ -60,3 +60,25 @@ def step_auc(scores: list[float], labels: list[bool]) -> float | None:
 
     wins = sum(bisect_left(neg, s) + 0.5 * (bisect_right(neg, s) - bisect_left(neg, s)) for s in pos)
     return wins / (len(pos) * len(neg))
+
+
+def up_to_first_error(scores: list[float], labels: list[bool]) -> tuple[list[float], list[bool]]:
+    """The steps up to and including the first wrong one: under prefix labels every step after the
+    first error is "wrong" too (a wrong-step copy's own right answer included), which is not what a
+    verifier should be scored on (issue 23: AUC against first-error labels)."""
+    first = first_false(labels)
+    end = len(labels) if first is None else first + 1
+    return scores[:end], labels[:end]
+
+
+def calibrated_threshold(scores: list[list[float]], labels: list[list[bool]]) -> float:
+    """The threshold with the best ProcessBench F1 on these (calibration) solutions: each score's
+    midpoint with the next higher one is a candidate, plus 0.5; ties go to the threshold nearest 0.5."""
+    values = sorted({s for row in scores for s in row})
+    candidates = {0.5} | {(a + b) / 2 for a, b in zip(values, values[1:])} | ({values[0] - 1e-6} if values else set())
+    true = [first_false(row) for row in labels]
+
+    def f1(t):
+        return process_score([first_below(row, t) for row in scores], true).f1 or 0.0
+
+    return max(sorted(candidates), key=lambda t: (f1(t), -abs(t - 0.5)))

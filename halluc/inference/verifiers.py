@@ -188,12 +188,16 @@ def weighted_vote(answers: list[str | None], scores: list[float]) -> int:
     return max((i for i, a in enumerate(answers) if a == winner), key=lambda i: (scores[i], -i))
 
 
-def process_bench(verifier, rows: list[dict], tokenizer, threshold: float = 0.5) -> dict:
+def process_bench(verifier, rows: list[dict], tokenizer, threshold: float | None = None) -> dict:
     """ProcessBench-style scores (halluc.inference.process_scores) of a verifier (a PRM, a policy's head, the
-    oracle) on stepwise rows, overall and per row `source`."""
+    oracle) on stepwise rows, overall and per row `source`. threshold=None: chosen for the best F1 on
+    every other row (a calibration half) and scored on the rest (issue 23: 0.5 on imbalanced labels
+    called most steps wrong); each entry holds the threshold used. Step AUC is against
+    first-error labels: the steps up to and including the first wrong one."""
     import dataclasses
 
-    from halluc.inference.process_scores import first_below, first_false, process_score, step_auc
+    from halluc.inference.process_scores import (calibrated_threshold, first_below, first_false, process_score,
+                                                 step_auc, up_to_first_error)
 
     if not rows:
         return {}
@@ -201,11 +205,20 @@ def process_bench(verifier, rows: list[dict], tokenizer, threshold: float = 0.5)
     step_ids = [r.get("completion_ids") or [tokenizer(s, add_special_tokens=False)["input_ids"] for s in r["completions"]]
                 for r in rows]
     scores = verifier.solution_scores(prompt_ids, step_ids)
+    labels = [[bool(x) for x in r["labels"]] for r in rows]
+    scored = list(range(len(rows)))
+    calibration = {}
+    if threshold is None:
+        held, scored = scored[::2], scored[1::2]
+        threshold = calibrated_threshold([scores[i] for i in held], [labels[i] for i in held])
+        calibration = {"calibrated_on": len(held)}
     out = {}
     for source in ["all"] + sorted({r.get("source", "given") for r in rows}):
-        pick = [i for i, r in enumerate(rows) if source == "all" or r.get("source", "given") == source]
-        score = process_score([first_below(scores[i], threshold) for i in pick], [first_false(rows[i]["labels"]) for i in pick])
-        out[source] = {**dataclasses.asdict(score),
-                       "step_auc": step_auc([x for i in pick for x in scores[i]],
-                                            [bool(x) for i in pick for x in rows[i]["labels"]])}
+        pick = [i for i in scored if source == "all" or rows[i].get("source", "given") == source]
+        score = process_score([first_below(scores[i], threshold) for i in pick], [first_false(labels[i]) for i in pick])
+        firsts = [up_to_first_error(scores[i], labels[i]) for i in pick]
+        out[source] = {**dataclasses.asdict(score), "threshold": threshold, **calibration,
+                       "step_auc": step_auc([x for s, _ in firsts for x in s], [x for _, y in firsts for x in y]),
+                       "step_auc_prefix_labels": step_auc([x for i in pick for x in scores[i]],
+                                                          [x for i in pick for x in labels[i]])}
     return out

@@ -49,6 +49,12 @@ def test_tiny_sweep_runs_reports_and_resumes(tmp_path):
     assert "## Setting `swapped`" in md and "Paired differences to `clean`" in md and "Smallest difference" in md
     for png in ("accuracy.png", "backtracking.png", "differences.png"):
         assert (out / png).stat().st_size > 1000
+    # issue 23: the per-problem outcomes are written beside the report, and the report comes back from
+    # them alone (no runs), the same numbers
+    from_outcomes = sweep(spec, "--outcomes", out / "outcomes.jsonl.gz", "--out", tmp_path / "recomputed")
+    assert from_outcomes.returncode == 0, from_outcomes.stderr[-3000:]
+    assert json.loads((tmp_path / "recomputed" / "results.json").read_text())["settings"] == results
+    assert (out / "outcomes.jsonl.gz").stat().st_size < 200_000
 
     # a second invocation finds every run finished and only reports
     stamps = [p.stat().st_mtime for p in evals]

@@ -243,6 +243,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the sweep's seeds")
     p.add_argument("--jobs", type=int, default=None, help="runs at once (default: the number of cores)")
     p.add_argument("--report-only", action="store_true", help="write the report from the finished runs")
+    p.add_argument("--outcomes", default=None, metavar="FILE",
+                   help="write the report from a committed outcomes file (docs/results/<name>.outcomes.jsonl.gz), "
+                        "no runs needed")
     p.add_argument("--launch", choices=("auto", "fork", "process"), default="auto",
                    help="fork runs from this process (auto: Linux with a CPU torch) or start each in a new one")
     args = p.parse_args(argv)
@@ -250,6 +253,14 @@ def main(argv=None) -> int:
     if args.seeds:
         sweep.seeds = args.seeds
     out = Path(args.out or f"runs/sweeps/{sweep.name}").resolve()
+    if args.outcomes:  # the report from what a sweep recorded: nothing is planned, checked or run
+        from halluc.pipeline.report import read_outcomes, write_report
+
+        check_input_file(args.outcomes, "--outcomes")
+        paths = write_report(sweep, read_outcomes(args.outcomes), out)
+        print("\n" + Path(paths["md"]).read_text())
+        print(f"report: {', '.join(str(v) for v in paths.values())}")
+        return 0
     runs = plan(sweep, out)
     failed = []
     check_settings(sweep, runs)
@@ -265,9 +276,9 @@ def main(argv=None) -> int:
         print(f"sweep.py: no finished run of {args.sweep} under {out} to report on "
               f"({len(runs)} planned): run the sweep first, or give --out where it ran", file=sys.stderr)
         return 2
-    from halluc.pipeline.report import write_report
+    from halluc.pipeline.report import outcomes, write_report
 
-    paths = write_report(sweep, finished, out)
+    paths = write_report(sweep, outcomes(finished), out)
     print("\n" + Path(paths["md"]).read_text())
     print(f"report: {', '.join(str(v) for v in paths.values())}")
     if failed:

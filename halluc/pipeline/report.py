@@ -38,24 +38,56 @@ TITLES = {"answer_acc": "answer acc", "full_solution_acc": "full solution", "bt_
 BASE = "base"  # what every arm of a seed starts from (before SFT, DPO, ...), as an arm
 
 
-def collect(runs, arm_order: list[str]) -> tuple[dict, dict]:
-    """({setting: {arm: {seed: {split: per_problem}}}}, {setting: {arm: {split: first-error kinds}}}),
-    with the base (what the arms start from) as the first arm, "base"; kinds are summed over seeds."""
+def outcomes(runs) -> list[dict]:
+    """What a report is computed from, per finished run: its setting, arm, seed, and per split of its
+    evaluations before and after, the per-problem outcomes and first-error kinds (no samples)."""
+    out = []
+    for run in sorted(runs, key=lambda r: (r.setting, r.arm, r.seed)):
+        report = json.loads((run.out / "eval.json").read_text())
+        out.append({"setting": run.setting, "arm": run.arm, "seed": run.seed,
+                    **{stage: {split: {"per_problem": m["per_problem"], "first_error_kinds": m["first_error_kinds"]}
+                               for split, m in (report[stage] or {}).items()} for stage in ("before", "after")}})
+    return out
+
+
+def write_outcomes(records: list[dict], path: Path) -> Path:
+    """One JSON line per run, gzipped (a few MB for a whole sweep): commit it beside the report, and
+    anyone can recompute every table (`tools/sweep.py --outcomes FILE`) without training."""
+    import gzip
+
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, separators=(",", ":")) + "\n")
+    return path
+
+
+def read_outcomes(path) -> list[dict]:
+    import gzip
+
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def collect(records: list[dict], arm_order: list[str]) -> tuple[dict, dict]:
+    """({setting: {arm: {seed: {split: per_problem}}}}, {setting: {arm: {split: first-error kinds}}})
+    from `outcomes` records, with the base (what the arms start from) as the first arm, "base"; kinds
+    are summed over seeds."""
     table: dict = {}
     kinds: dict = {}
-    for run in sorted(runs, key=lambda r: (r.setting, r.seed)):
-        report = json.loads((run.out / "eval.json").read_text())
-        arms = table.setdefault(run.setting, {BASE: {}})
-        for arm, stage in ((run.arm, "after"), (BASE, "before")):
-            if arm == BASE and run.seed in arms[BASE]:  # every arm of a seed shares the base ...
-                if {s: m["per_problem"] for s, m in report[stage].items()} != arms[BASE][run.seed]:
-                    raise ValueError(f"{run.setting}, seed {run.seed}: arm {run.arm} started from another base "
+    for rec in sorted(records, key=lambda r: (r["setting"], r["seed"])):
+        setting, seed = rec["setting"], rec["seed"]
+        arms = table.setdefault(setting, {BASE: {}})
+        for arm, stage in ((rec["arm"], "after"), (BASE, "before")):
+            per_problem = {split: m["per_problem"] for split, m in rec[stage].items()}
+            if arm == BASE and seed in arms[BASE]:  # every arm of a seed shares the base ...
+                if per_problem != arms[BASE][seed]:
+                    raise ValueError(f"{setting}, seed {seed}: arm {rec['arm']} started from another base "
                                      "than the other arms (an arm that changes base.*, tiny.*, max_len or model?): "
                                      "its paired comparison would mix bases")
                 continue  # ... and its evaluation
-            arms.setdefault(arm, {})[run.seed] = {s: m["per_problem"] for s, m in report[stage].items()}
-            for split, m in report[stage].items():
-                counts = kinds.setdefault(run.setting, {}).setdefault(arm, {}).setdefault(split, {})
+            arms.setdefault(arm, {})[seed] = per_problem
+            for split, m in rec[stage].items():
+                counts = kinds.setdefault(setting, {}).setdefault(arm, {}).setdefault(split, {})
                 for kind, n in m["first_error_kinds"].items():
                     counts[kind] = counts.get(kind, 0) + n
     order = [BASE] + arm_order
@@ -114,9 +146,9 @@ def paired_by_id(arm: dict, base: dict, where: str) -> dict:
     return {k: [v[i] for i in order] for k, v in arm.items()}
 
 
-def analyse(sweep, runs) -> dict:
+def analyse(sweep, records: list[dict]) -> dict:
     results = {}
-    table, kinds = collect(runs, list(sweep.arms))
+    table, kinds = collect(records, list(sweep.arms))
     for setting, arms in table.items():
         base_arm = arms.get(sweep.baseline, {})
         splits = sorted({split for by_seed in arms.values() for per in by_seed.values() for split in per})
@@ -271,15 +303,17 @@ def plots(results: dict, baseline: str, out: Path) -> list[Path]:
     return written + [out / "differences.png"]
 
 
-def write_report(sweep, runs, out: Path) -> dict[str, Path]:
+def write_report(sweep, records: list[dict], out: Path) -> dict[str, Path]:
+    """results.json, results.md, plots and outcomes.jsonl.gz (the records they are computed from)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = analyse(sweep, runs)
+    results = analyse(sweep, records)
     wall_file = out / "wall.jsonl"
     wall = [json.loads(line) for line in wall_file.read_text().splitlines()] if wall_file.exists() else []
     (out / "results.json").write_text(json.dumps({"sweep": sweep.__dict__, "wall": wall, "settings": results}, indent=1))
     (out / "results.md").write_text(markdown(sweep, results, wall))
-    paths = {"json": out / "results.json", "md": out / "results.md"}
+    paths = {"json": out / "results.json", "md": out / "results.md",
+             "outcomes": write_outcomes(records, out / "outcomes.jsonl.gz")}
     if results:
         for p in plots(results, sweep.baseline, out):
             paths[p.stem] = p

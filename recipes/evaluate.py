@@ -50,7 +50,7 @@ class Config:
     response_field: str = "response"      # jsonl: the reference response's field
     answer_field: str | None = None       # jsonl: the final answer's field (default: the last step)
     step_separator: Escaped = "\n"        # jsonl: what ends a step (\n read as a newline)
-    prompt_template: Escaped = "{prompt}\n"  # jsonl: the text before the response ({prompt}, any field of the row)
+    prompt_template: str = "{prompt}\n"  # jsonl: the text before the response ({prompt}, any field); verbatim
     limit: PositiveInt | None = None      # at most N problems per split
     semantics: Literal["keep", "rewind"] | None = None  # default: from the checkpoint
     out: str | None = None                # folder for eval.json and eval.md (default: the model folder)

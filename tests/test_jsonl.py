@@ -139,8 +139,10 @@ def test_lab_jsonl_settings_read_escapes_and_put_a_newline_between_prompt_and_re
     problem = lab_splits(cfg)["test_id"][0]
     assert problem.prompt == "What is 0 + 1?\n" and problem.steps == ["0 + 1\n\n", "= 1"]
     assert (problem.prompt + problem.solution).startswith("What is 0 + 1?\n0 + 1")  # not "...?0 + 1"
-    cfg = load_config(LabConfig, [*common, r"prompt_template=Q: {prompt}\nA: "])
+    cfg = load_config(LabConfig, [*common, "prompt_template=Q: {prompt}\nA: "])  # a real newline (bash: $'...')
     assert lab_splits(cfg)["test_id"][0].prompt == "Q: What is 0 + 1?\nA: "
+    latex = load_config(LabConfig, [*common, r"prompt_template=\times {prompt}"])  # a template is verbatim
+    assert latex.prompt_template == r"\times {prompt}"
     yaml_file = tmp_path / "lab.yaml"
     yaml_file.write_text("step_separator: '\\n\\n'\n")  # single-quoted YAML keeps the backslashes: read them too
     assert load_config(LabConfig, ["--config", str(yaml_file), *common]).step_separator == "\n\n"

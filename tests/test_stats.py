@@ -115,6 +115,15 @@ def test_arms_are_paired_by_problem_id_and_different_problems_are_refused():
     assert paired_by_id(arm, base, "seed 0") == {"id": ["a", "b", "c"], "answer_correct": [1, 1, 0]}
     with pytest.raises(ValueError, match="seed 0: the arms were evaluated on different problems \\(1 of"):
         paired_by_id({"id": ["a", "b", "d"], "answer_correct": [1, 1, 1]}, base, "seed 0")
+    twice = {"id": ["a", "b", "a"], "answer_correct": [1, 0, 0]}  # a prompt listed twice: copies match in order
+    assert paired_by_id({"id": ["a", "a", "b"], "answer_correct": [1, 0, 1]}, twice, "s")["answer_correct"] == [1, 1, 0]
     old = {"answer_correct": [1, 1]}  # runs from before ids: by position, same count required
     with pytest.raises(ValueError, match="different problems"):
         paired_by_id(old, {"answer_correct": [1, 0, 1]}, "seed 0")
+
+
+def test_an_interval_of_undefined_draws_is_not_resolved():
+    from halluc.core.stats import Estimate
+
+    assert not Estimate(0.3, float("nan"), float("nan"), [0.2, 0.4]).resolved()
+    assert Estimate(0.3, 0.1, 0.5, [0.2, 0.4]).resolved()

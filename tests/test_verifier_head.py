@@ -174,3 +174,5 @@ def test_the_head_loss_weighs_the_rare_wrong_steps_like_the_right_ones():
     assert balanced_bce(always_right, labels) > 3 * balanced_bce(informative, labels)
     assert plain(always_right, labels) < 0.5  # unweighted, "always right" already looks good
     assert balanced_bce(informative, torch.zeros(10)) == pytest.approx(plain(informative, torch.zeros(10)))
+    assert balanced_bce(informative, torch.ones(10)) == pytest.approx(plain(informative, torch.ones(10)))  # all wrong
+    assert balanced_bce(informative, torch.ones(10)) > 0

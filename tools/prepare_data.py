@@ -33,8 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--response-field", default="response")
     p.add_argument("--answer-field", default=None)
     p.add_argument("--step-separator", default="\n", type=unescape, help="jsonl: what ends a step (\\n read as a newline)")
-    p.add_argument("--prompt-template", default="{prompt}\n", type=unescape,
-                   help="jsonl: the text before the response ({prompt} and any field of the row; default {prompt}\\n)")
+    p.add_argument("--prompt-template", default="{prompt}\n",
+                   help="jsonl: the text before the response ({prompt} and any field of the row; verbatim; default {prompt} and a newline)")
     p.add_argument("--size", type=int, default=10000, help="arith: number of problems")
     p.add_argument("--lab", action="append", default=[], metavar="KEY=VALUE",
                    help="arith: a lab setting as the recipe takes it without 'lab.' (repeat), e.g. --lab prime=5; "

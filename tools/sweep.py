@@ -257,7 +257,8 @@ def main(argv=None) -> int:
         from halluc.pipeline.report import read_outcomes, write_report
 
         check_input_file(args.outcomes, "--outcomes")
-        paths = write_report(sweep, read_outcomes(args.outcomes), out)
+        records = [r for r in read_outcomes(args.outcomes) if not args.seeds or r["seed"] in args.seeds]
+        paths = write_report(sweep, records, out)
         print("\n" + Path(paths["md"]).read_text())
         print(f"report: {', '.join(str(v) for v in paths.values())}")
         return 0

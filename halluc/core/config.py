@@ -473,11 +473,12 @@ def check_task_of_checkpoint(model: str, lab) -> None:
     """A halluc checkpoint records the lab it was trained on (config.json: halluc.lab): a run from it
     evaluates on that task, so a lab.task that differs is refused at load (it evaluated the built-in
     arith task on a GSM8K checkpoint, silently)."""
-    config = Path(model) / "config.json"
-    if not config.is_file():
+    config, adapter = Path(model) / "config.json", Path(model) / "halluc_adapter.json"  # an adapter's record
+    source = config if config.is_file() else adapter
+    if not source.is_file():
         return
     try:
-        trained = (json.loads(config.read_text()).get("halluc") or {}).get("lab") or {}
+        trained = (json.loads(source.read_text()).get("halluc") or {}).get("lab") or {}
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return
     task = trained.get("task")

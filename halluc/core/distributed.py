@@ -152,9 +152,15 @@ def use_environment_extensions_dir() -> None:
     rebuilds it for the other, 1-2 silent minutes each time (measured: ninja's log here alternated between
     two command hashes, this checkout's and a fresh clone's). Unless the user set it, builds go under
     this environment (sys.prefix/torch_extensions): once per environment, and the first is announced."""
-    if "TORCH_EXTENSIONS_DIR" in os.environ or not os.access(sys.prefix, os.W_OK):
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
         return
     folder = Path(sys.prefix) / "torch_extensions"
+    try:  # a probe, not os.access: root passes os.access on a read-only mount
+        folder.mkdir(exist_ok=True)
+        (folder / ".probe").touch()
+        (folder / ".probe").unlink()
+    except OSError:
+        return
     os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
     if is_main() and not any(folder.rglob("deepspeed_shm_comm*.so")):
         log.info("DeepSpeed builds its CPU collective op into %s (1-2 min, once for this environment)", folder)

@@ -23,9 +23,10 @@ def token_cross_entropy(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor
 def balanced_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy with the positive class weighed by negatives / positives of the batch, so
     both classes count alike: unweighted, a verifier on ~10% wrong steps learns "right" everywhere
-    (issue 23). Without positives it is the plain loss."""
+    (issue 23). With one class only (no positives, or no negatives) it is the plain loss."""
     positives = labels.sum()
-    weight = (labels.numel() - positives) / positives if positives > 0 else labels.new_tensor(1.0)
+    negatives = labels.numel() - positives
+    weight = negatives / positives if positives > 0 and negatives > 0 else labels.new_tensor(1.0)  # one class: plain
     return F.binary_cross_entropy_with_logits(logits, labels, pos_weight=weight)
 
 

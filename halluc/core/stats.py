@@ -40,7 +40,8 @@ class Estimate:
 
     def resolved(self) -> bool:
         """The two-level interval excludes 0 (one seed cannot resolve anything: its run may be the outlier)."""
-        return self.levels == "seeds+problems" and not self.low <= 0 <= self.high
+        return (self.levels == "seeds+problems" and bool(np.isfinite(self.low) and np.isfinite(self.high))
+                and not self.low <= 0 <= self.high)
 
     def as_dict(self) -> dict:
         return {"value": self.value, "low": self.low, "high": self.high, "per_seed": self.per_seed,

@@ -45,7 +45,7 @@ class ProblemScore:
     first_run: bool = False          # the model backtracked at all
     first_run_justified: bool = False  # its first run erased an error (a run over right text is not)
     later_runs: int = 0              # runs after the first
-    later_justified: int = 0         # ... that erased an error written after backtracking began (self-inflicted, repaired)
+    later_justified: int = 0         # ... that erased an error (mostly written after backtracking began: repairs)
 
 
 def problem_id(problem: Problem) -> str:

@@ -73,8 +73,11 @@ def up_to_first_error(scores: list[float], labels: list[bool]) -> tuple[list[flo
 
 def calibrated_threshold(scores: list[list[float]], labels: list[list[bool]]) -> float:
     """The threshold with the best ProcessBench F1 on these (calibration) solutions: each score's
-    midpoint with the next higher one is a candidate, plus 0.5; ties go to the threshold nearest 0.5."""
+    midpoint with the next higher one is a candidate (of at most 257 score quantiles), plus 0.5; ties
+    go to the threshold nearest 0.5."""
     values = sorted({s for row in scores for s in row})
+    if len(values) > 257:  # a large file: 256 quantiles of the scores (each candidate scans every solution)
+        values = [values[round(i * (len(values) - 1) / 256)] for i in range(257)]
     candidates = {0.5} | {(a + b) / 2 for a, b in zip(values, values[1:])} | ({values[0] - 1e-6} if values else set())
     true = [first_false(row) for row in labels]
 

@@ -158,7 +158,8 @@ def step_end_labels(ids: list[int], roles: list[int], ends: set[int], eos_id: in
         before_bt = at_bt_runs and i + 1 < len(ids) and roles[i + 1] == Role.BACKTRACK
         if t in ends or last or before_bt:
             out[i] = int(any(visible[step_start:]))
-            step_start = len(visible)
+            if not before_bt or t in ends or last:  # a BT run may erase part of the step: it goes on
+                step_start = len(visible)
     return out
 
 

@@ -39,7 +39,7 @@ class LabConfig:
     response_field: str = "response"   # jsonl: the reference response (text or a list of steps)
     answer_field: str | None = None     # None: the last step is the answer
     step_separator: Escaped = "\n"     # jsonl: what ends a step (\n, \t read as escapes: step_separator=\n\n)
-    prompt_template: Escaped = "{prompt}\n"  # jsonl: the text before the response ({prompt} and any field of the row)
+    prompt_template: str = "{prompt}\n"  # jsonl: the text before the response ({prompt}, any field); verbatim (LaTeX-safe)
 
     def check(self) -> None:
         files = [k for k in ("train_file", "test_file") if getattr(self, k)]

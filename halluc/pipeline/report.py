@@ -137,12 +137,14 @@ def paired_by_id(arm: dict, base: dict, where: str) -> dict:
         if len(next(iter(arm.values()))) != n:
             raise ValueError(f"{where}: the arms were evaluated on different problems")
         return arm
-    if sorted(arm["id"]) != sorted(base["id"]) or len(set(base["id"])) != n:
+    if sorted(arm["id"]) != sorted(base["id"]):
         missing = len(set(base["id"]) - set(arm["id"]))
         raise ValueError(f"{where}: the arms were evaluated on different problems ({missing} of the baseline's "
                          f"{n} problems are not in the arm's evaluation)")
-    at = {pid: i for i, pid in enumerate(arm["id"])}
-    order = [at[pid] for pid in base["id"]]
+    at: dict[str, list[int]] = {}
+    for i, pid in enumerate(arm["id"]):  # a prompt listed twice: its copies match in order
+        at.setdefault(pid, []).append(i)
+    order = [at[pid].pop(0) for pid in base["id"]]
     return {k: [v[i] for i in order] for k, v in arm.items()}
 
 

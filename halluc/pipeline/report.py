@@ -22,6 +22,7 @@ METRICS = {
     "bt_precision": ("ratio", "first_run_justified", "first_run"),
     "bt_recall": ("ratio", "first_pass_caught", "first_pass_error"),
     "wasted_per_problem": ("mean", "wasted"),
+    "runs_over_right_per_problem": ("mean", "runs_over_right"),  # BT runs over right text (after a right step)
     # backtracking's own effect (issue 23): the same model decoded with BT banned, same seed
     "answer_acc_bt_banned": ("mean", "answer_correct_bt_banned"),
     "bt_gain": ("mean", "bt_gain"),             # wrong->right minus right->wrong, per problem
@@ -34,7 +35,7 @@ PERCENT = {"answer_acc", "full_solution_acc", "bt_precision", "bt_recall", "answ
 TITLES = {"answer_acc": "answer acc", "full_solution_acc": "full solution", "bt_precision": "BT precision",
           "bt_recall": "BT recall", "wasted_per_problem": "wasted / problem", "tokens_per_problem": "tokens / problem",
           "answer_acc_bt_banned": "acc, BT banned", "bt_gain": "BT's own gain", "wrong_to_right": "wrong->right",
-          "right_to_wrong": "right->wrong"}
+          "right_to_wrong": "right->wrong", "runs_over_right_per_problem": "BT runs over right text / problem"}
 BASE = "base"  # what every arm of a seed starts from (before SFT, DPO, ...), as an arm
 
 
@@ -68,6 +69,13 @@ def read_outcomes(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _with_derived(fields: dict) -> dict:
+    """Per-problem fields a run written before them can still give: BT runs over right text = runs - justified."""
+    if "runs_over_right" not in fields and {"runs", "justified"} <= set(fields):
+        fields = {**fields, "runs_over_right": [r - j for r, j in zip(fields["runs"], fields["justified"])]}
+    return fields
+
+
 def collect(records: list[dict], arm_order: list[str]) -> tuple[dict, dict]:
     """({setting: {arm: {seed: {split: per_problem}}}}, {setting: {arm: {split: first-error kinds}}})
     from `outcomes` records, with the base (what the arms start from) as the first arm, "base"; kinds
@@ -78,7 +86,7 @@ def collect(records: list[dict], arm_order: list[str]) -> tuple[dict, dict]:
         setting, seed = rec["setting"], rec["seed"]
         arms = table.setdefault(setting, {BASE: {}})
         for arm, stage in ((rec["arm"], "after"), (BASE, "before")):
-            per_problem = {split: m["per_problem"] for split, m in rec[stage].items()}
+            per_problem = {split: _with_derived(m["per_problem"]) for split, m in rec[stage].items()}
             if arm == BASE and seed in arms[BASE]:  # every arm of a seed shares the base ...
                 if per_problem != arms[BASE][seed]:
                     raise ValueError(f"{setting}, seed {seed}: arm {rec['arm']} started from another base "

@@ -78,6 +78,7 @@ def test_select_forms_draws_each_form_per_bt_pair_and_refuses_formless_data():
     assert [p["form"] for p in got].count("step") == 5 and [p["form"] for p in got].count("balanced") == 20
     assert len({(p["form"], p["i"]) for p in got}) == len(got)  # drawn without repeats
     assert len(select_forms(pairs, {"bt": 1, "step": 3}, seed=0)) == 20  # never more than there are
+    assert select_forms(pairs, {"bt": 1}, seed=3) == pairs[:10]  # the default: the bt pairs as built, in order
     assert select_forms([{"x": 1}], {"bt": 1}, seed=0) == [{"x": 1}]  # a user's file: every pair is bt
     with pytest.raises(InputError, match="no `form` column"):
         select_forms([{"x": 1}], {"bt": 1, "balanced": 1}, seed=0)

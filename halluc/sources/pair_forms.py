@@ -14,7 +14,8 @@ them learned to backtrack after everything (docs/results.md). The forms (a pair'
               (the same visible text: the rejected side only wastes a BT run over a right step)
 
 `select_forms` draws the training set: `weights[form]` x N pairs of each form, N the number of `bt`
-pairs (so bt=1, balanced=1 is one balanced pair per error pair), never more than were built.
+pairs (so bt=1, balanced=1 is one balanced pair per error pair), never more than were built, kept
+in the order they were built (the trainer shuffles).
 """
 from __future__ import annotations
 
@@ -129,15 +130,14 @@ def select_forms(pairs: list[dict], weights: dict[str, float], seed: int) -> lis
         by_form[p.get("form", "bt")].append(p)
     n = len(by_form["bt"])
     rng = random.Random(seed)
-    chosen = []
+    chosen: set[int] = set()
     for form in FORMS:
         want = round(weights.get(form, 0.0) * n)
         have = by_form[form]
         if want > len(have):
             log.warning("pairs.%s=%g asks for %d %s pairs; there are %d: all of them", form, weights[form], want,
                         form, len(have))
-        chosen += rng.sample(have, min(want, len(have)))
+        chosen |= {id(p) for p in (have if want >= len(have) else rng.sample(have, want))}
     if not chosen:
         raise InputError(f"pairs: the weights {weights} select no pair from {({f: len(v) for f, v in by_form.items()})}")
-    rng.shuffle(chosen)
-    return chosen
+    return [p for p in pairs if id(p) in chosen]  # in their order: the default (bt only) is the pairs as built

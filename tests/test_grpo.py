@@ -1,0 +1,84 @@
+"""GRPO losses (halluc/objectives/grpo.py): golden advantages, and the loss and its gradient against TRL
+1.16's GRPOTrainer._compute_loss on identical log-probs, advantages and masks (TRL as a test-only oracle)."""
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from halluc.objectives.grpo import group_advantages, policy_loss
+
+
+def test_group_advantages_golden():
+    rewards = torch.tensor([1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    a = group_advantages(rewards, 4)
+    std = math.sqrt(4 / 3)  # Bessel's correction, as TRL's nanstd
+    assert a[:4].tolist() == pytest.approx([1 / (std + 1e-4), -1 / (std + 1e-4), -1 / (std + 1e-4), 1 / (std + 1e-4)])
+    assert a[4:].tolist() == [0.0] * 4  # a group that agrees teaches nothing
+    assert group_advantages(rewards, 4, "none").tolist() == [1, -1, -1, 1, 0, 0, 0, 0]
+    batch_std = rewards.std().item()
+    assert group_advantages(rewards, 4, "batch")[0].item() == pytest.approx(1 / (batch_std + 1e-4))
+    with pytest.raises(ValueError, match="not groups of 3"):
+        group_advantages(rewards, 3)
+
+
+def test_the_clip_only_stops_the_gradient_on_the_side_the_advantage_pushes():
+    """PPO's clip: a ratio above 1 + eps with a positive advantage gets no gradient; below it, it does."""
+    old = torch.zeros(1, 2)
+    logps = torch.tensor([[math.log(1.5), math.log(1.1)]], requires_grad=True)
+    loss, metrics = policy_loss(logps, old, torch.tensor([1.0]), torch.ones(1, 2))
+    loss.backward()
+    assert logps.grad[0, 0] == 0 and logps.grad[0, 1] < 0
+    assert metrics["clip_ratio/high_mean"] == 0.5 and metrics["clip_ratio/low_mean"] == 0.0
+
+
+def _trl_loss(logps, old, ref, adv, mask, loss_type, beta, eps_low, eps_high, max_len):
+    """TRL's GRPOTrainer._compute_loss, unbound, on a stand-in trainer that returns these log-probs."""
+    trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
+
+    accelerator = SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x, num_processes=1,
+                                  reduce=lambda x, reduction="sum": x, sync_gradients=True)
+    stub = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
+        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        importance_sampling_level="token", beta=beta, loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1), use_vllm=False,
+        model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1, max_completion_length=max_len,
+        accelerator=accelerator, _entropy_bonus_enabled=False, _metrics={"train": defaultdict(list)})
+    b, t = logps.shape
+    inputs = {"prompt_ids": torch.zeros(b, 1, dtype=torch.long), "prompt_mask": torch.ones(b, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(b, t, dtype=torch.long), "completion_mask": mask.long(),
+              "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
+              "num_items_in_batch": mask.sum()}
+    return trl_grpo.GRPOTrainer._compute_loss(stub, None, inputs), stub._metrics["train"]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_loss_and_gradient_equal_trls(loss_type, beta):
+    torch.manual_seed(0)
+    b, t = 6, 9
+    mask = (torch.arange(t) < torch.randint(2, t + 1, (b, 1))).float()  # completions of different lengths
+    old = -torch.rand(b, t) * 3
+    ref = -torch.rand(b, t) * 3
+    base = old + torch.randn(b, t) * 0.3  # the policy moved: some ratios leave the clip range
+    adv = group_advantages(torch.randn(b), 3)
+    ours = base.clone().requires_grad_(True)
+    loss, metrics = policy_loss(ours, old, adv, mask, ref_logps=ref, beta=beta, eps_low=0.2, eps_high=0.28,
+                                loss_type=loss_type, max_completion_length=t)
+    loss.backward()
+    theirs = base.clone().requires_grad_(True)
+    trl_loss, trl_metrics = _trl_loss(theirs, old, ref, adv, mask, loss_type, beta, 0.2, 0.28, t)
+    trl_loss.backward()
+    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-6, abs=1e-7)
+    assert torch.allclose(ours.grad, theirs.grad, rtol=1e-5, atol=1e-7)
+    assert metrics["clip_ratio/region_mean"] == pytest.approx(trl_metrics["clip_ratio/region_mean"][0], abs=1e-6)
+    assert metrics["clip_ratio/region_mean"] > 0  # the case exercises the clip
+    if beta:
+        assert metrics["kl"] == pytest.approx(trl_metrics["kl"][0], rel=1e-5)
+    # negative control: another normalisation is another loss
+    other = {"grpo": "dapo", "dapo": "dr_grpo", "dr_grpo": "grpo"}[loss_type]
+    wrong, _ = policy_loss(base, old, adv, mask, ref_logps=ref, beta=beta, eps_low=0.2, eps_high=0.28,
+                           loss_type=other, max_completion_length=t)
+    assert abs(wrong.item() - trl_loss.item()) > 1e-4

@@ -26,8 +26,12 @@ from typing import Literal
 
 import torch
 
+from halluc.core.example import IGNORE_INDEX, Role
+
 LossType = Literal["grpo", "dapo", "dr_grpo"]
 RewardScale = Literal["group", "batch", "none"]
+# the training layout that reproduces each generation semantics (tests/test_generate.py proves the logits equal)
+SEMANTICS_LAYOUT = {"keep": ("causal", "original"), "rewind": ("block_errors", "rewound")}
 
 
 def group_advantages(rewards: torch.Tensor, group: int, scale: RewardScale = "group") -> torch.Tensor:
@@ -85,3 +89,26 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         if kl is not None:
             metrics["kl"] = float((kl * mask).sum() / n)
     return loss, metrics
+
+
+def trace_example(prompt: list[int], trace: list[int], bt_id: int | None) -> dict:
+    """A sampled completion as a training example: every trace token is a target (BTs, and tokens a later
+    BT erased: the policy sampled them all); the edit tree reads what each BT erases from the roles."""
+    roles = [int(Role.PROMPT)] * len(prompt) + [int(Role.BACKTRACK if t == bt_id else Role.KEPT) for t in trace]
+    return {"input_ids": list(prompt) + list(trace), "roles": roles,
+            "labels": [IGNORE_INDEX] * len(prompt) + list(trace)}
+
+
+def trace_log_probs(model, examples: list[dict], semantics: str, backend: str) -> list[torch.Tensor]:
+    """log P(token) of every trace token of `trace_example`s, one forward in the layout of the semantics
+    the traces were sampled with (keep: causal; rewind: erased tokens blocked, rewound positions), on
+    `backend` (the model set up with halluc.structure.backends.use_backend). With gradients if enabled."""
+    from halluc.core.losses import target_log_probs
+    from halluc.structure.backends import forward_targets
+    from halluc.structure.packing import collate, concat_row, layout_example
+
+    mode, positions = SEMANTICS_LAYOUT[semantics]
+    batch = collate([concat_row([layout_example(e, mode, positions)]) for e in examples])
+    targets = forward_targets(model, batch, backend)
+    logps = target_log_probs(targets.logits.float(), targets.ids)
+    return [logps[targets.row == r] for r in range(len(examples))]

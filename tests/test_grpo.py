@@ -134,3 +134,38 @@ def test_the_trainers_log_probs_of_sampled_traces_equal_the_generators(sampled, 
         control = max(control, (theirs - want).abs().max().item())
     assert worst < 1e-4, worst
     assert control > 1e-2, control
+
+
+def test_the_bt_aware_reward_golden():
+    from halluc.sources.rollouts import RewardSettings, completion_reward
+
+    both, answer_only = RewardSettings(bt_term=True, kappa=0.1), RewardSettings(bt_term=False)
+    assert completion_reward(True, 2, 40, both) == 2.0    # right within the budget (2 <= 4)
+    assert completion_reward(True, 5, 40, both) == 1.5    # right, over the budget
+    assert completion_reward(False, 0, 40, both) == -2.0  # wrong
+    assert [completion_reward(r, 9, 40, answer_only) for r in (True, False)] == [1.0, -1.0]
+
+
+def test_the_recipe_trains_on_the_lab_policy_and_logs_trls_metric_names(lab_policy, tmp_path):
+    """recipes/grpo.py end to end from a policy right about half the time: groups are sampled, rewarded and
+    trained on; train.json logs TRL's names and the BT rate; the checkpoint records the recipe and the
+    semantics it trained with; the evaluation runs on both test splits."""
+    import json
+
+    from conftest import load_script
+
+    folder, _, _, _ = lab_policy
+    report = load_script("recipes/grpo.py").main([
+        f"model={folder}", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}/cache", "lab.train_size=2000",
+        "lab.sft_size=200", "lab.test_size=8", "eval_max_new_tokens=24", "steps=3", "batch_size=2",
+        "rollout.group=4", "rollout.max_new_tokens=48", "lr=1e-4"])
+    logged = [h for h in json.loads((tmp_path / "out" / "train.json").read_text()) if "loss" in h]
+    assert len(logged) == 3
+    for key in ("reward", "reward_std", "kl", "clip_ratio/region_mean", "completions/mean_length", "accuracy",
+                "bt_per_completion", "wasted_per_completion"):
+        assert key in logged[-1], key
+    assert any(h["grad_norm"] > 0 for h in logged)  # some group disagreed: a gradient flowed
+    assert logged[-1]["kl"] > 0  # the policy moved away from the reference
+    config = json.loads((tmp_path / "out" / "checkpoint" / "config.json").read_text())
+    assert config["halluc"]["recipe"] == "grpo" and report["semantics"] in ("keep", "rewind")
+    assert set(report["after"]) == {"test_id", "test_ood"}

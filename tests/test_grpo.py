@@ -169,3 +169,35 @@ def test_the_recipe_trains_on_the_lab_policy_and_logs_trls_metric_names(lab_poli
     config = json.loads((tmp_path / "out" / "checkpoint" / "config.json").read_text())
     assert config["halluc"]["recipe"] == "grpo" and report["semantics"] in ("keep", "rewind")
     assert set(report["after"]) == {"test_id", "test_ood"}
+
+
+def test_kill_9_mid_grpo_then_resume_continues_as_an_unbroken_run(lab_policy, tmp_path):
+    """Sampling is seeded by the global step, so a run killed with -9 after step 3 and resumed from
+    checkpoint-2 samples and trains steps 3-4 exactly as the unbroken run does (losses and rewards equal)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, kill_when_paused, load_script
+
+    folder, _, _, _ = lab_policy
+    out = tmp_path / "out"
+    args = [f"model={folder}", "lab.train_size=2000", "lab.sft_size=200", "lab.test_size=2", "eval_max_new_tokens=8",
+            "steps=4", "batch_size=2", "rollout.group=3", "rollout.max_new_tokens=24", "save_steps=2",
+            f"cache_dir={tmp_path}/cache", f"output_dir={out}", "lr=1e-3"]
+    kill_when_paused(args, out, 3, tmp_path / "killed.log", recipe="recipes/grpo.py")
+    resumed = subprocess.run([sys.executable, "recipes/grpo.py", *args, "resume=true"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    assert f"resuming from {out / 'checkpoint-2'}" in resumed.stdout + resumed.stderr
+    whole = tmp_path / "whole"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocesses' float sums
+    try:
+        load_script("recipes/grpo.py").main([*args[:-2], f"output_dir={whole}", "lr=1e-3"])
+    finally:
+        torch.set_num_threads(threads)
+    history = lambda d: [v for h in json.loads((d / "train.json").read_text()) if "loss" in h  # noqa: E731
+                         for v in (h["loss"], h["reward"])]
+    assert history(out)[-4:] == pytest.approx(history(whole)[-4:], abs=1e-5)  # steps 3-4: loss and reward

@@ -32,6 +32,8 @@ def test_a_skipped_and_a_replaced_span_golden():
     assert ex.ids == [A, B, C, D, Z, BT, E]
     assert ex.roles == [K, K, CO, K, ER, BK, CO]
     assert aligned_example([], [A, B], [A, B], BT, EOS) is None  # the reference itself: nothing to erase
+    cut_short = aligned_example([], [A, B], [A, B, C], BT, EOS)  # a part of the reference: only insertions
+    assert bt_runs(cut_short.roles) == [] and cut_short.ids == [A, B, C, EOS]
 
 
 def test_min_match_joins_edits_split_by_a_short_match():
@@ -107,4 +109,4 @@ def test_a_round_from_a_tiny_model_aligns_only_wrong_samples(bt_tokenizer, arith
         clean = apply_backtrack(row["input_ids"][len(prompt):], bt)
         assert tok.decode(clean, skip_special_tokens=True).strip() == p.solution.strip()
         assert all(lab == -100 for lab, r in zip(row["labels"], row["roles"]) if r in (Role.ERROR, Role.PROMPT))
-        assert max(bt_runs(row["roles"])) <= 32 and len(row["input_ids"]) <= 256
+        assert 0 < sum(bt_runs(row["roles"])) <= 32 and len(row["input_ids"]) <= 256

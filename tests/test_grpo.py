@@ -201,3 +201,34 @@ def test_kill_9_mid_grpo_then_resume_continues_as_an_unbroken_run(lab_policy, tm
     history = lambda d: [v for h in json.loads((d / "train.json").read_text()) if "loss" in h  # noqa: E731
                          for v in (h["loss"], h["reward"])]
     assert history(out)[-4:] == pytest.approx(history(whole)[-4:], abs=1e-5)  # steps 3-4: loss and reward
+
+
+def test_iterations_reuse_one_generation_batch_with_its_old_log_probs(bt_tokenizer, arith_problems):
+    """rollout.iterations=2: the first call samples and computes the old log-probs once (equal to the
+    policy's own, so the first ratio is exactly 1), the second trains on the same samples, the third
+    samples anew."""
+    import copy
+
+    from halluc.core.model import tiny_llama
+    from halluc.sources.rollouts import GroupSampling, GRPOObjective, RewardSettings
+    from halluc.structure.backends import TargetModel, use_backend
+    from halluc.tasks import arith
+
+    tok = copy.deepcopy(bt_tokenizer)
+    torch.manual_seed(0)
+    model = tiny_llama(len(tok), hidden=32, layers=1, heads=2, eos_token_id=tok.eos_token_id)
+    use_backend(model, "dense")
+    problems = arith_problems[:4]
+    prompts = [tok(p.prompt)["input_ids"] for p in problems]
+    objective = GRPOObjective(problems, arith, tok, prompts, sampling=GroupSampling(group=3, iterations=2,
+                              max_new_tokens=12), rewards=RewardSettings(), semantics="keep")
+    target = TargetModel(model, "dense")
+    batch = {"problem": torch.tensor([0, 1])}
+    loss1, m1 = objective(target, batch)
+    first = objective._samples
+    assert first.old is not None and len(first.examples) == 6
+    assert m1["clip_ratio/region_mean"] == 0.0  # old == new before any update: ratio 1
+    loss2, _ = objective(target, {"problem": torch.tensor([2, 3])})  # its problems are not sampled
+    assert objective._samples is first and loss2.item() == pytest.approx(loss1.item(), abs=1e-6)
+    objective(target, {"problem": torch.tensor([2, 3])})
+    assert objective._samples is not first

@@ -77,3 +77,41 @@ def test_the_retry_base_trains_on_the_clean_base_token_budget_and_keeps_its_bt_r
     clean = recipe.main([f"output_dir={tmp_path}/clean", *common])
     assert clean["bt_init_words"] is not None and len([p for p in (tmp_path / "cache").glob("base-*")
                                            if p.is_dir() and not p.name.endswith(".run")]) == 2
+
+
+def test_cache_keys_of_clean_runs_stay_what_they_were_and_retry_runs_get_their_own():
+    """Models cached before retry pretraining existed are found again: the lab SFT model's key leaves out
+    errors.step_kind / step_rate at their defaults and base_retry at rate 0 (the base's key likewise, in
+    lab_base_model); a retry base or per-step errors change the key. errors.step_rate needs step errors."""
+    from halluc.pipeline.sft import lab_sft_settings
+
+    dpo = load_script("recipes/dpo.py")
+    clean = lab_sft_settings(dpo.load(["output_dir=/tmp/x"]))
+    assert "base_retry" not in clean and not {"step_kind", "step_rate"} & set(clean["errors"])
+    assert set(clean) == {"seed", "lab", "tiny", "base", "sft", "errors", "num_proc", "deepspeed",
+                          "eval_max_new_tokens", "attention", "positions", "backend"}  # the keys cached models have
+    retry = lab_sft_settings(dpo.load(["output_dir=/tmp/x", "base_retry.rate=0.2"]))
+    assert retry["base_retry"]["rate"] == 0.2
+    assert lab_sft_settings(dpo.load(["output_dir=/tmp/x", "errors.step_rate=0.2"]))["errors"]["step_rate"] == 0.2
+    with pytest.raises(SystemExit, match="errors.step_rate=0.2 draws wrong steps"):
+        dpo.load(["output_dir=/tmp/x", "errors.step_rate=0.2", "errors.source=random"])
+
+
+def test_a_clean_base_keeps_its_cache_key(tmp_path):
+    """The clean lab base's folder is named by the key it had before base_retry existed (negative
+    control: a retry base is not)."""
+    import json
+
+    from halluc.core.artifacts import artifact_path
+    from halluc.core.config import Stage, as_dict
+    from halluc.pipeline.lab import LabConfig, ModelConfig, RetryData, base_settings
+    from halluc.pipeline import stages
+
+    lab, tiny, stage = LabConfig(train_size=40, sft_size=20, test_size=4), ModelConfig(hidden=16), Stage(steps=1)
+    old_key = json.dumps([base_settings(lab), as_dict(tiny), as_dict(stage), 0, 0, 256, 1], sort_keys=True)
+    splits = __import__("halluc.pipeline.lab", fromlist=["lab_splits"]).lab_splits(lab, 0)
+    run = stages.RunSettings()
+    _, _, folder = stages.lab_base_model(lab, tiny, stage, splits["train"], str(tmp_path), run)
+    assert folder == artifact_path(str(tmp_path), "base", old_key)
+    _, _, retry = stages.lab_base_model(lab, tiny, stage, splits["train"], str(tmp_path), run, retry=RetryData(rate=0.5))
+    assert retry != folder

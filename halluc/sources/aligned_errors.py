@@ -44,7 +44,8 @@ class AlignStats:
     wrong: int = 0
     unfinished: int = 0     # stopped by the length limit (aligned too: the reference's rest follows its last match)
     identical: int = 0      # the sample is the reference token for token: nothing to erase
-    too_long: int = 0       # longer than max_len, or a BT run longer than the loop guard allows
+    nothing_erased: int = 0  # the sample is a part of the reference (e.g. cut short): only insertions
+    too_long: int = 0       # longer than max_len, or more BTs than generation's loop guard allows (32)
     kept: int = 0
     error_tokens: int = 0   # over kept examples
     bt_runs: int = 0
@@ -123,7 +124,7 @@ def make_aligned_round(model, tokenizer, task, problems, *, k: int, sampling, ma
     stats = AlignStats(problems=len(problems))
     samples = sample(model, tokenizer, problems, k, sampling, max_new_tokens, batch_size)
     references = [[t for s in steps for t in s] for _, steps in tokenize_problems(problems, tokenizer)]
-    longest_run = LoopGuards().max_backtracks  # generation never writes a longer BT run: nor may training
+    longest_run = LoopGuards().max_backtracks  # generation never writes more BTs: nor may training
     rows, taken = [], Counter()
     for i, prompt, gen in tqdm(samples, desc="aligning", unit="sample", leave=False):
         stats.samples += 1
@@ -139,7 +140,10 @@ def make_aligned_round(model, tokenizer, task, problems, *, k: int, sampling, ma
             stats.identical += 1
             continue
         runs = bt_runs(ex.roles)
-        if len(ex.ids) > max_len or max(runs) > longest_run:
+        if not runs:  # the sample is a part of the reference (cut short): nothing to erase
+            stats.nothing_erased += 1
+            continue
+        if len(ex.ids) > max_len or sum(runs) > longest_run:
             stats.too_long += 1
             continue
         taken[i] += 1

@@ -31,6 +31,11 @@ class ErrorConfig:
     # > 0: every step gets an error with this chance (P2.2's retry_rate), instead of example_rate x sites
     step_rate: Fraction = 0.0
 
+    def check(self) -> None:
+        if self.step_rate and self.source != "step":
+            raise ValueError(f"errors.step_rate={self.step_rate:g} draws wrong steps: it needs errors.source=step, "
+                             f"not {self.source}")
+
 
 def clean_example(prompt: list[int], steps: list[list[int]], eos_id: int | None) -> Example:
     ex = Example().add(prompt, Role.PROMPT)

@@ -88,8 +88,8 @@ def balanced_pair(prompt: list[int], visible: list[int], cuts: list[int], j: int
 
 def balanced_pairs(task, problems, tokenizer, samples, bt_id: int, per_problem: int, seed: int) -> tuple[list[dict], Counter]:
     """Balanced pairs from sampled solutions [(problem index, prompt ids, generation)]: in each sample
-    whose first two steps verify, one random step j with step j + 1 also right; at most `per_problem`
-    per problem. Returns (pairs with a `problem` column, counts of why samples gave none)."""
+    whose first two steps verify ("ok": a step the verifier cannot check does not count), one random step
+    j with step j + 1 also right; at most `per_problem` per problem. Returns (pairs with a `problem` column, counts of why samples gave none)."""
     from halluc.sources.own_errors import char_ends
 
     rng = random.Random(seed)
@@ -101,9 +101,10 @@ def balanced_pairs(task, problems, tokenizer, samples, bt_id: int, per_problem: 
         text = tokenizer.decode(gen.visible, skip_special_tokens=True)
         steps = task.split_steps(text)
         report = task.verify_steps(problems[i], steps)
-        right = report.first_wrong if report.first_wrong is not None else len(steps)
-        if not report.answer_correct and report.first_wrong is None:
-            right = max(len(steps) - 1, 0)  # the answer step is the wrong one
+        kinds = report.kinds[:len(steps)]
+        right = next((k for k, kind in enumerate(kinds) if kind != "ok"), len(kinds))  # leading checked-right steps
+        if right == len(steps) and not report.answer_correct:
+            right -= 1  # every step checks, the answer does not: the last step is the wrong one
         if right < 2:
             why["fewer_than_two_right_steps"] += 1
             continue

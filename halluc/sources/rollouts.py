@@ -117,7 +117,7 @@ class GRPOObjective:
         loss, metrics = policy_loss(new, _pad(old)[0], s.advantages.to(new.device), mask,
                                     ref_logps=None if s.ref is None else _pad(s.ref)[0].to(new.device),
                                     beta=self.beta, eps_low=self.eps_low, eps_high=self.eps_high,
-                                    loss_type=self.loss_type, max_completion_length=self.sampling.max_new_tokens + 1)
+                                    loss_type=self.loss_type, max_completion_length=self.sampling.max_new_tokens)
         return loss, {**metrics, **s.metrics}
 
     def _sample(self, model, problem_ids: list[int]) -> Samples:

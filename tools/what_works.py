@@ -70,6 +70,9 @@ def table(results_dir: Path = ROOT / "docs" / "results", sweeps_dir: Path = ROOT
             cells = [_cell(diff.get(split, {}).get("answer_acc")) for split in ("test_id", "test_ood")]
             cells += [_cell(own.get(split, {}).get("bt_gain")) for split in ("test_id", "test_ood")]
             lines.append(f"| {what} ({name}: `{arm}`) | {setting} | `{sweep.baseline}` | " + " | ".join(cells) + " |")
+    lines += ["", "BT's own effect: the same model decoded with BT allowed minus BT banned (wrong->right minus "
+              "right->wrong). The `verifiers` arms decode the baseline's own weights differently, so their "
+              "accuracy difference is itself the effect of the verifier's BTs (n/a in the last columns)."]
     missing = sorted({s for s, _, _ in ROWS} - set(analysed))
     if missing:
         lines += ["", "Not in the table yet (no committed outcomes): " + ", ".join(f"`{m}`" for m in missing) + "."]

@@ -88,11 +88,10 @@ def train(cfg: Config) -> dict | None:
     from halluc.sources.own_errors import own_pairs
     from halluc.sources.pair_forms import select_forms
     from halluc.training.lora import apply_lora, base_identity
-    from halluc.core.model import load_causal_lm
     from halluc.structure.pairs import check_pairs_file, load_pairs, pair_rows
-    from halluc.pipeline.sft import lab_sft_model
+    from halluc.pipeline.sft import starting_policy
     from halluc.pipeline.stages import RunSettings, evaluate_on_main, finish_run, open_run, train_history, train_stage
-    from halluc.core.tokens import backtrack_id, has_backtrack, load_tokenizer
+    from halluc.core.tokens import backtrack_id
 
     if cfg.data:
         check_pairs_file(cfg.data)  # every row, before the lab's SFT model trains or any model loads
@@ -100,17 +99,10 @@ def train(cfg: Config) -> dict | None:
     run = RunSettings.of(cfg)
 
     # (1) the policy to start from, and its evaluation
-    start, before = (cfg.model, None) if cfg.model else lab_sft_model(cfg)
-    tokenizer = load_tokenizer(start)
-    if not has_backtrack(tokenizer):
-        raise SystemExit(f"model={start} has no <|BACKTRACK|> token: preference training starts from a model that "
-                         "has it (masked SFT, recipes/masked_sft.py)")
+    start, tokenizer, model, before = starting_policy(cfg, task, tests, "preference training")
     bt_id = backtrack_id(tokenizer)
     if cfg.ref_model:
         check_reference_tokenizer(cfg.ref_model, tokenizer)
-    model = load_causal_lm(start)
-    if before is None and tests:
-        before = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, "start")
     t_start = time.perf_counter() - t0
 
     # (2) the pairs

@@ -64,26 +64,17 @@ def train(cfg: Config) -> dict | None:
     import time
 
     from halluc.core.distributed import is_main
-    from halluc.core.model import load_causal_lm
-    from halluc.core.tokens import has_backtrack, load_tokenizer
     from halluc.inference.generate import semantics_for
     from halluc.objectives.dpo import disable_dropout, load_reference
     from halluc.objectives.grpo import SEMANTICS_LAYOUT
-    from halluc.pipeline.sft import lab_sft_model
+    from halluc.pipeline.sft import starting_policy
     from halluc.pipeline.stages import RunSettings, evaluate_on_main, finish_run, open_run, train_history, train_stage
     from halluc.sources.rollouts import GRPOObjective
     from halluc.training.checkpoint import record_training, save_stage
 
     out, task, splits, tests, t0 = open_run(cfg)
     run = RunSettings.of(cfg)
-    start, before = (cfg.model, None) if cfg.model else lab_sft_model(cfg)
-    tokenizer = load_tokenizer(start)
-    if not has_backtrack(tokenizer):
-        raise SystemExit(f"model={start} has no <|BACKTRACK|> token: GRPO starts from a model that has it "
-                         "(masked SFT, recipes/masked_sft.py)")
-    model = load_causal_lm(start)
-    if before is None and tests:
-        before = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, "start")
+    start, tokenizer, model, before = starting_policy(cfg, task, tests, "GRPO")
     semantics = semantics_for(model, None if cfg.semantics == "auto" else cfg.semantics, has_backtrack=True)
     attention, positions = SEMANTICS_LAYOUT[semantics]
     record_training(model, recipe="grpo", attention=attention, positions=positions, seed=cfg.seed,

@@ -79,18 +79,24 @@ def test_kill_9_in_round_2_then_resume_continues_at_round_2(tmp_path, cache):
     assert json.loads((out / "eval.json").read_text())["rounds"][1]["round"] == 2
 
 
-def test_gsm8k_files_run_and_unplaceable_errors_are_counted(tmp_path, gsm8k_test_file):
-    from halluc.tasks import gsm8k
+def tiny_gsm8k_base(folder, gsm8k_test_file):
+    """A tiny random Llama with a tokenizer trained on 120 GSM8K problems, saved to `folder`."""
     from halluc.core.model import tiny_llama
     from halluc.core.tokens import train_tokenizer
+    from halluc.tasks import gsm8k
 
     problems = gsm8k.read_jsonl(gsm8k_test_file, limit=120)
     tok = train_tokenizer([p.prompt + p.solution for p in problems], vocab_size=500)
     torch.manual_seed(0)
     model = tiny_llama(len(tok), hidden=32, layers=1, heads=2, pad_token_id=tok.pad_token_id,
                        eos_token_id=tok.eos_token_id)
-    model.save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def test_gsm8k_files_run_and_unplaceable_errors_are_counted(tmp_path, gsm8k_test_file):
+    tiny_gsm8k_base(tmp_path / "base", gsm8k_test_file)
     report = recipe().main([f"model={tmp_path / 'base'}", "lab.task=gsm8k", f"lab.train_file={gsm8k_test_file}",
                             f"lab.test_file={gsm8k_test_file.parent / 'train.jsonl'}", "lab.test_size=4",
                             "lab.sft_size=40", "lab.train_size=40", "sampler.problems=10", "sampler.k=2",
@@ -108,18 +114,10 @@ def test_gsm8k_files_give_own_errors_located_by_alignment(tmp_path, gsm8k_test_f
     examples, each erasing the sample's unmatched spans and ending as the reference solution."""
     from datasets import load_from_disk
 
-    from halluc.core.model import tiny_llama
-    from halluc.core.tokens import backtrack_id, train_tokenizer
+    from halluc.core.tokens import backtrack_id
     from halluc.pipeline.lab import LabConfig, lab_splits
-    from halluc.tasks import gsm8k
 
-    problems = gsm8k.read_jsonl(gsm8k_test_file, limit=120)
-    tok = train_tokenizer([p.prompt + p.solution for p in problems], vocab_size=500)
-    torch.manual_seed(0)
-    model = tiny_llama(len(tok), hidden=32, layers=1, heads=2, pad_token_id=tok.pad_token_id,
-                       eos_token_id=tok.eos_token_id)
-    model.save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
+    tok = tiny_gsm8k_base(tmp_path / "base", gsm8k_test_file)
     lab = ["lab.task=gsm8k", f"lab.train_file={gsm8k_test_file}", f"lab.test_file={gsm8k_test_file.parent / 'train.jsonl'}",
            "lab.test_size=4", "lab.sft_size=40", "lab.train_size=40"]
     report = recipe().main([f"model={tmp_path / 'base'}", *lab, "error_source=aligned", "sampler.problems=10",

@@ -199,3 +199,22 @@ def lab_sft_model(cfg, extra: dict | None = None) -> tuple[str, dict]:
             train_sft(sft_cfg)
     barrier()
     return str(folder / "checkpoint"), json.loads((folder / "eval.json").read_text())["after"]
+
+
+def starting_policy(cfg, task, tests: dict, what: str):
+    """(folder, tokenizer, model, its evaluation) of the policy a later recipe (dpo, grpo) starts from:
+    model=DIR, or the lab's masked SFT model (cached with its evaluation). A model without the BT token
+    is refused: `what` starts from one that has it."""
+    from halluc.core.model import load_causal_lm
+    from halluc.core.tokens import has_backtrack, load_tokenizer
+    from halluc.pipeline.stages import evaluate_on_main
+
+    start, before = (cfg.model, None) if cfg.model else lab_sft_model(cfg)
+    tokenizer = load_tokenizer(start)
+    if not has_backtrack(tokenizer):
+        raise SystemExit(f"model={start} has no <|BACKTRACK|> token: {what} starts from a model that has it "
+                         "(masked SFT, recipes/masked_sft.py)")
+    model = load_causal_lm(start)
+    if before is None and tests:
+        before = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, "start")
+    return start, tokenizer, model, before

@@ -154,3 +154,8 @@ def test_an_arm_that_trains_its_own_base_reports_it_beside_the_shared_one():
     assert gain["value"] == pytest.approx(1 - np.mean(shared)) and gain["resolved"]
     with pytest.raises(ValueError, match="started from another base"):
         collect(records, ["clean", "retry"])  # not declared: a mixed-up base is an error
+    # an arm that starts from another policy (a recipe's starting model, not base.*) is declared in the sweep
+    other = [dict(r, arm="other") if r["arm"] == "retry" else r for r in records]
+    declared = SimpleNamespace(arms={"clean": [], "other": ["errors.source=none"]}, baseline="clean", settings={},
+                               own_base=["other"])
+    assert list(analyse(declared, other)["default"]["arms"]) == [BASE, "clean", "other", "other/base"]

@@ -168,7 +168,8 @@ def paired_by_id(arm: dict, base: dict, where: str) -> dict:
 
 def analyse(sweep, records: list[dict]) -> dict:
     results = {}
-    table, kinds = collect(records, list(sweep.arms), own_base_arms(sweep.arms))
+    own = own_base_arms(sweep.arms) | set(getattr(sweep, "own_base", []))  # declared: e.g. another starting policy
+    table, kinds = collect(records, list(sweep.arms), own)
     for setting, arms in table.items():
         if not arms[BASE]:  # every arm trained its own base
             del arms[BASE]

@@ -4,6 +4,7 @@
     python recipes/grpo.py reward.bt_term=false             # answer reward only
     python recipes/grpo.py loss_type=dapo eps_high=0.28 rollout.group=16
     python recipes/grpo.py model=runs/masked_sft/checkpoint lab.task=gsm8k lab.train_file=... lab.test_file=...
+    python recipes/grpo.py lora.enabled=true                 # adapters; the reference is the adapter disabled
     torchrun --nproc_per_node 2 recipes/grpo.py ...          # DDP / ZeRO-2 (deepspeed=ds_configs/zero2.json)
 
 Steps: (1) the policy: model=DIR, or the lab's masked SFT model (the lab base + technique 1, cached);
@@ -52,8 +53,6 @@ class Config(RunConfig):  # the shared settings (output, model, lab chain, layou
         if self.deepspeed and "zero3" in self.deepspeed:
             raise ValueError("deepspeed: GRPO generates with the policy every step; ZeRO-3 would need its shards "
                              "gathered for that, which is not written yet: use ds_configs/zero2.json")
-        if self.lora.enabled:
-            raise ValueError("lora.enabled: GRPO with adapters is not written yet (train all weights)")
         if self.lab.task != "arith" and not self.lab.train_file:
             raise ValueError(f"lab.task={self.lab.task} needs lab.train_file (the problems to sample)")
         if self.rollout.group < 2:
@@ -70,7 +69,9 @@ def train(cfg: Config) -> dict | None:
     from halluc.pipeline.sft import starting_policy
     from halluc.pipeline.stages import RunSettings, evaluate_on_main, finish_run, open_run, train_history, train_stage
     from halluc.sources.rollouts import GRPOObjective
+    from halluc.core.tokens import backtrack_id
     from halluc.training.checkpoint import record_training, save_stage
+    from halluc.training.lora import apply_lora, base_identity
 
     out, task, splits, tests, t0 = open_run(cfg)
     run = RunSettings.of(cfg)
@@ -80,9 +81,16 @@ def train(cfg: Config) -> dict | None:
     record_training(model, recipe="grpo", attention=attention, positions=positions, seed=cfg.seed,
                     loss=cfg.loss_type)
     disable_dropout(model)
-    reference = load_reference(cfg.ref_model or start, tokenizer) if cfg.beta and cfg.steps else None
+    # the KL reference: ref_model, else the starting model; under LoRA without ref_model, the policy with
+    # its adapter disabled (no copy)
+    live_reference = cfg.beta and cfg.steps and (cfg.ref_model or not cfg.lora.enabled)
+    reference = load_reference(cfg.ref_model or start, tokenizer) if live_reference else None
     if reference is not None:
         disable_dropout(reference)
+    identity = base_identity(model, start) if cfg.lora.enabled else None
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, backtrack_id(tokenizer))
+        disable_dropout(model)
 
     problems = splits["sft"]
     prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
@@ -94,11 +102,11 @@ def train(cfg: Config) -> dict | None:
                                   eps_high=cfg.eps_high, reference=reference, seed=cfg.seed)
         trainer = train_stage(model, [{"problem": i} for i in range(len(problems))],
                               Stage(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr), str(out), run,
-                              objective=objective, tokenizer=tokenizer)
+                              objective=objective, tokenizer=tokenizer, adapter_info=identity)
         if is_main():
             (out / "train.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-        saved = out / "checkpoint"
-        model = save_stage(trainer, model, tokenizer, saved, cfg.deepspeed)
+        saved = out / ("adapter" if cfg.lora.enabled else "checkpoint")
+        model = save_stage(trainer, model, tokenizer, saved, cfg.deepspeed, identity)
     else:
         saved = start
     t_rl = time.perf_counter() - t1
@@ -109,7 +117,7 @@ def train(cfg: Config) -> dict | None:
               "after": after or {}, "saved": str(saved), "grpo_train": train_history(trainer) if trainer else None,
               "seconds": {"grpo": round(t_rl, 1), "total": round(time.perf_counter() - t0, 1)}}
     finish_run(out, cfg, report, trainer.state.global_step if trainer else 0, "grpo" if cfg.steps else "start (steps=0)",
-               saved=("checkpoint", saved))
+               saved=("adapter" if cfg.lora.enabled else "checkpoint", saved))
     return report
 
 

@@ -232,3 +232,18 @@ def test_iterations_reuse_one_generation_batch_with_its_old_log_probs(bt_tokeniz
     assert objective._samples is first and loss2.item() == pytest.approx(loss1.item(), abs=1e-6)
     objective(target, {"problem": torch.tensor([2, 3])})
     assert objective._samples is not first
+
+
+def test_lora_grpo_uses_the_adapter_off_as_reference_and_saves_an_adapter(lab_policy, tmp_path):
+    import json
+
+    from conftest import load_script
+
+    folder, _, _, _ = lab_policy
+    report = load_script("recipes/grpo.py").main([
+        f"model={folder}", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}/cache", "lab.train_size=2000",
+        "lab.sft_size=200", "lab.test_size=4", "eval_max_new_tokens=16", "steps=2", "batch_size=2",
+        "rollout.group=3", "rollout.max_new_tokens=24", "lr=1e-3", "lora.enabled=true"])
+    logged = [h for h in json.loads((tmp_path / "out" / "train.json").read_text()) if "loss" in h]
+    assert len(logged) == 2 and logged[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # adapter at 0: policy == reference
+    assert (tmp_path / "out" / "adapter" / "halluc_adapter.json").exists() and report["saved"].endswith("adapter")

@@ -151,12 +151,15 @@ class GRPOObjective:
         with torch.no_grad():
             if g.iterations > 1:
                 old = trace_log_probs(model, examples, self.semantics, model.backend)
-            if self.beta:
-                if self.reference is None:
-                    raise ValueError("beta > 0 needs a reference model")
+            if self.beta and self.reference is not None:
                 use_backend(self.reference, model.backend)  # once the trainer chose it (a no-op after)
                 target = TargetModel(self.reference, model.backend)
                 ref = trace_log_probs(target, examples, self.semantics, model.backend)
+            elif self.beta and hasattr(inner, "disable_adapter"):  # LoRA: the starting model is the adapter off
+                with inner.disable_adapter():
+                    ref = trace_log_probs(model, examples, self.semantics, model.backend)
+            elif self.beta:
+                raise ValueError("beta > 0 needs a reference model (or a LoRA policy, whose adapter is disabled)")
         n = len(gens)
         grouped = reward.view(-1, g.group)
         metrics = {"reward": float(reward.mean()), "reward_std": float(grouped.std(dim=1).mean()) if g.group > 1 else 0.0,

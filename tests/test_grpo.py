@@ -247,3 +247,29 @@ def test_lora_grpo_uses_the_adapter_off_as_reference_and_saves_an_adapter(lab_po
     logged = [h for h in json.loads((tmp_path / "out" / "train.json").read_text()) if "loss" in h]
     assert len(logged) == 2 and logged[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # adapter at 0: policy == reference
     assert (tmp_path / "out" / "adapter" / "halluc_adapter.json").exists() and report["saved"].endswith("adapter")
+
+
+def test_grpo_runs_on_gsm8k_files(tmp_path, gsm8k_test_file):
+    """A tiny GSM8K model with a BT token: groups sampled from GSM8K problems, rewarded by their final
+    answer (the task's verifier needs no annotation for that), evaluated on the test file."""
+    import json
+
+    from conftest import load_script
+    from test_self_correct import tiny_gsm8k_base
+
+    from halluc.core.model import load_causal_lm
+    from halluc.core.tokens import add_backtrack_token
+
+    tok = tiny_gsm8k_base(tmp_path / "base", gsm8k_test_file)
+    model = load_causal_lm(str(tmp_path / "base"))
+    add_backtrack_token(tok, model)
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    report = load_script("recipes/grpo.py").main([
+        f"model={tmp_path / 'base'}", "lab.task=gsm8k", f"lab.train_file={gsm8k_test_file}",
+        f"lab.test_file={gsm8k_test_file.parent / 'train.jsonl'}", "lab.test_size=2", "lab.sft_size=20",
+        "lab.train_size=20", "max_len=512", "steps=2", "batch_size=2", "rollout.group=2",
+        "rollout.max_new_tokens=16", "eval_max_new_tokens=8", f"output_dir={tmp_path}/out"])
+    logged = [h for h in json.loads((tmp_path / "out" / "train.json").read_text()) if "loss" in h]
+    assert len(logged) == 2 and all(-2 <= h["reward"] <= 2 and "completions/mean_length" in h for h in logged)
+    assert report["after"]["test_id"]["n"] == 2

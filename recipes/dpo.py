@@ -12,9 +12,11 @@ Steps: (1) the policy to start from: model=DIR, or the lab's masked SFT model (t
 technique 1, trained once and cached like the base); (2) the pairs: data=FILE.jsonl|DIR, or the
 policy's own errors sampled and judged here (technique 5's round, cached): prompt = question +
 right steps + the wrong step, chosen = BTs + correction + rest, rejected = the model's own
-continuation; (3) the reference: ref_model=DIR, else the starting model (under LoRA: the adapter
-disabled); (4) `steps` of the preference loss on pairs laid out with the prompt once (packed with
-layout.pack=N); (5) evaluate, write checkpoint (or adapter), train.json (the log history), eval.json.
+continuation (`pairs.step` and `pairs.balanced` add Step-DPO pairs and "after a right step, go
+on" pairs from the same samples: halluc/sources/pair_forms.py); (3) the reference: ref_model=DIR,
+else the starting model (under LoRA: the adapter disabled); (4) `steps` of the preference loss on
+pairs laid out with the prompt once (packed with layout.pack=N); (5) evaluate, write checkpoint (or
+adapter), train.json (the log history), eval.json.
 steps=0 evaluates the starting model only (the baseline arm of a sweep).
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Annotated, Literal
 from halluc.core.config import (PREFERENCE_KINDS, NonNegativeFloat, NonNegativeInt, PositiveInt, Range, Sampler, Stage,
                            as_dict, check_run_rules, recipe_entry)
 from halluc.pipeline.run_config import RunConfig
+from halluc.sources.pair_forms import PairWeights
 from halluc.core.inputs import check_input_file, run_cli
 
 log = logging.getLogger("dpo")
@@ -51,6 +54,9 @@ class Config(RunConfig):  # the shared settings (output, model, lab chain, layou
     lr: NonNegativeFloat = 2e-4
     precompute_ref: bool = False          # sigmoid/ipo: reference log-probs once, cached (no live reference)
     sampler: Sampler = field(default_factory=lambda: Sampler(problems=2500, per_problem=2))
+    # the pair forms trained on, per BT pair (halluc/sources/pair_forms.py): bt (BTs + correction over the
+    # continued error), step (Step-DPO: right step over wrong step), balanced (after a right step: go on)
+    pairs: PairWeights = field(default_factory=PairWeights)
 
     def check(self) -> None:
         check_run_rules(self, ("model", "ref_model"))
@@ -77,13 +83,15 @@ def train(cfg: Config) -> dict | None:
     from halluc.core.distributed import is_main, local_device, world_size
     from halluc.objectives.dpo import (PreferenceObjective, check_reference_tokenizer, disable_dropout, load_reference,
                             precomputed_reference)
+    from collections import Counter
+
     from halluc.sources.own_errors import own_pairs
+    from halluc.sources.pair_forms import select_forms
     from halluc.training.lora import apply_lora, base_identity
-    from halluc.core.model import load_causal_lm
     from halluc.structure.pairs import check_pairs_file, load_pairs, pair_rows
-    from halluc.pipeline.sft import lab_sft_model
+    from halluc.pipeline.sft import starting_policy
     from halluc.pipeline.stages import RunSettings, evaluate_on_main, finish_run, open_run, train_history, train_stage
-    from halluc.core.tokens import backtrack_id, has_backtrack, load_tokenizer
+    from halluc.core.tokens import backtrack_id
 
     if cfg.data:
         check_pairs_file(cfg.data)  # every row, before the lab's SFT model trains or any model loads
@@ -91,22 +99,16 @@ def train(cfg: Config) -> dict | None:
     run = RunSettings.of(cfg)
 
     # (1) the policy to start from, and its evaluation
-    start, before = (cfg.model, None) if cfg.model else lab_sft_model(cfg)
-    tokenizer = load_tokenizer(start)
-    if not has_backtrack(tokenizer):
-        raise SystemExit(f"model={start} has no <|BACKTRACK|> token: preference training starts from a model that "
-                         "has it (masked SFT, recipes/masked_sft.py)")
+    start, tokenizer, model, before = starting_policy(cfg, task, tests, "preference training")
     bt_id = backtrack_id(tokenizer)
     if cfg.ref_model:
         check_reference_tokenizer(cfg.ref_model, tokenizer)
-    model = load_causal_lm(start)
-    if before is None and tests:
-        before = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, "start")
     t_start = time.perf_counter() - t0
 
     # (2) the pairs
     pairs_from = cfg.data or own_pairs(cfg, start, model, tokenizer, task, splits["sft"], bt_id)
-    pairs = load_pairs(pairs_from, tokenizer, bt_id)
+    pairs = select_forms(load_pairs(pairs_from, tokenizer, bt_id), as_dict(cfg.pairs), cfg.seed)
+    forms = dict(Counter(p.get("form", "bt") for p in pairs))
     # a pair's positions run to its prompt + longer branch: keep the whole unit within the model's
     # positions (a model with learned positions, e.g. GPT-2, would index past its table)
     limit = getattr(model.config, "max_position_embeddings", None) or cfg.max_len
@@ -155,7 +157,7 @@ def train(cfg: Config) -> dict | None:
     after = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, cfg.loss) if cfg.steps else before
     if not is_main():
         return None
-    report = {"config": as_dict(cfg), "backtrack_id": bt_id, "start": str(start), "pairs": len(pairs),
+    report = {"config": as_dict(cfg), "backtrack_id": bt_id, "start": str(start), "pairs": len(pairs), "pair_forms": forms,
               "pairs_from": str(pairs_from), "rows": len(rows), "before": before or {}, "after": after or {},
               "saved": str(saved), "world_size": world_size(),
               "dpo_train": train_history(trainer) if trainer else None,

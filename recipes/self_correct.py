@@ -19,7 +19,10 @@ Each round (halluc/sources/own_errors.py):
 checkpoint and evaluation; a killed run resumes at the round it was in (resume=true).
 `mix.own=0` trains on synthetic errors only (masked SFT through the same code). `error_source=mcts`
 makes the own share from MCTS traces instead (technique 8, halluc/sources/mcts.py, docs/mcts.md): a search
-of the current model on the sampler's problems, valued by the task's step verifier. With
+of the current model on the sampler's problems, valued by the task's step verifier. `error_source=aligned`
+locates the errors of the model's wrong samples by aligning them to the references instead of judging
+their steps (halluc/sources/aligned_errors.py, N-MARS): no step verifier needed, so GSM8K and jsonl tasks
+give own errors where the judge cannot place them. With
 `curriculum.phases` (technique 3, halluc/pipeline/curriculum.py) a round trains its phases in order
 instead of one mix: error length, sites, rate, difficulty and source (synthetic, then own).
 """
@@ -34,6 +37,7 @@ from halluc.core.config import (Fraction, LoraSettings, PositiveInt, Sampler, St
                            check_run_rules, recipe_entry)
 from halluc.pipeline.curriculum import Curriculum
 from halluc.pipeline.run_config import RunConfig
+from halluc.sources.aligned_errors import AlignSettings
 from halluc.sources.mcts import SearchConfig, TraceData
 from halluc.core.inputs import run_cli
 
@@ -64,7 +68,9 @@ class Config(RunConfig):  # the shared settings (output, model, lab chain, layou
     sampler: Sampler = field(default_factory=Sampler)
     # what makes the mix's "own" share: the model's sampled errors (technique 5) or the traces of a
     # step-level MCTS of the model (technique 8) on sampler.problems problems
-    error_source: Literal["own", "mcts"] = "own"
+    # or the model's samples aligned to the references (N-MARS: no step verifier, any task with references)
+    error_source: Literal["own", "mcts", "aligned"] = "own"
+    align: AlignSettings = field(default_factory=AlignSettings)  # error_source=aligned
     mcts: SearchConfig = field(default_factory=SearchConfig)     # error_source=mcts: the search
     mcts_data: TraceData = field(default_factory=TraceData)      # ... and its traces
     mix: Mix = field(default_factory=Mix)  # without a curriculum: what one round trains on
@@ -86,8 +92,8 @@ class Config(RunConfig):  # the shared settings (output, model, lab chain, layou
                              "between rounds is not supported here (train with masked_sft for LoRA)")
         if self.lab.task != "arith" and not self.lab.train_file:
             raise ValueError(f"lab.task={self.lab.task} needs lab.train_file (the problems to sample)")
-        if self.error_source == "mcts" and not self.uses_own_errors():
-            raise ValueError("error_source=mcts makes the own share of the mix: set mix.own > 0 (or a phase with "
+        if self.error_source != "own" and not self.uses_own_errors():
+            raise ValueError(f"error_source={self.error_source} makes the own share of the mix: set mix.own > 0 (or a phase with "
                              "source: own), else no search runs")
 
 

@@ -401,12 +401,51 @@ def test_the_lab_default_runs_tdpo2_on_packed_own_error_pairs(tmp_path, cache):
     assert report["pairs"] > 0 and report["rows"] < report["pairs"]  # packed
     pairs = load_from_disk(report["pairs_from"])
     bt = report["backtrack_id"]
-    for p in pairs:  # the chosen side erases exactly the prompt's error run
+    assert report["pair_forms"] == {"bt": report["pairs"]}  # the default: bt pairs only
+    for p in pairs:  # the chosen side erases exactly the prompt's error run (none in step and balanced pairs)
+        if p["form"] == "balanced":  # the rejected side leaves the chosen side's text: it only wastes a BT run
+            assert apply_backtrack(p["prompt_ids"] + p["rejected_ids"], bt) == p["prompt_ids"] + p["chosen_ids"]
         n_err = sum(r == Role.ERROR for r in p["prompt_roles"])
         assert p["chosen_ids"][:n_err] == [bt] * n_err and p["chosen_ids"][n_err] != bt
         visible = apply_backtrack(p["prompt_ids"] + p["chosen_ids"], bt)
         assert visible[:len(p["prompt_ids"]) - n_err] == p["prompt_ids"][:len(p["prompt_ids"]) - n_err]
     assert (out / "checkpoint" / "model.safetensors").exists() and set(report["after"]) == {"test_id", "test_ood"}
+
+
+def test_step_and_balanced_pairs_from_a_policy_right_half_the_time(lab_policy, tmp_path):
+    """pairs.step and pairs.balanced (issue 24): the policy's own samples give all three forms, drawn per
+    bt pair; a balanced pair continues after two right steps and its rejected side leaves the same text
+    after a wasted BT run; DPO trains on the mix under the hard mask, packed."""
+    from datasets import load_from_disk
+
+    from halluc.core.example import apply_backtrack
+
+    folder, _, tok, _ = lab_policy
+    report = load_script("recipes/dpo.py").main([
+        f"model={folder}", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}/cache", "lab.train_size=2000",
+        "lab.sft_size=200", "lab.test_size=8", "sampler.problems=48", "sampler.k=2", "sampler.max_new_tokens=64",
+        "sampler.correction_tries=1", "pairs.step=1", "pairs.balanced=0.5", "steps=2", "batch_size=4",
+        "eval_max_new_tokens=8", "layout.pack=256", "layout.attention=block_errors", "layout.positions=rewound"])
+    forms = report["pair_forms"]
+    assert forms["bt"] > 0 and forms["step"] > 0 and forms["balanced"] == round(0.5 * forms["bt"])
+    pairs = load_from_disk(report["pairs_from"])
+    bt = report["backtrack_id"]
+    from halluc.pipeline.lab import LabConfig, lab_splits
+    from halluc.tasks import arith
+
+    problems = {}
+    sft = lab_splits(LabConfig(train_size=2000, sft_size=200, test_size=8), 0)["sft"]
+    balanced = [p for p in pairs if p["form"] == "balanced"]
+    assert balanced
+    for p in balanced:
+        problem = sft[p["problem"]]
+        prompt = tok(problem.prompt)["input_ids"]
+        assert apply_backtrack(p["prompt_ids"] + p["rejected_ids"], bt) == p["prompt_ids"] + p["chosen_ids"]
+        steps = arith.split_steps(tok.decode(p["prompt_ids"][len(prompt):] + p["chosen_ids"], skip_special_tokens=True))
+        assert len(steps) >= 2 and arith.verify_steps(problem, steps).kinds[:len(steps)] == ["ok"] * len(steps)
+        problems[p["problem"]] = problems.get(p["problem"], 0) + 1
+    assert max(problems.values()) <= 2  # sampler.per_problem
+    assert report["dpo_train"] is not None
 
 
 def test_precomputed_reference_log_probs_are_cached_and_give_the_live_loss(tmp_path, cache, monkeypatch):

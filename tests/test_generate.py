@@ -442,9 +442,13 @@ def test_backtracking_over_right_text_is_not_detection_skill(bt_tokenizer, arith
     assert damage["later_repairs_per_problem"] >= 2.0  # its own damage, repaired: reported apart
     every = simulated_policy(problems, bt_tokenizer, bt, "erase_every_step")
     assert every["answer_acc"] == 1.0 and every["bt_recall"] is None and every["bt_precision"] == 0.0
+    steps = sum(len(p.steps) for p in problems) / len(problems)
+    assert every["runs_over_right_per_problem"] == pytest.approx(steps)  # a BT run after every right step
+    assert damage["runs_over_right_per_problem"] == pytest.approx(steps)  # the erased wrong rewrites are justified
     honest = simulated_policy(problems, bt_tokenizer, bt, "honest")
     assert honest["answer_acc"] == 1.0 and honest["bt_recall"] == 1.0 and honest["bt_precision"] == 1.0
     assert honest["problems_with_error"] >= 190 and honest["later_repairs_per_problem"] == 0.0
+    assert honest["runs_over_right_per_problem"] == 0.0
 
 
 def test_backtrackings_own_effect_decodes_again_with_bt_banned(bt_tokenizer, monkeypatch):

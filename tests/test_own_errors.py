@@ -120,8 +120,11 @@ def test_a_round_from_a_tiny_model_keeps_every_invariant(bt_tokenizer, arith_pro
                                     max_new_tokens=40, correction_tries=1, per_problem=1, bt_id=bt)
     assert stats.samples == 48 and stats.right + stats.wrong == 48
     assert stats.located + stats.unlocated + stats.unaligned + stats.unfinished == stats.wrong
-    assert len(rows) == len(pairs) == stats.kept > 0
-    for row, pair in zip(rows, pairs):
+    bt_pairs = [p for p in pairs if p["form"] == "bt"]
+    assert len(rows) == len(bt_pairs) == stats.kept > 0
+    assert sum(p["form"] == "balanced" for p in pairs) == stats.balanced
+    assert sum(p["form"] == "step" for p in pairs) <= stats.kept
+    for row, pair in zip(rows, bt_pairs):
         assert len(row["input_ids"]) <= 256 and row["roles"].count(Role.BACKTRACK) <= 32  # as generation allows
         p = problems[row["problem"]]
         prompt = tok(p.prompt)["input_ids"]

@@ -79,18 +79,24 @@ def test_kill_9_in_round_2_then_resume_continues_at_round_2(tmp_path, cache):
     assert json.loads((out / "eval.json").read_text())["rounds"][1]["round"] == 2
 
 
-def test_gsm8k_files_run_and_unplaceable_errors_are_counted(tmp_path, gsm8k_test_file):
-    from halluc.tasks import gsm8k
+def tiny_gsm8k_base(folder, gsm8k_test_file):
+    """A tiny random Llama with a tokenizer trained on 120 GSM8K problems, saved to `folder`."""
     from halluc.core.model import tiny_llama
     from halluc.core.tokens import train_tokenizer
+    from halluc.tasks import gsm8k
 
     problems = gsm8k.read_jsonl(gsm8k_test_file, limit=120)
     tok = train_tokenizer([p.prompt + p.solution for p in problems], vocab_size=500)
     torch.manual_seed(0)
     model = tiny_llama(len(tok), hidden=32, layers=1, heads=2, pad_token_id=tok.pad_token_id,
                        eos_token_id=tok.eos_token_id)
-    model.save_pretrained(tmp_path / "base")
-    tok.save_pretrained(tmp_path / "base")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def test_gsm8k_files_run_and_unplaceable_errors_are_counted(tmp_path, gsm8k_test_file):
+    tiny_gsm8k_base(tmp_path / "base", gsm8k_test_file)
     report = recipe().main([f"model={tmp_path / 'base'}", "lab.task=gsm8k", f"lab.train_file={gsm8k_test_file}",
                             f"lab.test_file={gsm8k_test_file.parent / 'train.jsonl'}", "lab.test_size=4",
                             "lab.sft_size=40", "lab.train_size=40", "sampler.problems=10", "sampler.k=2",
@@ -101,6 +107,37 @@ def test_gsm8k_files_run_and_unplaceable_errors_are_counted(tmp_path, gsm8k_test
     assert stats["samples"] == 20 and stats["right"] + stats["wrong"] == 20
     assert stats["located"] + stats["unlocated"] + stats["unaligned"] + stats["unfinished"] == stats["wrong"]
     assert report["after"]["test_id"]["n"] == 4
+
+
+def test_gsm8k_files_give_own_errors_located_by_alignment(tmp_path, gsm8k_test_file):
+    """error_source=aligned needs no step verifier: GSM8K samples the judge cannot place still give
+    examples, each erasing the sample's unmatched spans and ending as the reference solution."""
+    from datasets import load_from_disk
+
+    from halluc.core.tokens import backtrack_id
+    from halluc.pipeline.lab import LabConfig, lab_splits
+
+    tok = tiny_gsm8k_base(tmp_path / "base", gsm8k_test_file)
+    lab = ["lab.task=gsm8k", f"lab.train_file={gsm8k_test_file}", f"lab.test_file={gsm8k_test_file.parent / 'train.jsonl'}",
+           "lab.test_size=4", "lab.sft_size=40", "lab.train_size=40"]
+    report = recipe().main([f"model={tmp_path / 'base'}", *lab, "error_source=aligned", "sampler.problems=10",
+                            "sampler.k=2", "sampler.max_new_tokens=24", "sft.steps=2", "sft.batch_size=4",
+                            "round_examples=16", "max_len=512", "eval_max_new_tokens=16", f"output_dir={tmp_path}/out"])
+    stats = report["rounds"][0]["stats"]
+    assert stats["samples"] == 20 and stats["right"] + stats["wrong"] == 20 and stats["kept"] > 0
+    assert report["rounds"][0]["mix"]["own"] == min(stats["kept"], 8)  # mix.own=0.5 of round_examples=16
+    rows = list(load_from_disk(str(tmp_path / "out" / "round-1" / "data" / "sft")))
+    trained = tok.__class__.from_pretrained(tmp_path / "out" / "round-1" / "checkpoint")
+    bt = backtrack_id(trained)
+    sft = lab_splits(LabConfig(task="gsm8k", train_file=str(gsm8k_test_file), test_file=str(gsm8k_test_file.parent /
+                                                                                       "train.jsonl"),
+                               test_size=4, sft_size=40, train_size=40), 0)["sft"]
+    for row in rows:
+        p = sft[row["problem"]]
+        prompt = trained(p.prompt)["input_ids"]
+        clean = apply_backtrack(row["input_ids"][len(prompt):], bt)
+        assert trained.decode(clean, skip_special_tokens=True).strip() == p.solution.strip()
+        assert Role.ERROR in row["roles"] and Role.BACKTRACK in row["roles"]
 
 
 # ---- curriculum ---------------------------------------------------------------------------

@@ -100,3 +100,39 @@ def test_a_report_with_no_finished_run_is_refused(tmp_path):
     result = sweep(spec, "--out", tmp_path / "out", "--report-only")
     assert result.returncode == 2 and "no finished run" in result.stderr
     assert not (tmp_path / "out" / "results.md").exists()
+
+
+def test_the_what_works_table_comes_from_committed_outcomes(tmp_path):
+    """tools/what_works.py: per technique and setting, the paired accuracy difference to the sweep's
+    baseline and backtracking's own effect, bold only when resolved; sweeps without outcomes are named."""
+    import random
+
+    from conftest import load_script
+
+    from halluc.pipeline.report import write_outcomes
+
+    (tmp_path / "first_results.yaml").write_text(
+        "name: first_results\nrecipe: recipes/masked_sft.py\nbaseline: clean_sft\nseeds: [0, 1, 2]\n"
+        "arms:\n  clean_sft: [errors.source=none]\n  masked: []\n")
+    rng = random.Random(0)
+
+    def split(p_right, gain):
+        right = [int(rng.random() < p_right) for _ in range(300)]
+        return {"per_problem": {"id": [f"p{i}" for i in range(300)], "answer_correct": right,
+                                "bt_gain": [gain if r else 0 for r in right]}, "first_error_kinds": {}}
+
+    base = {s: {"test_id": split(0.5, 0), "test_ood": split(0.2, 0)} for s in range(3)}
+    records = []
+    for s in range(3):
+        records.append({"setting": "default", "arm": "clean_sft", "seed": s, "before": base[s],
+                        "after": {"test_id": split(0.5, 0), "test_ood": split(0.2, 0)}})
+        records.append({"setting": "default", "arm": "masked", "seed": s, "before": base[s],
+                        "after": {"test_id": split(0.9, 1), "test_ood": split(0.2, 0)}})
+    write_outcomes(records, tmp_path / "first_results.outcomes.jsonl.gz")
+    text = load_script("tools/what_works.py").table(results_dir=tmp_path, sweeps_dir=tmp_path)
+    row = next(line for line in text.splitlines() if "`masked`" in line)
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1:3] == ["default", "`clean_sft`"]
+    assert cells[3].startswith("**+") and 35 < float(cells[3][3:7]) < 45 and not cells[4].startswith("**")  # ~+40 resolved
+    assert cells[5].startswith("**+8")  # BT's own gain: +1 on every right problem (~90%)
+    assert "Not in the table yet" in text and "`dpo`" in text

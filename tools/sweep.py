@@ -56,6 +56,7 @@ class Sweep:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     common: list[str] = field(default_factory=list)  # overrides for every run
     note: str = ""                      # what the sweep asks, for the report
+    own_base: list[str] = field(default_factory=list)  # arms that start from another model (besides base.* arms)
 
 
 @dataclass(eq=False)  # one object per run, hashed by identity
@@ -103,6 +104,8 @@ def read_sweep(path: str) -> Sweep:
                 raise SystemExit(f"{path}: {key}.{name} must be a list of key=value strings, got {overrides!r}")
     if "base" in sweep.arms:
         raise SystemExit(f"{path}: 'base' is the report's name for the model the arms start from: rename that arm")
+    if unknown := set(sweep.own_base) - set(sweep.arms):
+        raise SystemExit(f"{path}: own_base names arms that do not exist: {sorted(unknown)}")
     if sweep.baseline not in sweep.arms:
         raise SystemExit(f"{path}: baseline {sweep.baseline!r} is not one of the arms {list(sweep.arms)}")
     return sweep

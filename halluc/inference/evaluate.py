@@ -185,6 +185,9 @@ def metrics_of(model, tokenizer, problems: list[Problem], task, gens: list[Gener
         "later_runs_per_problem": sum(s.later_runs for s in scores) / n,
         "later_repairs_per_problem": sum(s.later_justified for s in scores) / n,
         "bt_precision_all_runs": sum(s.n_justified for s in scores) / runs if runs else None,
+        # BT runs that erased right text (a BT after a right step), first or later: what "backtrack after
+        # everything" inflates (issue 24's balanced pairs are meant to lower it)
+        "runs_over_right_per_problem": (runs - sum(s.n_justified for s in scores)) / n,
         "bt_recall_any_segment": sum(s.caught_error for s in scores) / errors if errors else None,
         "token_forwards_per_problem": sum(s.token_forwards for s in scores) / n,
         "stops": dict(Counter(g.stop for g in gens)),
@@ -194,6 +197,7 @@ def metrics_of(model, tokenizer, problems: list[Problem], task, gens: list[Gener
         "per_problem": {"answer_correct": [int(s.answer_correct) for s in scores],
                         "full_solution": [int(s.full_solution) for s in scores],
                         "runs": [s.n_runs for s in scores], "justified": [s.n_justified for s in scores],
+                        "runs_over_right": [s.n_runs - s.n_justified for s in scores],
                         "made_error": [int(s.made_error) for s in scores],
                         "caught_error": [int(s.caught_error) for s in scores],
                         "first_pass_error": [int(s.first_pass_error) for s in scores],

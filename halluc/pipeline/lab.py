@@ -72,6 +72,17 @@ class ModelConfig:
     init_range: NonNegativeFloat = 0.06   # 0.02 leaves the loss flat for ~600 steps
 
 
+@dataclass
+class RetryData:
+    """Retry pretraining (Physics of LMs 2.2; `base_retry.*`): the lab base trains on its clean problems
+    with wrong steps written and erased by BTs, the BT token in its vocabulary from the start."""
+
+    rate: Fraction = 0.0      # each step is first written wrong, then erased, with this chance (0: a clean base)
+    kind: Literal["early", "any"] = "early"  # early: a later step not computable yet (P2.2); any: the lab's wrong steps
+    masked: bool = False      # P2.2: masking the errors makes no difference in pretraining (within 0.2 points)
+    equal_tokens: bool = True  # unpacked: fewer steps, so the base trains on as many tokens as the clean base
+
+
 def lab_splits(cfg: LabConfig, seed: int = 0) -> dict[str, list[Problem]]:
     """train / sft / test_id / test_ood, with every test problem removed from train and sft.
 

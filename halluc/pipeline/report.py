@@ -22,6 +22,7 @@ METRICS = {
     "bt_precision": ("ratio", "first_run_justified", "first_run"),
     "bt_recall": ("ratio", "first_pass_caught", "first_pass_error"),
     "wasted_per_problem": ("mean", "wasted"),
+    "runs_over_right_per_problem": ("mean", "runs_over_right"),  # BT runs over right text (after a right step)
     # backtracking's own effect (issue 23): the same model decoded with BT banned, same seed
     "answer_acc_bt_banned": ("mean", "answer_correct_bt_banned"),
     "bt_gain": ("mean", "bt_gain"),             # wrong->right minus right->wrong, per problem
@@ -34,7 +35,7 @@ PERCENT = {"answer_acc", "full_solution_acc", "bt_precision", "bt_recall", "answ
 TITLES = {"answer_acc": "answer acc", "full_solution_acc": "full solution", "bt_precision": "BT precision",
           "bt_recall": "BT recall", "wasted_per_problem": "wasted / problem", "tokens_per_problem": "tokens / problem",
           "answer_acc_bt_banned": "acc, BT banned", "bt_gain": "BT's own gain", "wrong_to_right": "wrong->right",
-          "right_to_wrong": "right->wrong"}
+          "right_to_wrong": "right->wrong", "runs_over_right_per_problem": "BT runs over right text / problem"}
 BASE = "base"  # what every arm of a seed starts from (before SFT, DPO, ...), as an arm
 
 
@@ -68,18 +69,35 @@ def read_outcomes(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def collect(records: list[dict], arm_order: list[str]) -> tuple[dict, dict]:
+def _with_derived(fields: dict) -> dict:
+    """Per-problem fields a run written before them can still give: BT runs over right text = runs - justified."""
+    if "runs_over_right" not in fields and {"runs", "justified"} <= set(fields):
+        fields = {**fields, "runs_over_right": [r - j for r, j in zip(fields["runs"], fields["justified"])]}
+    return fields
+
+
+BASE_SETTINGS = ("base.", "base_retry.", "tiny.")  # an arm that sets one of these trains a base of its own
+
+
+def own_base_arms(arms: dict[str, list[str]]) -> set[str]:
+    """The arms of a sweep that train their own base (e.g. retry pretraining: base_retry.rate=0.2)."""
+    return {arm for arm, overrides in arms.items() if any(o.split("=")[0].startswith(BASE_SETTINGS) for o in overrides)}
+
+
+def collect(records: list[dict], arm_order: list[str], own_base: set[str] = frozenset()) -> tuple[dict, dict]:
     """({setting: {arm: {seed: {split: per_problem}}}}, {setting: {arm: {split: first-error kinds}}})
-    from `outcomes` records, with the base (what the arms start from) as the first arm, "base"; kinds
-    are summed over seeds."""
+    from `outcomes` records, with the base (what the arms start from) as the first arm, "base"; an arm
+    in `own_base` trained a base of its own, reported as the arm "ARM/base" after it. Kinds are summed
+    over seeds."""
     table: dict = {}
     kinds: dict = {}
     for rec in sorted(records, key=lambda r: (r["setting"], r["seed"])):
         setting, seed = rec["setting"], rec["seed"]
         arms = table.setdefault(setting, {BASE: {}})
-        for arm, stage in ((rec["arm"], "after"), (BASE, "before")):
-            per_problem = {split: m["per_problem"] for split, m in rec[stage].items()}
-            if arm == BASE and seed in arms[BASE]:  # every arm of a seed shares the base ...
+        own = f"{rec['arm']}/base" if rec["arm"] in own_base else BASE
+        for arm, stage in ((rec["arm"], "after"), (own, "before")):
+            per_problem = {split: _with_derived(m["per_problem"]) for split, m in rec[stage].items()}
+            if arm == BASE and seed in arms[BASE]:  # every other arm of a seed shares the base ...
                 if per_problem != arms[BASE][seed]:
                     raise ValueError(f"{setting}, seed {seed}: arm {rec['arm']} started from another base "
                                      "than the other arms (an arm that changes base.*, tiny.*, max_len or model?): "
@@ -90,7 +108,7 @@ def collect(records: list[dict], arm_order: list[str]) -> tuple[dict, dict]:
                 counts = kinds.setdefault(setting, {}).setdefault(arm, {}).setdefault(split, {})
                 for kind, n in m["first_error_kinds"].items():
                     counts[kind] = counts.get(kind, 0) + n
-    order = [BASE] + arm_order
+    order = [BASE] + [name for arm in arm_order for name in ([arm, f"{arm}/base"] if arm in own_base else [arm])]
     rank = {arm: i for i, arm in enumerate(order)}
     table = {setting: dict(sorted(arms.items(), key=lambda kv: rank.get(kv[0], len(order))))
              for setting, arms in table.items()}
@@ -150,8 +168,11 @@ def paired_by_id(arm: dict, base: dict, where: str) -> dict:
 
 def analyse(sweep, records: list[dict]) -> dict:
     results = {}
-    table, kinds = collect(records, list(sweep.arms))
+    own = own_base_arms(sweep.arms) | set(getattr(sweep, "own_base", []))  # declared: e.g. another starting policy
+    table, kinds = collect(records, list(sweep.arms), own)
     for setting, arms in table.items():
+        if not arms[BASE]:  # every arm trained its own base
+            del arms[BASE]
         base_arm = arms.get(sweep.baseline, {})
         splits = sorted({split for by_seed in arms.values() for per in by_seed.values() for split in per})
         entry = {"overrides": sweep.settings.get(setting, []), "arms": {}, "vs_baseline": {}, "n_units": {},
@@ -161,9 +182,11 @@ def analyse(sweep, records: list[dict]) -> dict:
             entry["arms"][arm] = {split: {m: _dict(estimate(by_seed, split, seeds, m)) for m in METRICS}
                                   for split in splits}
             entry["arms"][arm]["seeds"] = seeds
-            paired = sorted(set(by_seed) & set(base_arm))
-            if arm != sweep.baseline and paired:
-                entry["vs_baseline"][arm] = {split: {m: _dict(difference(by_seed, base_arm, split, paired, m))
+            # an arm's own base is compared with the shared base (or the baseline arm's own base)
+            against = arms.get(BASE) or arms.get(f"{sweep.baseline}/base", {}) if arm.endswith("/base") else base_arm
+            paired = sorted(set(by_seed) & set(against))
+            if arm != sweep.baseline and by_seed is not against and paired:
+                entry["vs_baseline"][arm] = {split: {m: _dict(difference(by_seed, against, split, paired, m))
                                                      for m in METRICS} for split in splits}
                 entry["vs_baseline"][arm]["seeds"] = paired
         for split in splits:
@@ -221,7 +244,8 @@ def markdown(sweep, results: dict, wall: list[dict]) -> str:
             diffs = entry["vs_baseline"]
             if diffs:
                 seed_sets = sorted({tuple(per["seeds"]) for per in diffs.values()})
-                lines += ["", f"Paired differences to `{sweep.baseline}`; in brackets the 95% CI, in parentheses "
+                lines += ["", f"Paired differences to `{sweep.baseline}` (an `ARM/base` row: to `base`, the base "
+                          "the other arms share); in brackets the 95% CI, in parentheses "
                           f"each seed's own difference, seeds {' or '.join(map(str, map(list, seed_sets)))}:", "",
                           "| arm - baseline | " + " | ".join("Δ " + TITLES[m] for m in METRICS) + " |",
                           "|---|" + "---|" * len(METRICS)]

@@ -1,7 +1,7 @@
 """The rounds of technique 5 (recipes/self_correct.py): each round's examples from the model's own
 errors (sampled and judged, or MCTS traces: technique 8), the round's training mix, and what each
 round logs to TensorBoard. They read the recipe's settings by name (sampler, mcts, mcts_data, mix,
-round_examples, errors, error_source, seed, masked, max_len, overlong, num_proc, uses_own_errors()).
+round_examples, errors, error_source, align, seed, masked, max_len, overlong, num_proc, uses_own_errors()).
 """
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def own_examples(cfg, r: int, folder: Path, model, tokenizer, task, problems, bt
     model.to("cuda" if torch.cuda.is_available() else "cpu")  # where training left it, also after a resume
     if cfg.error_source == "mcts":  # technique 8: traces of a search valued by the task's step verifier
         return mcts_examples(cfg, r, folder, model, tokenizer, task, chosen, pick, bt_id)
+    if cfg.error_source == "aligned":  # located by alignment to the reference: no step verifier
+        return aligned_examples(cfg, r, folder, model, tokenizer, task, chosen, pick, bt_id)
     rows, pairs, stats = make_round(model, tokenizer, task, chosen, k=s.k,
                                     sampling=Sampling(s.temperature, s.top_p, cfg.seed * 1_000 + r),
                                     max_new_tokens=s.max_new_tokens, correction_tries=s.correction_tries,
@@ -71,6 +73,28 @@ def mcts_examples(cfg, r: int, folder: Path, model, tokenizer, task, chosen, pic
     save_round(folder, rows, [], stats)
     log.info("round %d MCTS data: %s", r, json.dumps(stats))
     return rows, stats
+
+
+def aligned_examples(cfg, r: int, folder: Path, model, tokenizer, task, chosen, pick, bt_id):
+    """The round's "own" examples from the model's samples aligned to the references
+    (halluc/sources/aligned_errors.py): the sampler's problems, k, temperature and per_problem."""
+    import json
+
+    from halluc.inference.generate import Sampling
+    from halluc.sources.aligned_errors import make_aligned_round
+    from halluc.sources.own_errors import save_round
+
+    s = cfg.sampler
+    rows, stats = make_aligned_round(model, tokenizer, task, chosen, k=s.k,
+                                     sampling=Sampling(s.temperature, s.top_p, cfg.seed * 1_000 + r),
+                                     max_new_tokens=s.max_new_tokens, per_problem=s.per_problem, bt_id=bt_id,
+                                     masked=cfg.masked, max_len=cfg.max_len, min_match=cfg.align.min_match,
+                                     only_wrong=cfg.align.only_wrong)
+    for row in rows:  # problem index -> index in the SFT split
+        row["problem"] = pick[row["problem"]]
+    save_round(folder, rows, [], stats.as_dict())
+    log.info("round %d aligned data: %s", r, json.dumps(stats.as_dict()))
+    return rows, stats.as_dict()
 
 
 def round_mix(cfg, r: int, own: list, problems, tokenizer, bt_id):

@@ -4,7 +4,8 @@ again, e.g. `output_dir`, takes the recipe's default). Fields only: no behaviour
 each recipe's `check()` calls `check_run_rules` with the model paths it reads.
 
     output, cache and resuming   output_dir, cache_dir, overwrite, resume, save_steps, save_total_limit
-    the model and its lab chain  model (else: lab.* problems -> tiny.* base -> base.* stage -> sft.* + errors.*)
+    the model and its lab chain  model (else: lab.* problems -> tiny.* base -> base.* stage (+ base_retry.*)
+                                 -> sft.* + errors.*)
     layout                       layout.attention, layout.positions, layout.backend, layout.pack
     launcher and adapters        deepspeed, lora.*, num_proc
     evaluation                   eval_max_new_tokens
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 from halluc.core.config import LayoutSettings, LoraSettings, NonNegativeInt, PositiveInt, Stage
 from halluc.sources.errors import ErrorConfig
-from halluc.pipeline.lab import LabConfig, ModelConfig
+from halluc.pipeline.lab import LabConfig, ModelConfig, RetryData
 
 
 @dataclass
@@ -29,6 +30,7 @@ class RunConfig:
     lab: LabConfig = field(default_factory=LabConfig)
     tiny: ModelConfig = field(default_factory=ModelConfig)
     base: Stage = field(default_factory=lambda: Stage(steps=900, batch_size=32, lr=3e-3))  # the tiny lab base
+    base_retry: RetryData = field(default_factory=RetryData)  # base_retry.rate > 0: retry pretraining (P2.2)
     sft: Stage = field(default_factory=lambda: Stage(steps=600, batch_size=32, lr=1e-3))   # masked SFT
     errors: ErrorConfig = field(default_factory=ErrorConfig)  # the synthetic errors of masked SFT
     layout: LayoutSettings = field(default_factory=LayoutSettings)

@@ -155,6 +155,26 @@ def train_sft(cfg: SFTConfig, objective=None, recipe: str = "masked_sft") -> dic
 
 SFT_SHARED = ("seed", "lab", "tiny", "base", "sft", "errors", "num_proc", "deepspeed", "eval_max_new_tokens")
 LAYOUT_SHARED = ("attention", "positions", "backend")  # layout.pack stays masked_sft's own (0), like max_len
+NEW_ERROR_SETTINGS = {"step_kind": "any", "step_rate": 0.0}  # errors.* added after models were cached
+
+
+def lab_sft_settings(cfg, extra: dict | None = None) -> dict:
+    """What the lab's masked SFT model depends on: its cache key (lab_sft_model)."""
+    from halluc.core.distributed import world_size
+
+    # max_len stays masked_sft's own, so the lab default starts from the main job's model (and shares its base)
+    settings = {name: as_dict(getattr(cfg, name)) if dataclasses.is_dataclass(getattr(cfg, name))
+                else getattr(cfg, name) for name in SFT_SHARED}
+    settings.update({name: getattr(cfg.layout, name) for name in LAYOUT_SHARED})  # the keys they had when flat
+    for name, default in NEW_ERROR_SETTINGS.items():  # added since: at their defaults, keys stay what they were
+        if settings["errors"].get(name) == default:
+            settings["errors"].pop(name)
+    if cfg.base_retry.rate:  # a retry-pretrained base under the SFT model (a clean one keeps the old key)
+        settings["base_retry"] = as_dict(cfg.base_retry)
+    if world_size() > 1:  # batch sizes are per process (one process keeps the keys made before this)
+        settings["world_size"] = world_size()
+    settings.update(extra or {})  # only when given: the keys of plain SFT models stay what they were
+    return settings
 
 
 def lab_sft_model(cfg, extra: dict | None = None) -> tuple[str, dict]:
@@ -162,14 +182,9 @@ def lab_sft_model(cfg, extra: dict | None = None) -> tuple[str, dict]:
     SFT_SHARED settings (and `extra` SFTConfig settings, e.g. verifier_head_weight), the rest their
     defaults, trained once per settings under cfg.cache_dir. Later recipes (dpo, prm, mcts) start from it."""
     from halluc.core.artifacts import artifact_path, build_once
-    from halluc.core.distributed import barrier, world_size
-    # max_len stays masked_sft's own, so the lab default starts from the main job's model (and shares its base)
-    settings = {name: as_dict(getattr(cfg, name)) if dataclasses.is_dataclass(getattr(cfg, name))
-                else getattr(cfg, name) for name in SFT_SHARED}
-    settings.update({name: getattr(cfg.layout, name) for name in LAYOUT_SHARED})  # the keys they had when flat
-    if world_size() > 1:  # batch sizes are per process (one process keeps the keys made before this)
-        settings["world_size"] = world_size()
-    settings.update(extra or {})  # only when given: the keys of plain SFT models stay what they were
+    from halluc.core.distributed import barrier
+
+    settings = lab_sft_settings(cfg, extra)
     folder = artifact_path(cfg.cache_dir, "sft", json.dumps(settings, sort_keys=True))
     with build_once(folder, "eval.json", what="the lab's masked SFT model") as build:  # eval.json: written last
         if build:
@@ -178,8 +193,28 @@ def lab_sft_model(cfg, extra: dict | None = None) -> tuple[str, dict]:
             for name in SFT_SHARED:
                 setattr(sft_cfg, name, getattr(cfg, name))
             sft_cfg.layout = dataclasses.replace(sft_cfg.layout, **{n: getattr(cfg.layout, n) for n in LAYOUT_SHARED})
+            sft_cfg.base_retry = cfg.base_retry
             for name, value in (extra or {}).items():
                 setattr(sft_cfg, name, value)
             train_sft(sft_cfg)
     barrier()
     return str(folder / "checkpoint"), json.loads((folder / "eval.json").read_text())["after"]
+
+
+def starting_policy(cfg, task, tests: dict, what: str):
+    """(folder, tokenizer, model, its evaluation) of the policy a later recipe (dpo, grpo) starts from:
+    model=DIR, or the lab's masked SFT model (cached with its evaluation). A model without the BT token
+    is refused: `what` starts from one that has it."""
+    from halluc.core.model import load_causal_lm
+    from halluc.core.tokens import has_backtrack, load_tokenizer
+    from halluc.pipeline.stages import evaluate_on_main
+
+    start, before = (cfg.model, None) if cfg.model else lab_sft_model(cfg)
+    tokenizer = load_tokenizer(start)
+    if not has_backtrack(tokenizer):
+        raise SystemExit(f"model={start} has no <|BACKTRACK|> token: {what} starts from a model that has it "
+                         "(masked SFT, recipes/masked_sft.py)")
+    model = load_causal_lm(start)
+    if before is None and tests:
+        before = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, "start")
+    return start, tokenizer, model, before

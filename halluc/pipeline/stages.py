@@ -24,8 +24,9 @@ from halluc.sources.data import build_sft_dataset
 from halluc.core.distributed import barrier, is_main, world_size
 from halluc.sources.errors import ErrorConfig
 from halluc.inference.evaluate import evaluate_problems, evaluation_version
-from halluc.pipeline.lab import LabConfig, ModelConfig, base_settings, lab_tokenizer
+from halluc.pipeline.lab import LabConfig, ModelConfig, RetryData, base_settings, lab_tokenizer
 from halluc.core.model import load_causal_lm, tiny_llama
+from halluc.core.tokens import add_backtrack_token
 from halluc.structure.packing import pack_examples
 from halluc.training.train import make_trainer, training_args
 
@@ -98,34 +99,59 @@ def train_history(trainer) -> dict:
 
 
 def lab_base_model(lab: LabConfig, tiny: ModelConfig, stage: Stage, train_problems, cache_dir: str,
-                   run: RunSettings, max_len: int = 256, num_proc: int | None = None):
-    """(model, tokenizer, folder) of the tiny lab base trained on clean problems, cached under
-    cache_dir by its settings: the first run trains it, later runs (any arm of a sweep) reuse it.
-    A file lock makes concurrent runs with the same settings train it once."""
+                   run: RunSettings, max_len: int = 256, num_proc: int | None = None, retry: RetryData = RetryData()):
+    """(model, tokenizer, folder) of the tiny lab base trained on clean problems (with `retry.rate`: retry
+    data, Physics of LMs 2.2), cached under cache_dir by its settings: the first run trains it, later runs
+    (any arm of a sweep) reuse it. A file lock makes concurrent runs with the same settings train it once."""
     # everything the base's weights depend on (the global batch through the number of processes)
-    key = json.dumps([base_settings(lab), as_dict(tiny), as_dict(stage), run.seed, run.layout.pack, max_len, world_size()],
-                     sort_keys=True)
+    key = [base_settings(lab), as_dict(tiny), as_dict(stage), run.seed, run.layout.pack, max_len, world_size()]
+    key = json.dumps(key + ([as_dict(retry)] if retry.rate else []), sort_keys=True)  # clean bases keep their keys
     cached = artifact_path(cache_dir, "base", key)
     with build_once(cached, "train.json", what="the cached base model") as build:  # train.json: written last
         if build:
             tokenizer = lab_tokenizer(train_problems, tiny.vocab_size)
+            bt_id = add_backtrack_token(tokenizer) if retry.rate else None  # a row of its own from the start
             model = tiny_llama(len(tokenizer), tiny.hidden, tiny.layers, tiny.heads, init_range=tiny.init_range,
                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            log.info("training the tiny base (%.2fM params) on clean %s for %d steps", model.num_parameters() / 1e6,
-                     lab.task, stage.steps)
-            data = build_sft_dataset(train_problems, tokenizer, ErrorConfig(source="none"), None, max_len=max_len,
-                                     num_proc=num_proc, seed=run.seed)
-            # clean data: causal attention and original positions (the recipe's layout is for its BT data)
-            clean = dataclasses.replace(run, layout=dataclasses.replace(run.layout, attention="causal",
-                                                                         positions="original"))
-            trainer = train_stage(model, data, stage, str(cached) + ".run", clean, tokenizer=tokenizer)
+            data, stage, tokens = base_data(train_problems, tokenizer, bt_id, stage, retry, run, max_len, num_proc)
+            log.info("training the tiny base (%.2fM params) on %s %s for %d steps", model.num_parameters() / 1e6,
+                     f"retry data (rate {retry.rate:g}, {retry.kind})" if retry.rate else "clean", lab.task, stage.steps)
+            # causal attention and original positions (the recipe's layout is for its own BT data; P2.2's
+            # retry pretraining is causal)
+            causal = dataclasses.replace(run, layout=dataclasses.replace(run.layout, attention="causal",
+                                                                          positions="original"))
+            trainer = train_stage(model, data, stage, str(cached) + ".run", causal, tokenizer=tokenizer)
             save_full(trainer, tokenizer, cached)
-            (cached / "train.json").write_text(json.dumps(train_history(trainer)))
+            (cached / "train.json").write_text(json.dumps({**train_history(trainer), **tokens}))
     if not build:
         return load_causal_lm(str(cached)), AutoTokenizer.from_pretrained(cached), cached
     if run.deepspeed:  # continue from the saved weights (under ZeRO-3 memory holds only shards)
         model = load_causal_lm(str(cached))
     return model, tokenizer, cached
+
+
+def base_data(problems, tokenizer, bt_id, stage: Stage, retry: RetryData, run: RunSettings, max_len: int,
+              num_proc: int | None):
+    """(dataset, stage, token counts) of the base: clean examples, or retry data whose steps are first
+    written wrong and erased with chance retry.rate. With retry.equal_tokens and no packing, the stage
+    trains fewer steps so that steps x mean length equals the clean base's (P2.2's equal token budgets)."""
+    clean = build_sft_dataset(problems, tokenizer, ErrorConfig(source="none"), None, max_len=max_len,
+                              num_proc=num_proc, seed=run.seed)
+    clean_mean = sum(len(x) for x in clean["input_ids"]) / max(len(clean), 1)
+    if not retry.rate:
+        return clean, stage, {"mean_tokens_per_example": clean_mean}
+    errors = ErrorConfig(source="step", step_rate=retry.rate, step_kind=retry.kind)
+    data = build_sft_dataset(problems, tokenizer, errors, bt_id, masked=retry.masked, max_len=max_len,
+                             num_proc=num_proc, seed=run.seed)
+    mean = sum(len(x) for x in data["input_ids"]) / max(len(data), 1)
+    steps = stage.steps
+    if retry.equal_tokens and not run.layout.pack:  # packed rows hold the same tokens per step already
+        steps = max(1, round(stage.steps * clean_mean / mean))
+    log.info("retry data: %.1f tokens per example against %.1f clean: %d steps for the clean base's %d",
+             mean, clean_mean, steps, stage.steps)
+    return data, dataclasses.replace(stage, steps=steps), {
+        "mean_tokens_per_example": mean, "clean_mean_tokens_per_example": clean_mean, "clean_steps": stage.steps,
+        "retry_examples": len(data), "bt_per_example": sum(x.count(bt_id) for x in data["input_ids"]) / max(len(data), 1)}
 
 
 def evaluate_on_main(model, tokenizer, splits: dict, task, max_new_tokens: int, label: str,
@@ -243,7 +269,7 @@ def base_and_evaluation(cfg, run: RunSettings, splits: dict, tests: dict, task):
         model, tokenizer, base_path = load_causal_lm(cfg.model), load_tokenizer(cfg.model), cfg.model
     else:
         model, tokenizer, base_path = lab_base_model(cfg.lab, cfg.tiny, cfg.base, splits["train"], cfg.cache_dir,
-                                                     run, cfg.max_len, cfg.num_proc)
+                                                     run, cfg.max_len, cfg.num_proc, cfg.base_retry)
     before = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, "base",
                               cache_dir=None if cfg.model else base_path)
     if is_main():
@@ -269,9 +295,9 @@ def add_backtrack(model, tokenizer, cfg, recipe: str, base_path):
     had_bt = has_backtrack(tokenizer)
     bt_id = add_backtrack_token(tokenizer, model)
     used = None
-    if had_bt and not cfg.reinit_bt:  # a halluc checkpoint trained again: its BT row is trained already
-        log.warning("model=%s already has %s (id %d): keeping its trained row (reinit_bt=true re-initialises it)",
-                    cfg.model, BACKTRACK_TOKEN, bt_id)
+    if had_bt and not cfg.reinit_bt:  # a halluc checkpoint, or a retry-pretrained base: its BT row is trained
+        log.warning("%s already has %s (id %d): keeping its trained row (reinit_bt=true re-initialises it)",
+                    f"model={cfg.model}" if cfg.model else "the retry-pretrained base", BACKTRACK_TOKEN, bt_id)
     else:
         used = init_backtrack_embedding(model, tokenizer, bt_id, cfg.bt_init)
     # generation reads attention/positions to pick its inference twin (keep / rewind)

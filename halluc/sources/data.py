@@ -57,7 +57,8 @@ def make_example(problem: Problem, tokenizer, errors: ErrorConfig, bt_id: int | 
     `tokenized`: the problem's `tokenize_problem` ids, when they were computed in bulk already."""
     prompt, steps = tokenized if tokenized is not None else tokenize_problem(problem, tokenizer)
     eos = tokenizer.eos_token_id
-    if errors.source == "none" or bt_id is None or rng.random() >= errors.example_rate:
+    # with a per-step rate every example is a candidate (the draw is per step, in step_errors)
+    if errors.source == "none" or bt_id is None or (not errors.step_rate and rng.random() >= errors.example_rate):
         return clean_example(prompt, steps, eos)
     if errors.source == "random":
         specials = set(tokenizer.all_special_ids)
@@ -66,8 +67,10 @@ def make_example(problem: Problem, tokenizer, errors: ErrorConfig, bt_id: int | 
     elif errors.source == "step":
         task = get_task(problem.meta.get("task", "arith"))
 
+        mode = {} if errors.step_kind == "any" else {"mode": errors.step_kind}
+
         def wrong_step(i: int):
-            text = task.corrupt_step(problem, i, rng)
+            text = task.corrupt_step(problem, i, rng, **mode)
             return None if text is None else tokenizer(text, add_special_tokens=False)["input_ids"]
         ex = step_errors(prompt, steps, eos, bt_id, wrong_step, errors, rng)
     else:

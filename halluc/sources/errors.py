@@ -25,6 +25,16 @@ class ErrorConfig:
     sites: PositiveInt = 1              # error sites per corrupted example (without replacement)
     tokens_per_site: PositiveInt = 1    # random source: error tokens per site
     max_error_tokens: NonNegativeInt = 0  # step source: >0 caps the wrong tokens written before the BTs
+    # step source: any = the task's mix of wrong steps; early = only a later step written too early
+    # (not computable yet: Physics of LMs 2.2's retry data)
+    step_kind: Literal["any", "early"] = "any"
+    # > 0: every step gets an error with this chance (P2.2's retry_rate), instead of example_rate x sites
+    step_rate: Fraction = 0.0
+
+    def check(self) -> None:
+        if self.step_rate and self.source != "step":
+            raise ValueError(f"errors.step_rate={self.step_rate:g} draws wrong steps: it needs errors.source=step, "
+                             f"not {self.source}")
 
 
 def clean_example(prompt: list[int], steps: list[list[int]], eos_id: int | None) -> Example:
@@ -59,7 +69,10 @@ def step_errors(prompt: list[int], steps: list[list[int]], eos_id: int | None, b
                 wrong_step: Callable[[int], list[int] | None], cfg: ErrorConfig,
                 rng: random.Random) -> Example:
     """`wrong_step(i)` returns the token ids of a wrong version of step i (or None)."""
-    sites = set(rng.sample(range(len(steps)), min(cfg.sites, len(steps))))
+    if cfg.step_rate > 0:
+        sites = {i for i in range(len(steps)) if rng.random() < cfg.step_rate}
+    else:
+        sites = set(rng.sample(range(len(steps)), min(cfg.sites, len(steps))))
     ex = Example().add(prompt, Role.PROMPT)
     for i, right in enumerate(steps):
         wrong = wrong_step(i) if i in sites else None

@@ -24,7 +24,8 @@ One round (recipes/self_correct.py runs several):
 Data layout on disk (`save_round`): `sft/` is a `datasets` folder with `input_ids`, `labels`,
 `roles` (the format tools/prepare_data.py writes and recipes read with data=DIR); `pairs/` has
 `prompt_ids`, `prompt_roles`, `chosen_ids`, `chosen_roles`, `rejected_ids`, `rejected_roles`
-(token ids + roles; the prompt ends with the error, which the chosen branch's BTs erase, so a
+and `form` (bt: the pair above; step and balanced: halluc/sources/pair_forms.py) (token ids + roles;
+a bt pair's prompt ends with the error, which the chosen branch's BTs erase, so a
 layout that blocks errors must move the error tail into both branches: `layout_two_branch` keeps
 a PROMPT prefix unpoppable); both
 with `problem` (index) and `kind` (the error kind) columns. `stats.json` counts every step.
@@ -40,6 +41,7 @@ from pathlib import Path
 from halluc.core.example import Example, Role, apply_backtrack, common_prefix_len
 from halluc.inference.generate import Generation, LoopGuards, Sampling, generate, semantics_for
 from halluc.inference.judge import _canonical_steps, first_error
+from halluc.sources.pair_forms import balanced_pairs, step_pair
 from halluc.tasks import Problem
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,8 @@ class RoundStats:
     unfinished: int = 0             # stopped by the length limit: the last step may be cut, not wrong
     not_built: int = 0              # the wrong step is a prefix of the correction: no error tokens
     too_long: int = 0               # longer than max_len, or an error run longer than the loop guard allows
-    kept: int = 0                   # examples (and pairs) written
+    kept: int = 0                   # examples (and bt pairs) written
+    balanced: int = 0               # balanced pairs (after a right step, go on): halluc/sources/pair_forms.py
     kinds: Counter = field(default_factory=Counter)       # located errors by kind
     kept_kinds: Counter = field(default_factory=Counter)  # kept examples by kind
 
@@ -290,7 +293,8 @@ def build(err: OwnError, fix: Correction, bt_id: int, eos_id: int | None) -> tup
 def make_round(model, tokenizer, task, problems: list[Problem], *, k: int, sampling: Sampling,
                max_new_tokens: int, correction_tries: int, per_problem: int, bt_id: int, masked: bool = True,
                max_len: int = 256, batch_size: int = 256) -> tuple[list[dict], list[dict], RoundStats]:
-    """Sample, judge, correct and build one round: (SFT rows, pair rows, statistics). Batch 256
+    """Sample, judge, correct and build one round: (SFT rows, pair rows in the three forms of
+    halluc/sources/pair_forms.py, with a `form` column, statistics). Batch 256
     samples 1.4x faster than 64 on 2 CPU cores (benchmarks/own_errors.py)."""
     from tqdm.auto import tqdm
 
@@ -321,9 +325,16 @@ def make_round(model, tokenizer, task, problems: list[Problem], *, k: int, sampl
             continue
         rows.append({"input_ids": ex.ids, "roles": ex.roles, "labels": labels_from_roles(ex.ids, ex.roles, masked),
                      "problem": err.problem, "kind": err.kind, "correction": fix.source})
-        pairs.append({**pair, "problem": err.problem, "kind": err.kind, "correction": fix.source})
+        about = {"problem": err.problem, "kind": err.kind, "correction": fix.source}
+        pairs.append({**pair, **about, "form": "bt"})
+        step = step_pair(err.prompt, err.prefix, err.wrong, fix.step)
+        if step is not None:
+            pairs.append({**step, **about, "form": "step"})
         stats.kept += 1
         stats.kept_kinds[err.kind] += 1
+    balanced, why = balanced_pairs(task, problems, tokenizer, samples, bt_id, per_problem, sampling.seed)
+    pairs += [{**p, "form": "balanced"} for p in balanced]
+    stats.balanced = why["kept"]
     return rows, pairs, stats
 
 
@@ -358,7 +369,7 @@ def own_pairs(cfg, start: str, model, tokenizer, task, problems, bt_id) -> str:
 
     s = cfg.sampler
     # everything the pairs depend on: the weights, the sampler, the seed, the problems, the task
-    key = json.dumps([fingerprint(model), as_dict(s), cfg.seed, cfg.max_len, as_dict(cfg.lab),
+    key = json.dumps(["forms", fingerprint(model), as_dict(s), cfg.seed, cfg.max_len, as_dict(cfg.lab),
                       hashlib.sha1("\n".join(p.prompt for p in problems).encode()).hexdigest()])
     folder = artifact_path(cfg.cache_dir, "pairs", key)
     with build_once(folder, "stats.json", ranks="main", what="the pairs from the model's own errors") as build:
@@ -369,6 +380,8 @@ def own_pairs(cfg, start: str, model, tokenizer, task, problems, bt_id) -> str:
                                             sampling=Sampling(s.temperature, s.top_p, cfg.seed),
                                             max_new_tokens=s.max_new_tokens, correction_tries=s.correction_tries,
                                             per_problem=s.per_problem, bt_id=bt_id, max_len=cfg.max_len)
+            for row in rows + pairs:  # problem index -> index in the SFT split (as a self_correct round writes)
+                row["problem"] = pick[row["problem"]]
             if not pairs:
                 raise SystemExit(f"{start} made no pair from {len(pick)} problems x {s.k} samples ({json.dumps(stats.as_dict())}): "
                                  "give data=pairs")

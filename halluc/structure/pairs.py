@@ -130,7 +130,9 @@ def load_pairs(source, tokenizer, bt_id: int | None, limit: int | None = None) -
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
         if all(c in ds.column_names for c in PAIR_COLUMNS):
-            rows = [(f"{path} row {i}", {k: list(r[k]) for k in PAIR_COLUMNS}) for i, r in enumerate(ds)]
+            form = "form" in ds.column_names  # own-error pairs: bt, step or balanced (halluc/sources/pair_forms.py)
+            rows = [(f"{path} row {i}", {**{k: list(r[k]) for k in PAIR_COLUMNS}, **({"form": r["form"]} if form else {})})
+                    for i, r in enumerate(ds)]
         elif all(c in ds.column_names for c in TEXT_COLUMNS):
             rows = [(f"{path} row {i}", tokenize_text_pair(r, tokenizer, bt_id, f"{path} row {i}"))
                     for i, r in enumerate(ds)]

@@ -157,22 +157,28 @@ def verify_steps(problem: Problem, steps: list[str]) -> StepReport:
     return StepReport(kinds=kinds, answer_correct=extract_answer("".join(steps)) == problem.answer)
 
 
-def corrupt_step(problem: Problem, i: int, rng: random.Random) -> str | None:
+def corrupt_step(problem: Problem, i: int, rng: random.Random, mode: str = "any") -> str | None:
     """A plausible wrong version of step i, of the kinds a small model makes.
 
     Operation steps: a wrong retrieved operand value (result computed from it, as a model
     that misremembers would), a wrong result, or a later step written too early.
     The answer step: a wrong final value.
+    mode "early": only a later step that is not computable yet (Physics of LMs 2.2's retry
+    data); None where there is none (the answer step, the last operation steps).
     """
     m = problem.meta
     p, values = m["prime"], m["values"]
     xs = list(m["defs"])
+    if mode not in ("any", "early"):
+        raise ValueError(f"arith corrupt_step mode must be any or early, not {mode!r}")
     if i == len(xs):  # the answer step
-        return f" answer = {_other(values[m['question']], p, rng)}"
+        return None if mode == "early" else f" answer = {_other(values[m['question']], p, rng)}"
     x = xs[i]
     y, op, z = m["defs"][x]
     computed = set(xs[:i])  # a later step is only wrong now if it needs an uncomputed value
     early = [s for s in problem.steps[i + 1:len(xs)] if check_step(problem, s, computed) != "ok"]
+    if mode == "early":
+        return rng.choice(early) if early else None
     kind = rng.choice(["retrieval", "arith"] + (["early"] if early else []))
     if kind == "early":
         return rng.choice(early)

@@ -115,9 +115,10 @@ def later_steps(problem: Problem, i: int) -> list[str]:
     return [s for s in problem.steps[i + 1:] if s.strip() and s.strip() != here]
 
 
-def corrupt_step(problem: Problem, i: int, rng) -> str | None:
+def corrupt_step(problem: Problem, i: int, rng, mode: str = "early") -> str | None:
     """A later step written too early, keeping step i's leading/trailing whitespace so it
-    tokenizes like a step in that position. None if there is no later step.
+    tokenizes like a step in that position. None if there is no later step. (`mode`: "any" and
+    "early" are this one form.)
 
     This is the only corruption that needs no knowledge of the text.
     """

@@ -1,0 +1,181 @@
+"""GRPO's rollouts (issue 25): groups of completions sampled from the current policy with the batched
+rewinding generator, rewarded on their visible text, and the objective that trains on them through the
+shared trainer. The losses and the log-probs of a trace are pure functions in halluc/objectives/grpo.py."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from halluc.core.config import Fraction, NonNegativeFloat, PositiveInt
+from halluc.objectives.grpo import LossType, RewardScale, group_advantages, policy_loss, trace_example, trace_log_probs
+
+
+# --------------------------------------------------------------------------- rewards
+
+@dataclass
+class RewardSettings:
+    """The reward of one completion (N-MARS, research-wave3.md): R = R_inc + R_pen.
+
+    R_inc = +1 if the final answer of the visible (BT-applied) text is right, else -1.
+    R_pen (bt_term) = +1 if right with at most kappa x |trace| BTs, +0.5 if right with more, -1 if wrong."""
+
+    bt_term: bool = True
+    kappa: NonNegativeFloat = 0.1
+
+
+def completion_reward(right: bool, n_backtracks: int, trace_len: int, settings: RewardSettings) -> float:
+    reward = 1.0 if right else -1.0
+    if settings.bt_term:
+        reward += (1.0 if n_backtracks <= settings.kappa * trace_len else 0.5) if right else -1.0
+    return reward
+
+
+# --------------------------------------------------------------------------- the objective
+
+@dataclass
+class GroupSampling:
+    """How GRPO samples its groups."""
+
+    group: PositiveInt = 8               # completions per prompt (G)
+    iterations: PositiveInt = 1          # optimisation steps on one generation batch (mu; old log-probs after the first)
+    temperature: NonNegativeFloat = 1.0
+    top_p: Fraction = 1.0
+    max_new_tokens: PositiveInt = 192
+    scale_rewards: RewardScale = "group"
+
+
+@contextmanager
+def generation_attention(model):
+    """The model's attention set to sdpa while it generates (a tree backend's attention function expects
+    the collator's units), restored after."""
+    before = model.config._attn_implementation
+    if before != "sdpa":
+        model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        if before != "sdpa":
+            model.set_attn_implementation(before)
+
+
+@dataclass
+class Samples:
+    examples: list[dict]
+    advantages: torch.Tensor
+    old: list[torch.Tensor] | None  # None: the first iteration's own log-probs, detached (TRL's shortcut)
+    ref: list[torch.Tensor] | None
+    metrics: dict[str, float]
+
+
+class GRPOObjective:
+    """GRPO through the shared trainer (halluc.training.train's objective seam). A batch names problems;
+    for each, `group` completions are sampled from the current policy with the batched generator (the
+    semantics the policy was trained for: keep, or rewind with its cache entries removed), rewarded on
+    their visible text, and given group-relative advantages; the loss is `policy_loss` over every sampled
+    token, scored in the layout of the semantics it was sampled with. With iterations > 1 the same samples
+    train that many consecutive steps (their old log-probs computed once, before the first), and the
+    batches of the steps in between are not sampled."""
+
+    item_mean = False
+    laid_out = True  # a batch is problem indices; the completions are laid out here, never packed
+
+    def __init__(self, problems, task, tokenizer, prompts: list[list[int]], *, sampling: GroupSampling,
+                 rewards: RewardSettings, semantics: str, guards=None, loss_type: LossType = "grpo",
+                 beta: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.2, reference=None, seed: int = 0):
+        from halluc.core.tokens import backtrack_id
+        from halluc.inference.generate import LoopGuards
+
+        self.problems, self.task, self.tokenizer, self.prompts = problems, task, tokenizer, prompts
+        self.sampling, self.rewards, self.semantics = sampling, rewards, semantics
+        self.guards = guards or LoopGuards()
+        self.loss_type, self.beta, self.eps_low, self.eps_high = loss_type, beta, eps_low, eps_high
+        self.reference, self.seed = reference, seed
+        self.bt_id = backtrack_id(tokenizer)
+        self._samples: Samples | None = None
+        self._left = 0
+        self._trainer = None
+
+    def collator(self, layout, tokenizer):
+        return lambda rows: {"problem": torch.tensor([int(r["problem"]) for r in rows])}
+
+    def attach(self, trainer) -> None:
+        self._trainer = trainer  # its step seeds the sampling (a resumed run samples what it would have)
+        if self.reference is not None:
+            self.reference.to(trainer.args.device).eval()
+
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        if self._left == 0 or self._samples is None:
+            self._samples = self._sample(model, batch["problem"].tolist())
+            self._left = self.sampling.iterations
+        self._left -= 1
+        s = self._samples
+        logps = trace_log_probs(model, s.examples, self.semantics, model.backend)
+        old = s.old if s.old is not None else [x.detach() for x in logps]
+        new, mask = _pad(logps)
+        loss, metrics = policy_loss(new, _pad(old)[0], s.advantages.to(new.device), mask,
+                                    ref_logps=None if s.ref is None else _pad(s.ref)[0].to(new.device),
+                                    beta=self.beta, eps_low=self.eps_low, eps_high=self.eps_high,
+                                    loss_type=self.loss_type, max_completion_length=self.sampling.max_new_tokens)
+        return loss, {**metrics, **s.metrics}
+
+    def _sample(self, model, problem_ids: list[int]) -> Samples:
+        from halluc.inference.generate import Sampling, generate
+        from halluc.structure.backends import TargetModel, use_backend
+
+        g = self.sampling
+        inner = model.inner
+        step = self._trainer.state.global_step if self._trainer is not None else 0
+        prompts = [self.prompts[i] for i in problem_ids for _ in range(g.group)]
+        was_training = inner.training
+        inner.eval()
+        with torch.no_grad(), generation_attention(inner):
+            gens = generate(inner, prompts, max_new_tokens=g.max_new_tokens, backtrack_id=self.bt_id,
+                            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                            semantics=self.semantics, guards=self.guards,
+                            sampling=Sampling(g.temperature, g.top_p, self.seed * 1_000_003 + step))
+        inner.train(was_training)
+        eos = self.tokenizer.eos_token_id
+        examples, rewards, right_count = [], [], 0
+        for i, prompt, gen in zip([i for i in problem_ids for _ in range(g.group)], prompts, gens):
+            text = self.tokenizer.decode(gen.visible, skip_special_tokens=True)
+            right = bool(self.task.verify_steps(self.problems[i], self.task.split_steps(text)).answer_correct)
+            right_count += right
+            rewards.append(completion_reward(right, gen.n_backtracks, len(gen.trace), self.rewards))
+            completion = list(gen.trace) + ([eos] if gen.stop == "eos" else [])  # stopping is an action too
+            examples.append(trace_example(prompt, completion or [eos], self.bt_id))
+        reward = torch.tensor(rewards)
+        advantages = group_advantages(reward, g.group, g.scale_rewards)
+        old = ref = None
+        with torch.no_grad():
+            if g.iterations > 1:
+                old = trace_log_probs(model, examples, self.semantics, model.backend)
+            if self.beta and self.reference is not None:
+                use_backend(self.reference, model.backend)  # once the trainer chose it (a no-op after)
+                target = TargetModel(self.reference, model.backend)
+                ref = trace_log_probs(target, examples, self.semantics, model.backend)
+            elif self.beta and hasattr(inner, "disable_adapter"):  # LoRA: the starting model is the adapter off
+                with inner.disable_adapter():
+                    ref = trace_log_probs(model, examples, self.semantics, model.backend)
+            elif self.beta:
+                raise ValueError("beta > 0 needs a reference model (or a LoRA policy, whose adapter is disabled)")
+        n = len(gens)
+        grouped = reward.view(-1, g.group)
+        metrics = {"reward": float(reward.mean()), "reward_std": float(grouped.std(dim=1).mean()) if g.group > 1 else 0.0,
+                   "frac_reward_zero_std": float((grouped.std(dim=1) == 0).float().mean()) if g.group > 1 else 1.0,
+                   "completions/mean_length": sum(len(e["input_ids"]) - len(p) for e, p in zip(examples, prompts)) / n,
+                   "accuracy": right_count / n, "bt_per_completion": sum(x.n_backtracks for x in gens) / n,
+                   "wasted_per_completion": sum(x.n_erased + x.n_backtracks for x in gens) / n}
+        return Samples(examples, advantages, old, ref, metrics)
+
+
+def _pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-completion log-probs -> [B, T] (zeros past each end) and the mask of real tokens."""
+    length = max(len(r) for r in rows)
+    out = torch.zeros(len(rows), length, dtype=rows[0].dtype, device=rows[0].device)
+    mask = torch.zeros(len(rows), length, device=rows[0].device)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+        mask[i, :len(r)] = 1
+    return out, mask

@@ -2,6 +2,7 @@
 
     python benchmarks/retry_pretraining.py                          # rates 0 0.05 0.2 0.5, 150 clean steps
     python benchmarks/retry_pretraining.py --rates 0 0.2 --steps 300 --repeats 3
+    python benchmarks/retry_pretraining.py --pack 256 --batch-size 8    # packed rows: no padding
 
 Every rate trains the tiny lab base from the same initial weights on the lab's clean problems turned into
 retry data (each step first written wrong with chance `rate`, P2.2's not-yet-computable step, then erased),
@@ -25,17 +26,22 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--train-size", type=int, default=5000)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--pack", type=int, default=0, help="> 0: rows packed to this many tokens (equal tokens per step)")
     args = p.parse_args(argv)
 
     import torch
 
-    from halluc.core.config import Stage
+    import dataclasses
+
+    from halluc.core.config import LayoutSettings, Stage
+    from halluc.structure.packing import pack_examples
     from halluc.core.model import tiny_llama
     from halluc.core.tokens import add_backtrack_token
     from halluc.pipeline.lab import LabConfig, ModelConfig, RetryData, lab_splits, lab_tokenizer
     from halluc.pipeline.stages import RunSettings, base_data, train_stage
 
-    lab, tiny, run = LabConfig(train_size=args.train_size), ModelConfig(), RunSettings()
+    lab, tiny = LabConfig(train_size=args.train_size), ModelConfig()
+    run = dataclasses.replace(RunSettings(), layout=LayoutSettings(pack=args.pack))
     problems = lab_splits(lab, 0)["train"]
     tokenizer = lab_tokenizer(problems, tiny.vocab_size)
     bt_id = add_backtrack_token(tokenizer)  # the same vocabulary for every rate: equal model sizes
@@ -46,7 +52,7 @@ def main(argv=None) -> None:
         prepared[rate] = (data, rate_stage, tokens)
     seconds: dict[float, list[float]] = {r: [] for r in args.rates}
     print(f"torch threads {torch.get_num_threads()}; {len(problems)} problems, clean budget {args.steps} steps "
-          f"of {args.batch_size}")
+          f"of {args.batch_size} {'rows of ' + str(args.pack) + ' tokens' if args.pack else 'examples (padded)'}")
     for repeat in range(args.repeats + 1):  # the first pass warms up (threads, allocator, kernels): not timed
         for rate in args.rates if repeat else args.rates[:1]:
             data, rate_stage, _ = prepared[rate]
@@ -62,10 +68,13 @@ def main(argv=None) -> None:
     print(f"\n| retry rate | tokens / example | steps | tokens trained | seconds (median of {args.repeats}) "
           f"| time vs rate {args.rates[0]:g} |\n|---|---|---|---|---|---|")
     for rate in args.rates:
-        _, rate_stage, tokens = prepared[rate]
+        data, rate_stage, tokens = prepared[rate]
         mean = tokens["mean_tokens_per_example"]
+        per_row = mean  # real tokens in one row of a batch
+        if args.pack:
+            per_row = pack_examples(list(data), args.pack, "causal", "original").real_fraction * args.pack
         s = statistics.median(seconds[rate])
-        print(f"| {rate:g} | {mean:.1f} | {rate_stage.steps} | {mean * rate_stage.steps * args.batch_size:,.0f} "
+        print(f"| {rate:g} | {mean:.1f} | {rate_stage.steps} | {per_row * rate_stage.steps * args.batch_size:,.0f} "
               f"| {s:.1f} | {s / clean:.2f}x |")
 
 

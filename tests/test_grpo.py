@@ -144,6 +144,13 @@ def test_the_bt_aware_reward_golden():
     assert completion_reward(True, 5, 40, both) == 1.5    # right, over the budget
     assert completion_reward(False, 0, 40, both) == -2.0  # wrong
     assert [completion_reward(r, 9, 40, answer_only) for r in (True, False)] == [1.0, -1.0]
+    # the process term: step_weight x the fraction of checked steps that verify (unchecked ones left out)
+    from halluc.sources.rollouts import steps_right
+
+    process = RewardSettings(bt_term=False, step_weight=0.5)
+    assert steps_right(["ok", "retrieval", "unchecked", "ok"]) == pytest.approx(2 / 3)
+    assert steps_right(["unchecked"]) is None and completion_reward(False, 0, 9, process, None) == -1.0
+    assert completion_reward(False, 0, 9, process, steps_right(["ok", "ok", "missing"])) == pytest.approx(-1 + 0.5 * 2 / 3)
 
 
 def test_the_recipe_trains_on_the_lab_policy_and_logs_trls_metric_names(lab_policy, tmp_path):

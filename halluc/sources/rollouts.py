@@ -19,17 +19,32 @@ class RewardSettings:
     """The reward of one completion (N-MARS, research-wave3.md): R = R_inc + R_pen.
 
     R_inc = +1 if the final answer of the visible (BT-applied) text is right, else -1.
-    R_pen (bt_term) = +1 if right with at most kappa x |trace| BTs, +0.5 if right with more, -1 if wrong."""
+    R_pen (bt_term) = +1 if right with at most kappa x |trace| BTs, +0.5 if right with more, -1 if wrong.
+    R_step (step_weight > 0) = step_weight x the fraction of the visible text's steps the task's verifier
+    checks right (a process reward from the oracle verifier; steps it cannot check do not count)."""
 
     bt_term: bool = True
     kappa: NonNegativeFloat = 0.1
+    step_weight: NonNegativeFloat = 0.0
 
 
-def completion_reward(right: bool, n_backtracks: int, trace_len: int, settings: RewardSettings) -> float:
+def completion_reward(right: bool, n_backtracks: int, trace_len: int, settings: RewardSettings,
+                      steps_right: float | None = None) -> float:
+    """R of one completion; `steps_right`: the fraction of its checked steps that verify (for step_weight)."""
     reward = 1.0 if right else -1.0
     if settings.bt_term:
         reward += (1.0 if n_backtracks <= settings.kappa * trace_len else 0.5) if right else -1.0
+    if settings.step_weight and steps_right is not None:
+        reward += settings.step_weight * steps_right
     return reward
+
+
+def steps_right(kinds: list[str]) -> float | None:
+    """The fraction of a verifier report's checked steps that are right (None: no step could be checked)."""
+    from halluc.tasks.base import UNCHECKED
+
+    checked = [k for k in kinds if k != UNCHECKED]
+    return sum(k == "ok" for k in checked) / len(checked) if checked else None
 
 
 # --------------------------------------------------------------------------- the objective
@@ -140,9 +155,11 @@ class GRPOObjective:
         examples, rewards, right_count = [], [], 0
         for i, prompt, gen in zip([i for i in problem_ids for _ in range(g.group)], prompts, gens):
             text = self.tokenizer.decode(gen.visible, skip_special_tokens=True)
-            right = bool(self.task.verify_steps(self.problems[i], self.task.split_steps(text)).answer_correct)
+            report = self.task.verify_steps(self.problems[i], self.task.split_steps(text))
+            right = bool(report.answer_correct)
             right_count += right
-            rewards.append(completion_reward(right, gen.n_backtracks, len(gen.trace), self.rewards))
+            rewards.append(completion_reward(right, gen.n_backtracks, len(gen.trace), self.rewards,
+                                             steps_right(report.kinds)))
             completion = list(gen.trace) + ([eos] if gen.stop == "eos" else [])  # stopping is an action too
             examples.append(trace_example(prompt, completion or [eos], self.bt_id))
         reward = torch.tensor(rewards)

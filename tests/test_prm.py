@@ -140,6 +140,11 @@ def test_head_and_best_of_n_arms(tmp_path, lab_policy, cache):
     assert head["after"]["test_id"]["tokens_per_problem"] > 1.5 * greedy["after"]["test_id"]["tokens_per_problem"]
     with pytest.raises(SystemExit, match="needs a verifier"):
         recipe.load(["verifier=none", "decode=guided"])
+    # no verifier: plain majority voting (self-consistency), the compute-matched baseline of sampling methods
+    vote = recipe.main([f"model={folder}", "verifier=none", "decode=vote", "n=3", f"output_dir={tmp_path}/v",
+                        f"cache_dir={cache}", *TINY])
+    assert vote["prm"] is None and vote["process_bench"] is None
+    assert vote["after"]["test_id"]["tokens_per_problem"] > 2 * greedy["after"]["test_id"]["tokens_per_problem"]
 
 
 @pytest.mark.skipif(not (GSM8K_DIR / "train.jsonl").exists(), reason=f"GSM8K data not found at {GSM8K_DIR}")

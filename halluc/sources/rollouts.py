@@ -75,6 +75,20 @@ def generation_attention(model):
             model.set_attn_implementation(before)
 
 
+def gathered_for_generation(model):
+    """Under ZeRO-3 the policy's parameters are shards: gathered on every process while it generates (each
+    process samples its own prompts), released after; otherwise nothing."""
+    from contextlib import nullcontext
+
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
 @dataclass
 class Samples:
     examples: list[dict]
@@ -109,6 +123,7 @@ class GRPOObjective:
         self.reference, self.seed = reference, seed
         self.bt_id = backtrack_id(tokenizer)
         self._samples: Samples | None = None
+        self._ref = None  # the reference prepared for the trainer's backend and launcher
         self._left = 0
         self._trainer = None
 
@@ -117,8 +132,6 @@ class GRPOObjective:
 
     def attach(self, trainer) -> None:
         self._trainer = trainer  # its step seeds the sampling (a resumed run samples what it would have)
-        if self.reference is not None:
-            self.reference.to(trainer.args.device).eval()
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         if self._left == 0 or self._samples is None:
@@ -137,7 +150,7 @@ class GRPOObjective:
 
     def _sample(self, model, problem_ids: list[int]) -> Samples:
         from halluc.inference.generate import Sampling, generate
-        from halluc.structure.backends import TargetModel, use_backend
+        from halluc.objectives.dpo import prepare_reference
 
         g = self.sampling
         inner = model.inner
@@ -145,7 +158,7 @@ class GRPOObjective:
         prompts = [self.prompts[i] for i in problem_ids for _ in range(g.group)]
         was_training = inner.training
         inner.eval()
-        with torch.no_grad(), generation_attention(inner):
+        with torch.no_grad(), generation_attention(inner), gathered_for_generation(inner):
             gens = generate(inner, prompts, max_new_tokens=g.max_new_tokens, backtrack_id=self.bt_id,
                             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                             semantics=self.semantics, guards=self.guards,
@@ -169,9 +182,10 @@ class GRPOObjective:
             if g.iterations > 1:
                 old = trace_log_probs(model, examples, self.semantics, model.backend)
             if self.beta and self.reference is not None:
-                use_backend(self.reference, model.backend)  # once the trainer chose it (a no-op after)
-                target = TargetModel(self.reference, model.backend)
-                ref = trace_log_probs(target, examples, self.semantics, model.backend)
+                if self._ref is None:  # once the trainer chose the backend: placed, sharded under ZeRO-3 (as DPO's)
+                    self._ref = prepare_reference(self.reference, model,
+                                                  self._trainer.accelerator if self._trainer is not None else None)
+                ref = trace_log_probs(self._ref, examples, self.semantics, model.backend)
             elif self.beta and hasattr(inner, "disable_adapter"):  # LoRA: the starting model is the adapter off
                 with inner.disable_adapter():
                     ref = trace_log_probs(model, examples, self.semantics, model.backend)

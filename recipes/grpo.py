@@ -52,6 +52,9 @@ class Config(RunConfig):  # the shared settings (output, model, lab chain, layou
         check_run_rules(self, ("model", "ref_model"))
         if self.lab.task != "arith" and not self.lab.train_file:
             raise ValueError(f"lab.task={self.lab.task} needs lab.train_file (the problems to sample)")
+        if self.reward.step_weight and self.lab.task == "jsonl":
+            raise ValueError("reward.step_weight: the jsonl task's verifier checks no step (every step is unchecked), "
+                             "so the process reward would be 0 for every completion; drop it")
         if self.rollout.group < 2:
             raise ValueError("rollout.group must be at least 2: advantages are relative to the group")
 

@@ -204,7 +204,7 @@ def train(cfg: Config) -> dict | None:
               "process_bench": bench, "prm_train": prm_train, "before": before or {}, "after": after,
               "world_size": world_size(),
               "seconds": {"decode": round(t_decode, 1), "total": round(time.perf_counter() - t0, 1)}}
-    label = f"{cfg.decode} ({cfg.verifier})" if cfg.verifier != "none" else "greedy"
+    label = f"{cfg.decode} ({cfg.verifier})" if cfg.verifier != "none" else cfg.decode  # greedy | vote (majority)
     finish_run(out, cfg, report, cfg.steps, label, saved=("PRM", prm_dir) if prm_dir else None)
     return report
 

@@ -285,7 +285,7 @@ def test_grpo_runs_on_gsm8k_files(tmp_path, gsm8k_test_file):
 @pytest.mark.slow
 def test_zero3_with_two_processes_samples_trains_and_saves(lab_policy, tmp_path):
     """`deepspeed --num_gpus 2 recipes/grpo.py deepspeed=ds_configs/zero3.json` (CPU, gloo): each process
-    gathers the policy's shards to generate its own prompts' groups, the reference is a ZeRO-3 inference
+    gathers the policy's shards once (hooks off) to generate its own prompts' groups, the reference is a ZeRO-3 inference
     engine, and the run logs its steps and saves a whole checkpoint. (Not equal to one process: each
     process samples its own prompts with its own batch, so the draws differ.)"""
     import json
@@ -301,9 +301,11 @@ def test_zero3_with_two_processes_samples_trains_and_saves(lab_policy, tmp_path)
     folder, _, _, _ = lab_policy
     launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     run = subprocess.run([*launcher, "recipes/grpo.py", f"model={folder}", "lab.train_size=2000", "lab.sft_size=200",
-                          "lab.test_size=2", "eval_max_new_tokens=8", "steps=2", "batch_size=1", "rollout.group=2",
-                          "rollout.max_new_tokens=16", "deepspeed=ds_configs/zero3.json", f"cache_dir={tmp_path}/cache",
-                          f"output_dir={tmp_path}/out"], cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                          "lab.test_size=2", "eval_max_new_tokens=8", "steps=2", "batch_size=2", "rollout.group=2",
+                          # long enough that the two processes' rows end at different steps: generation may run
+                          # no collective per token (a per-layer gather would hang there)
+                          "rollout.max_new_tokens=96", "deepspeed=ds_configs/zero3.json", f"cache_dir={tmp_path}/cache",
+                          f"output_dir={tmp_path}/out"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
     assert "reference model under DeepSpeed (ZeRO stage 3)" in run.stdout + run.stderr

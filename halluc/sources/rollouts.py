@@ -76,17 +76,19 @@ def generation_attention(model):
 
 
 def gathered_for_generation(model):
-    """Under ZeRO-3 the policy's parameters are shards: gathered on every process while it generates (each
-    process samples its own prompts), released after; otherwise nothing."""
+    """Under ZeRO-3 the policy's parameters are shards: gathered once on every process, with DeepSpeed's
+    forward hooks removed, while it generates (each process samples its own prompts and stops when they are
+    done, so no collective may run per token), then released and the hooks put back (DeepSpeed's
+    unwrap_model_for_generation, as TRL does). `model`: the trainer's TargetModel. Otherwise nothing."""
     from contextlib import nullcontext
 
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-    if not is_deepspeed_zero3_enabled():
+    if not is_deepspeed_zero3_enabled() or not hasattr(model.module, "optimizer"):
         return nullcontext()
-    import deepspeed
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    return unwrap_model_for_generation(model.module)  # the DeepSpeedEngine
 
 
 @dataclass
@@ -158,7 +160,7 @@ class GRPOObjective:
         prompts = [self.prompts[i] for i in problem_ids for _ in range(g.group)]
         was_training = inner.training
         inner.eval()
-        with torch.no_grad(), generation_attention(inner), gathered_for_generation(inner):
+        with torch.no_grad(), generation_attention(inner), gathered_for_generation(model):
             gens = generate(inner, prompts, max_new_tokens=g.max_new_tokens, backtrack_id=self.bt_id,
                             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                             semantics=self.semantics, guards=self.guards,

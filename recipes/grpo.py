@@ -5,7 +5,7 @@
     python recipes/grpo.py loss_type=dapo eps_high=0.28 rollout.group=16
     python recipes/grpo.py model=runs/masked_sft/checkpoint lab.task=gsm8k lab.train_file=... lab.test_file=...
     python recipes/grpo.py lora.enabled=true                 # adapters; the reference is the adapter disabled
-    torchrun --nproc_per_node 2 recipes/grpo.py ...          # DDP / ZeRO-2 (deepspeed=ds_configs/zero2.json)
+    deepspeed --num_gpus 2 recipes/grpo.py deepspeed=ds_configs/zero3.json ...   # ZeRO-2/3 (gathered to generate)
 
 Steps: (1) the policy: model=DIR, or the lab's masked SFT model (the lab base + technique 1, cached);
 (2) each step, for `batch_size` SFT problems, `rollout.group` completions sampled from the current policy
@@ -50,11 +50,11 @@ class Config(RunConfig):  # the shared settings (output, model, lab chain, layou
 
     def check(self) -> None:
         check_run_rules(self, ("model", "ref_model"))
-        if self.deepspeed and "zero3" in self.deepspeed:
-            raise ValueError("deepspeed: GRPO generates with the policy every step; ZeRO-3 would need its shards "
-                             "gathered for that, which is not written yet: use ds_configs/zero2.json")
         if self.lab.task != "arith" and not self.lab.train_file:
             raise ValueError(f"lab.task={self.lab.task} needs lab.train_file (the problems to sample)")
+        if self.reward.step_weight and self.lab.task == "jsonl":
+            raise ValueError("reward.step_weight: the jsonl task's verifier checks no step (every step is unchecked), "
+                             "so the process reward would be 0 for every completion; drop it")
         if self.rollout.group < 2:
             raise ValueError("rollout.group must be at least 2: advantages are relative to the group")
 

@@ -59,7 +59,7 @@ class Config(RunConfig):  # the shared settings (output, model, lab chain, layou
     max_len: PositiveInt = 256            # labelled solutions longer than this are dropped
     lora: LoraSettings = field(default_factory=LoraSettings)  # the PRM: adapters + its new head, merged at the end
     verifier: Literal["prm", "head", "oracle", "none"] = "prm"  # what judges steps; head: the policy's own
-    decode: Literal["greedy", "guided", "best_of_n", "vote"] = "guided"
+    decode: Literal["greedy", "guided", "best_of_n", "vote"] = "guided"  # vote with verifier=none: majority
     prm: str | None = None                # a trained PRM folder (skips training)
     prm_base: str | None = None           # the checkpoint a new PRM starts from; None = the policy
     data: str | None = None               # stepwise training rows (.jsonl or datasets folder); None = made here
@@ -87,8 +87,9 @@ class Config(RunConfig):  # the shared settings (output, model, lab chain, layou
         if self.layout.pack:
             raise ValueError("layout.pack: the PRM trains one labelled solution per row (and the lab's SFT model "
                              "is trained unpacked); drop layout.pack")
-        if self.verifier == "none" and self.decode != "greedy":
-            raise ValueError(f"decode={self.decode} needs a verifier (prm, head or oracle)")
+        if self.verifier == "none" and self.decode not in ("greedy", "vote"):
+            raise ValueError(f"decode={self.decode} needs a verifier (prm, head or oracle); without one, "
+                             "decode=vote is plain majority voting")
         if self.lab.task != "arith" and not self.lab.train_file and not self.model:
             raise ValueError(f"lab.task={self.lab.task} needs lab.train_file (or model=DIR)")
         if self.lab.task != "arith" and not self.lab.test_file:
@@ -178,6 +179,9 @@ def train(cfg: Config) -> dict | None:
         log.info("ProcessBench-style scores of the %s on %d held-out solutions: %s", cfg.verifier, len(test_rows),
                  json.dumps(bench["all"]))
 
+    def equal_scores(prompt_ids, steps):  # verifier=none, decode=vote: every sample counts 1 (self-consistency)
+        return [[1.0] * max(len(s), 1) for s in steps]
+
     # (5) decode the test problems
     t1 = time.perf_counter()
     guide = Guide(threshold, cfg.budget, cfg.resample, cfg.resample_temperature, cfg.erase)
@@ -185,7 +189,8 @@ def train(cfg: Config) -> dict | None:
     for name, problems in tests.items():
         desc = f"eval {cfg.decode} {cfg.verifier} {name}"
         if cfg.decode in ("best_of_n", "vote"):
-            after[name] = evaluate_best_of_n(policy, tokenizer, problems, task, verifier_for(problems).solution_scores,
+            scores = verifier_for(problems).solution_scores if cfg.verifier != "none" else equal_scores
+            after[name] = evaluate_best_of_n(policy, tokenizer, problems, task, scores,
                                              cfg.n, "best" if cfg.decode == "best_of_n" else "vote",
                                              Sampling(cfg.temperature, 1.0, cfg.seed), cfg.eval_max_new_tokens,
                                              desc=desc)
@@ -199,7 +204,7 @@ def train(cfg: Config) -> dict | None:
               "process_bench": bench, "prm_train": prm_train, "before": before or {}, "after": after,
               "world_size": world_size(),
               "seconds": {"decode": round(t_decode, 1), "total": round(time.perf_counter() - t0, 1)}}
-    label = f"{cfg.decode} ({cfg.verifier})" if cfg.verifier != "none" else "greedy"
+    label = f"{cfg.decode} ({cfg.verifier})" if cfg.verifier != "none" else cfg.decode  # greedy | vote (majority)
     finish_run(out, cfg, report, cfg.steps, label, saved=("PRM", prm_dir) if prm_dir else None)
     return report
 

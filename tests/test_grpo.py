@@ -144,6 +144,13 @@ def test_the_bt_aware_reward_golden():
     assert completion_reward(True, 5, 40, both) == 1.5    # right, over the budget
     assert completion_reward(False, 0, 40, both) == -2.0  # wrong
     assert [completion_reward(r, 9, 40, answer_only) for r in (True, False)] == [1.0, -1.0]
+    # the process term: step_weight x the fraction of checked steps that verify (unchecked ones left out)
+    from halluc.sources.rollouts import steps_right
+
+    process = RewardSettings(bt_term=False, step_weight=0.5)
+    assert steps_right(["ok", "retrieval", "unchecked", "ok"]) == pytest.approx(2 / 3)
+    assert steps_right(["unchecked"]) is None and completion_reward(False, 0, 9, process, None) == -1.0
+    assert completion_reward(False, 0, 9, process, steps_right(["ok", "ok", "missing"])) == pytest.approx(-1 + 0.5 * 2 / 3)
 
 
 def test_the_recipe_trains_on_the_lab_policy_and_logs_trls_metric_names(lab_policy, tmp_path):
@@ -273,3 +280,35 @@ def test_grpo_runs_on_gsm8k_files(tmp_path, gsm8k_test_file):
     logged = [h for h in json.loads((tmp_path / "out" / "train.json").read_text()) if "loss" in h]
     assert len(logged) == 2 and all(-2 <= h["reward"] <= 2 and "completions/mean_length" in h for h in logged)
     assert report["after"]["test_id"]["n"] == 2
+
+
+@pytest.mark.slow
+def test_zero3_with_two_processes_samples_trains_and_saves(lab_policy, tmp_path):
+    """`deepspeed --num_gpus 2 recipes/grpo.py deepspeed=ds_configs/zero3.json` (CPU, gloo): each process
+    gathers the policy's shards once (hooks off) to generate its own prompts' groups, the reference is a ZeRO-3 inference
+    engine, and the run logs its steps and saves a whole checkpoint. (Not equal to one process: each
+    process samples its own prompts with its own batch, so the draws differ.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import ROOT
+
+    from halluc.core.distributed import free_port
+
+    folder, _, _, _ = lab_policy
+    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    run = subprocess.run([*launcher, "recipes/grpo.py", f"model={folder}", "lab.train_size=2000", "lab.sft_size=200",
+                          "lab.test_size=2", "eval_max_new_tokens=8", "steps=2", "batch_size=2", "rollout.group=2",
+                          # long enough that the two processes' rows end at different steps: generation may run
+                          # no collective per token (a per-layer gather would hang there)
+                          "rollout.max_new_tokens=96", "deepspeed=ds_configs/zero3.json", f"cache_dir={tmp_path}/cache",
+                          f"output_dir={tmp_path}/out"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    assert "reference model under DeepSpeed (ZeRO stage 3)" in run.stdout + run.stderr
+    logged = [h for h in json.loads((tmp_path / "out" / "train.json").read_text()) if "loss" in h]
+    assert len(logged) == 2 and all("reward" in h for h in logged)
+    assert (tmp_path / "out" / "checkpoint" / "model.safetensors").exists()

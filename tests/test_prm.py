@@ -140,6 +140,11 @@ def test_head_and_best_of_n_arms(tmp_path, lab_policy, cache):
     assert head["after"]["test_id"]["tokens_per_problem"] > 1.5 * greedy["after"]["test_id"]["tokens_per_problem"]
     with pytest.raises(SystemExit, match="needs a verifier"):
         recipe.load(["verifier=none", "decode=guided"])
+    # no verifier: plain majority voting (self-consistency), the compute-matched baseline of sampling methods
+    vote = recipe.main([f"model={folder}", "verifier=none", "decode=vote", "n=3", f"output_dir={tmp_path}/v",
+                        f"cache_dir={cache}", *TINY])
+    assert vote["prm"] is None and vote["process_bench"] is None
+    assert vote["after"]["test_id"]["tokens_per_problem"] > 2 * greedy["after"]["test_id"]["tokens_per_problem"]
 
 
 @pytest.mark.skipif(not (GSM8K_DIR / "train.jsonl").exists(), reason=f"GSM8K data not found at {GSM8K_DIR}")
@@ -189,3 +194,15 @@ def test_a_lora_prm_is_merged_into_a_plain_folder(tmp_path, lab_policy, bt_token
     assert not torch.allclose(prm[q], policy[q])  # the adapter was merged in
     torch.testing.assert_close(prm["model.embed_tokens.weight"], policy["model.embed_tokens.weight"])  # not adapted
     assert report["process_bench"]["all"]["erroneous"] > 0
+
+
+def test_weighted_vote_with_equal_scores_is_majority_voting():
+    """verifier=none decode=vote: every sample scores 1, so the most frequent answer wins (a tie: the answer
+    seen first), samples without an answer do not vote, and with no answer at all sample 0 is taken."""
+    from halluc.inference.verifiers import weighted_vote
+
+    assert weighted_vote(["3", "5", "5", None], [1.0] * 4) == 1
+    assert weighted_vote(["3", "5", "5", "3"], [1.0] * 4) == 0  # 2 vs 2: the first seen
+    assert weighted_vote([None, None], [1.0, 1.0]) == 0
+    assert weighted_vote(["3", "5", "5"], [0.9, 0.1, 0.1]) == 0  # with scores it is weighted (control)
+

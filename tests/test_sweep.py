@@ -102,6 +102,24 @@ def test_a_report_with_no_finished_run_is_refused(tmp_path):
     assert not (tmp_path / "out" / "results.md").exists()
 
 
+def test_report_only_without_runs_reads_the_committed_outcomes(tmp_path):
+    """Issue 23: `--report-only` where no run finished reports from docs/results/<name>.outcomes.jsonl.gz
+    when the sweep has one committed (here the first results, seed 0 only to keep it short)."""
+    import shutil
+
+    from conftest import ROOT
+
+    if not (ROOT / "docs/results/first_results.outcomes.jsonl.gz").exists():
+        pytest.skip("no committed first_results outcomes")
+    spec = tmp_path / "first_results.yaml"
+    shutil.copy(ROOT / "recipes/configs/sweeps/first_results.yaml", spec)
+    result = sweep(spec, "--out", tmp_path / "out", "--report-only", "--seeds", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "from the committed outcomes" in result.stderr
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "## Setting `default`" in report and "| masked |" in report
+
+
 def test_the_what_works_table_comes_from_committed_outcomes(tmp_path):
     """tools/what_works.py: per technique and setting, the paired accuracy difference to the sweep's
     baseline and backtracking's own effect, bold only when resolved; sweeps without outcomes are named."""

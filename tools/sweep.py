@@ -245,7 +245,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="default: runs/sweeps/<name>")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the sweep's seeds")
     p.add_argument("--jobs", type=int, default=None, help="runs at once (default: the number of cores)")
-    p.add_argument("--report-only", action="store_true", help="write the report from the finished runs")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report from the finished runs (none there: from docs/results/<name>.outcomes.jsonl.gz)")
     p.add_argument("--outcomes", default=None, metavar="FILE",
                    help="write the report from a committed outcomes file (docs/results/<name>.outcomes.jsonl.gz), "
                         "no runs needed")
@@ -256,6 +257,13 @@ def main(argv=None) -> int:
     if args.seeds:
         sweep.seeds = args.seeds
     out = Path(args.out or f"runs/sweeps/{sweep.name}").resolve()
+    committed = ROOT / "docs" / "results" / f"{sweep.name}.outcomes.jsonl.gz"
+    if args.report_only and not args.outcomes and committed.exists() and not any(
+            (out / s / a / f"seed-{seed}" / "eval.json").exists()
+            for s in sweep.settings for a in sweep.arms for seed in sweep.seeds):
+        print(f"sweep.py: no finished run under {out}: the report comes from the committed outcomes {committed}",
+              file=sys.stderr)
+        args.outcomes = str(committed)
     if args.outcomes:  # the report from what a sweep recorded: nothing is planned, checked or run
         from halluc.pipeline.report import read_outcomes, write_report
 

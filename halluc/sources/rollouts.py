@@ -19,17 +19,32 @@ class RewardSettings:
     """The reward of one completion (N-MARS, research-wave3.md): R = R_inc + R_pen.
 
     R_inc = +1 if the final answer of the visible (BT-applied) text is right, else -1.
-    R_pen (bt_term) = +1 if right with at most kappa x |trace| BTs, +0.5 if right with more, -1 if wrong."""
+    R_pen (bt_term) = +1 if right with at most kappa x |trace| BTs, +0.5 if right with more, -1 if wrong.
+    R_step (step_weight > 0) = step_weight x the fraction of the visible text's steps the task's verifier
+    checks right (a process reward from the oracle verifier; steps it cannot check do not count)."""
 
     bt_term: bool = True
     kappa: NonNegativeFloat = 0.1
+    step_weight: NonNegativeFloat = 0.0
 
 
-def completion_reward(right: bool, n_backtracks: int, trace_len: int, settings: RewardSettings) -> float:
+def completion_reward(right: bool, n_backtracks: int, trace_len: int, settings: RewardSettings,
+                      steps_right: float | None = None) -> float:
+    """R of one completion; `steps_right`: the fraction of its checked steps that verify (for step_weight)."""
     reward = 1.0 if right else -1.0
     if settings.bt_term:
         reward += (1.0 if n_backtracks <= settings.kappa * trace_len else 0.5) if right else -1.0
+    if settings.step_weight and steps_right is not None:
+        reward += settings.step_weight * steps_right
     return reward
+
+
+def steps_right(kinds: list[str]) -> float | None:
+    """The fraction of a verifier report's checked steps that are right (None: no step could be checked)."""
+    from halluc.tasks.base import UNCHECKED
+
+    checked = [k for k in kinds if k != UNCHECKED]
+    return sum(k == "ok" for k in checked) / len(checked) if checked else None
 
 
 # --------------------------------------------------------------------------- the objective
@@ -58,6 +73,22 @@ def generation_attention(model):
     finally:
         if before != "sdpa":
             model.set_attn_implementation(before)
+
+
+def gathered_for_generation(model):
+    """Under ZeRO-3 the policy's parameters are shards: gathered once on every process, with DeepSpeed's
+    forward hooks removed, while it generates (each process samples its own prompts and stops when they are
+    done, so no collective may run per token), then released and the hooks put back (DeepSpeed's
+    unwrap_model_for_generation, as TRL does). `model`: the trainer's TargetModel. Otherwise nothing."""
+    from contextlib import nullcontext
+
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled() or not hasattr(model.module, "optimizer"):
+        return nullcontext()
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    return unwrap_model_for_generation(model.module)  # the DeepSpeedEngine
 
 
 @dataclass
@@ -94,6 +125,7 @@ class GRPOObjective:
         self.reference, self.seed = reference, seed
         self.bt_id = backtrack_id(tokenizer)
         self._samples: Samples | None = None
+        self._ref = None  # the reference prepared for the trainer's backend and launcher
         self._left = 0
         self._trainer = None
 
@@ -102,8 +134,6 @@ class GRPOObjective:
 
     def attach(self, trainer) -> None:
         self._trainer = trainer  # its step seeds the sampling (a resumed run samples what it would have)
-        if self.reference is not None:
-            self.reference.to(trainer.args.device).eval()
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         if self._left == 0 or self._samples is None:
@@ -122,7 +152,7 @@ class GRPOObjective:
 
     def _sample(self, model, problem_ids: list[int]) -> Samples:
         from halluc.inference.generate import Sampling, generate
-        from halluc.structure.backends import TargetModel, use_backend
+        from halluc.objectives.dpo import prepare_reference
 
         g = self.sampling
         inner = model.inner
@@ -130,7 +160,7 @@ class GRPOObjective:
         prompts = [self.prompts[i] for i in problem_ids for _ in range(g.group)]
         was_training = inner.training
         inner.eval()
-        with torch.no_grad(), generation_attention(inner):
+        with torch.no_grad(), generation_attention(inner), gathered_for_generation(model):
             gens = generate(inner, prompts, max_new_tokens=g.max_new_tokens, backtrack_id=self.bt_id,
                             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                             semantics=self.semantics, guards=self.guards,
@@ -140,9 +170,11 @@ class GRPOObjective:
         examples, rewards, right_count = [], [], 0
         for i, prompt, gen in zip([i for i in problem_ids for _ in range(g.group)], prompts, gens):
             text = self.tokenizer.decode(gen.visible, skip_special_tokens=True)
-            right = bool(self.task.verify_steps(self.problems[i], self.task.split_steps(text)).answer_correct)
+            report = self.task.verify_steps(self.problems[i], self.task.split_steps(text))
+            right = bool(report.answer_correct)
             right_count += right
-            rewards.append(completion_reward(right, gen.n_backtracks, len(gen.trace), self.rewards))
+            rewards.append(completion_reward(right, gen.n_backtracks, len(gen.trace), self.rewards,
+                                             steps_right(report.kinds)))
             completion = list(gen.trace) + ([eos] if gen.stop == "eos" else [])  # stopping is an action too
             examples.append(trace_example(prompt, completion or [eos], self.bt_id))
         reward = torch.tensor(rewards)
@@ -152,9 +184,10 @@ class GRPOObjective:
             if g.iterations > 1:
                 old = trace_log_probs(model, examples, self.semantics, model.backend)
             if self.beta and self.reference is not None:
-                use_backend(self.reference, model.backend)  # once the trainer chose it (a no-op after)
-                target = TargetModel(self.reference, model.backend)
-                ref = trace_log_probs(target, examples, self.semantics, model.backend)
+                if self._ref is None:  # once the trainer chose the backend: placed, sharded under ZeRO-3 (as DPO's)
+                    self._ref = prepare_reference(self.reference, model,
+                                                  self._trainer.accelerator if self._trainer is not None else None)
+                ref = trace_log_probs(self._ref, examples, self.semantics, model.backend)
             elif self.beta and hasattr(inner, "disable_adapter"):  # LoRA: the starting model is the adapter off
                 with inner.disable_adapter():
                     ref = trace_log_probs(model, examples, self.semantics, model.backend)

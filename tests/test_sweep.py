@@ -102,6 +102,7 @@ def test_a_report_with_no_finished_run_is_refused(tmp_path):
     assert not (tmp_path / "out" / "results.md").exists()
 
 
+@pytest.mark.slow
 def test_report_only_without_runs_reads_the_committed_outcomes(tmp_path):
     """Issue 23: `--report-only` where no run finished reports from docs/results/<name>.outcomes.jsonl.gz
     when the sweep has one committed (here the first results, seed 0 only to keep it short)."""

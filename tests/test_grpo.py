@@ -100,7 +100,8 @@ def sampled():
     out = {}
     for semantics in ("keep", "rewind"):
         gens = generate(model, prompts, max_new_tokens=40, backtrack_id=BT, eos_token_id=EOS, semantics=semantics,
-                        sampling=Sampling(1.0, 1.0, 3), forcing=Forcing(backtrack_rate=0.3, seed=1), record_logprobs=True)
+                        sampling=Sampling(1.0, 1.0, 3), forcing=Forcing(backtrack_rate=0.3, seed=1), record_logprobs=True,
+                        record_logits=True)
         out[semantics] = gens
     return model, prompts, out
 
@@ -134,6 +135,30 @@ def test_the_trainers_log_probs_of_sampled_traces_equal_the_generators(sampled, 
         control = max(control, (theirs - want).abs().max().item())
     assert worst < 1e-4, worst
     assert control > 1e-2, control
+
+
+@pytest.mark.parametrize("semantics", ["keep", "rewind"])
+def test_log_probs_are_scored_at_the_sampling_temperature(sampled, semantics):
+    """Tokens sampled at temperature T are scored under softmax(logits / T), the distribution they were
+    drawn from (as TRL does); at T = 1 that is the generator's record (negative control: T = 1 differs)."""
+    import copy
+
+    from test_generate import BT
+
+    from halluc.objectives.grpo import trace_example, trace_log_probs
+    from halluc.structure.backends import use_backend
+
+    model, prompts, gens = sampled
+    scorer = copy.deepcopy(model)
+    use_backend(scorer, "dense")
+    examples = [trace_example(p, g.trace, BT) for p, g in zip(prompts, gens[semantics])]
+    with torch.no_grad():
+        hot = trace_log_probs(scorer, examples, semantics, "dense", temperature=2.0)
+        plain = trace_log_probs(scorer, examples, semantics, "dense")
+    for g, ours, one in zip(gens[semantics], hot, plain):
+        want = torch.stack([torch.log_softmax(lg.float() / 2.0, -1)[t] for lg, t in zip(g.logits, g.trace)])
+        assert (ours - want).abs().max() < 1e-4
+        assert (one - want).abs().max() > 1e-2
 
 
 def test_the_bt_aware_reward_golden():

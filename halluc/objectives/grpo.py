@@ -99,10 +99,12 @@ def trace_example(prompt: list[int], trace: list[int], bt_id: int | None) -> dic
             "labels": [IGNORE_INDEX] * len(prompt) + list(trace)}
 
 
-def trace_log_probs(model, examples: list[dict], semantics: str, backend: str) -> list[torch.Tensor]:
+def trace_log_probs(model, examples: list[dict], semantics: str, backend: str,
+                    temperature: float = 1.0) -> list[torch.Tensor]:
     """log P(token) of every trace token of `trace_example`s, one forward in the layout of the semantics
     the traces were sampled with (keep: causal; rewind: erased tokens blocked, rewound positions), on
-    `backend` (the model set up with halluc.structure.backends.use_backend). With gradients if enabled."""
+    `backend` (the model set up with halluc.structure.backends.use_backend), under the sampling
+    temperature (the distribution the tokens were drawn from, as TRL scores them). With gradients if enabled."""
     from halluc.core.losses import target_log_probs
     from halluc.structure.backends import forward_targets
     from halluc.structure.packing import collate, concat_row, layout_example
@@ -110,5 +112,5 @@ def trace_log_probs(model, examples: list[dict], semantics: str, backend: str) -
     mode, positions = SEMANTICS_LAYOUT[semantics]
     batch = collate([concat_row([layout_example(e, mode, positions)]) for e in examples])
     targets = forward_targets(model, batch, backend)
-    logps = target_log_probs(targets.logits.float(), targets.ids)
+    logps = target_log_probs(targets.logits.float() / temperature, targets.ids)
     return [logps[targets.row == r] for r in range(len(examples))]

@@ -124,6 +124,7 @@ class GRPOObjective:
         self.loss_type, self.beta, self.eps_low, self.eps_high = loss_type, beta, eps_low, eps_high
         self.reference, self.seed = reference, seed
         self.bt_id = backtrack_id(tokenizer)
+        self._temperature = sampling.temperature or 1.0  # log-probs under the distribution sampled (greedy: 1)
         self._samples: Samples | None = None
         self._ref = None  # the reference prepared for the trainer's backend and launcher
         self._left = 0
@@ -141,7 +142,7 @@ class GRPOObjective:
             self._left = self.sampling.iterations
         self._left -= 1
         s = self._samples
-        logps = trace_log_probs(model, s.examples, self.semantics, model.backend)
+        logps = trace_log_probs(model, s.examples, self.semantics, model.backend, self._temperature)
         old = s.old if s.old is not None else [x.detach() for x in logps]
         new, mask = _pad(logps)
         loss, metrics = policy_loss(new, _pad(old)[0], s.advantages.to(new.device), mask,
@@ -182,15 +183,15 @@ class GRPOObjective:
         old = ref = None
         with torch.no_grad():
             if g.iterations > 1:
-                old = trace_log_probs(model, examples, self.semantics, model.backend)
+                old = trace_log_probs(model, examples, self.semantics, model.backend, self._temperature)
             if self.beta and self.reference is not None:
                 if self._ref is None:  # once the trainer chose the backend: placed, sharded under ZeRO-3 (as DPO's)
                     self._ref = prepare_reference(self.reference, model,
                                                   self._trainer.accelerator if self._trainer is not None else None)
-                ref = trace_log_probs(self._ref, examples, self.semantics, model.backend)
+                ref = trace_log_probs(self._ref, examples, self.semantics, model.backend, self._temperature)
             elif self.beta and hasattr(inner, "disable_adapter"):  # LoRA: the starting model is the adapter off
                 with inner.disable_adapter():
-                    ref = trace_log_probs(model, examples, self.semantics, model.backend)
+                    ref = trace_log_probs(model, examples, self.semantics, model.backend, self._temperature)
             elif self.beta:
                 raise ValueError("beta > 0 needs a reference model (or a LoRA policy, whose adapter is disabled)")
         n = len(gens)

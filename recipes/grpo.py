@@ -94,13 +94,23 @@ def train(cfg: Config) -> dict | None:
 
     problems = splits["sft"]
     prompts = [tokenizer(p.prompt)["input_ids"] for p in problems]
+    # a prompt with its longest completion must fit the model's positions (a learned position table, e.g.
+    # GPT-2's, would be indexed past its end): the others are not sampled, and the log says how many
+    limit = getattr(model.config, "max_position_embeddings", None) or float("inf")
+    usable = [i for i, ids in enumerate(prompts) if len(ids) + cfg.rollout.max_new_tokens <= limit]
+    if not usable:
+        raise SystemExit(f"no SFT problem fits the model's {limit} positions with rollout.max_new_tokens="
+                         f"{cfg.rollout.max_new_tokens}: lower rollout.max_new_tokens")
+    if len(usable) < len(prompts):
+        log.warning("%d of %d SFT problems are longer than the model's %d positions minus rollout.max_new_tokens=%d: "
+                    "not sampled", len(prompts) - len(usable), len(prompts), limit, cfg.rollout.max_new_tokens)
     t1 = time.perf_counter()
     trainer = None
     if cfg.steps:
         objective = GRPOObjective(problems, task, tokenizer, prompts, sampling=cfg.rollout, rewards=cfg.reward,
                                   semantics=semantics, loss_type=cfg.loss_type, beta=cfg.beta, eps_low=cfg.eps_low,
                                   eps_high=cfg.eps_high, reference=reference, seed=cfg.seed)
-        trainer = train_stage(model, [{"problem": i} for i in range(len(problems))],
+        trainer = train_stage(model, [{"problem": i} for i in usable],
                               Stage(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr), str(out), run,
                               objective=objective, tokenizer=tokenizer, adapter_info=identity)
         if is_main():

@@ -281,7 +281,7 @@ def test_lora_grpo_uses_the_adapter_off_as_reference_and_saves_an_adapter(lab_po
     assert (tmp_path / "out" / "adapter" / "halluc_adapter.json").exists() and report["saved"].endswith("adapter")
 
 
-def test_grpo_runs_on_gsm8k_files(tmp_path, gsm8k_test_file):
+def test_grpo_runs_on_gsm8k_files(tmp_path, gsm8k_test_file, caplog):
     """A tiny GSM8K model with a BT token: groups sampled from GSM8K problems, rewarded by their final
     answer (the task's verifier needs no annotation for that), evaluated on the test file."""
     import json
@@ -291,12 +291,18 @@ def test_grpo_runs_on_gsm8k_files(tmp_path, gsm8k_test_file):
 
     from halluc.core.model import load_causal_lm
     from halluc.core.tokens import add_backtrack_token
+    from halluc.tasks import gsm8k
 
     tok = tiny_gsm8k_base(tmp_path / "base", gsm8k_test_file)
     model = load_causal_lm(str(tmp_path / "base"))
     add_backtrack_token(tok, model)
     model.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
+    # GSM8K prompts are long: with a position table of 128, the problems that cannot take 16 more tokens are
+    # left out of sampling (a learned position table would be indexed past its end), the rest train
+    model.config.max_position_embeddings = 128
+    model.save_pretrained(tmp_path / "base")
+    long = sum(len(tok(p.prompt)["input_ids"]) + 16 > 128 for p in gsm8k.read_jsonl(gsm8k_test_file, limit=20))
     report = load_script("recipes/grpo.py").main([
         f"model={tmp_path / 'base'}", "lab.task=gsm8k", f"lab.train_file={gsm8k_test_file}",
         f"lab.test_file={gsm8k_test_file.parent / 'train.jsonl'}", "lab.test_size=2", "lab.sft_size=20",
@@ -305,6 +311,13 @@ def test_grpo_runs_on_gsm8k_files(tmp_path, gsm8k_test_file):
     logged = [h for h in json.loads((tmp_path / "out" / "train.json").read_text()) if "loss" in h]
     assert len(logged) == 2 and all(-2 <= h["reward"] <= 2 and "completions/mean_length" in h for h in logged)
     assert report["after"]["test_id"]["n"] == 2
+    assert 0 < long < 20  # the case has prompts on both sides of the limit (else it checks nothing)
+    assert "not sampled" in caplog.text  # the SFT problems too long for the positions were left out
+    with pytest.raises(SystemExit, match="no SFT problem fits"):
+        load_script("recipes/grpo.py").main([
+            f"model={tmp_path / 'base'}", "lab.task=gsm8k", f"lab.train_file={gsm8k_test_file}",
+            f"lab.test_file={gsm8k_test_file.parent / 'train.jsonl'}", "lab.test_size=2", "lab.sft_size=20",
+            "lab.train_size=20", "max_len=512", "steps=1", "rollout.max_new_tokens=128", f"output_dir={tmp_path}/no"])
 
 
 @pytest.mark.slow

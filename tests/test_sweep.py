@@ -27,9 +27,15 @@ def test_tiny_sweep_runs_reports_and_resumes(tmp_path):
     spec = write_sweep(tmp_path / "tiny.yaml", {"clean": ["errors.source=none"], "masked": []},
                        settings={"default": [], "swapped": ["lab.listing=swapped", "lab.swap_rate=0.5"]})
     out = tmp_path / "out"
+    # --arms/--settings run a part of the sweep; the rest runs on the next invocation
+    part = sweep(spec, "--out", out, "--jobs", "2", "--arms", "clean", "--settings", "swapped")
+    assert part.returncode == 0, part.stdout[-3000:] + part.stderr[-3000:]
+    assert "2 runs: 0 finished already, 2 to run" in part.stdout
+    assert sorted(p.parent.name for p in out.glob("*/*/seed-*/eval.json")) == ["seed-0", "seed-1"]
+    assert len(list(out.glob("swapped/clean/seed-*/eval.json"))) == 2
     first = sweep(spec, "--out", out, "--jobs", "2")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "8 runs: 0 finished already, 8 to run" in first.stdout
+    assert "8 runs: 2 finished already, 6 to run" in first.stdout
     evals = sorted(out.glob("*/*/seed-*/eval.json"))
     assert len(evals) == 8
     # one base per seed, shared by both settings and both arms
@@ -70,7 +76,7 @@ def test_tiny_sweep_runs_reports_and_resumes(tmp_path):
     resumed = sweep(spec, "--out", out, "--jobs", "2", "--launch", "process")
     assert "8 runs: 7 finished already, 1 to run" in resumed.stdout and "done   swapped/masked/seed-1" in resumed.stdout
     assert json.loads(killed.read_text())["after"] == forked
-    assert len((out / "wall.jsonl").read_text().splitlines()) == 3
+    assert len((out / "wall.jsonl").read_text().splitlines()) == 4
     # an arm edited since is not finished: its runs would run again (the others stay finished)
     runner = load_script("tools/sweep.py")
     edited = runner.read_sweep(str(write_sweep(tmp_path / "edited.yaml", {"clean": ["errors.source=none"],
@@ -89,6 +95,8 @@ def test_a_bad_arm_fails_before_anything_runs(tmp_path):
     assert result.returncode != 0
     assert "default/broken/seed-0" in result.stderr and "layout.attention='foo': choose one of causal, block_errors" in result.stderr
     assert not (tmp_path / "out").exists()
+    result = sweep(spec, "--out", tmp_path / "out", "--arms", "clean", "cleen")
+    assert result.returncode != 0 and "--arms names ['cleen'], not in the sweep's ['broken', 'clean']" in result.stderr
     missing = write_sweep(tmp_path / "nobase.yaml", {"masked": []})
     result = sweep(missing, "--out", tmp_path / "out")
     assert "baseline 'clean' is not one of the arms" in result.stderr

@@ -3,6 +3,7 @@
     python tools/sweep.py recipes/configs/sweeps/first_results.yaml          # run what is missing, report
     python tools/sweep.py SWEEP.yaml --jobs 2 --seeds 0 1 --out runs/sweeps/x
     python tools/sweep.py SWEEP.yaml --report-only                            # re-report finished runs
+    python tools/sweep.py SWEEP.yaml --arms own aligned --settings default    # run only these; report all finished
 
 A run is the recipe run as a script, with its log in OUT/SETTING/ARM/seed-S/run.log:
     python RECIPE output_dir=OUT/SETTING/ARM/seed-S seed=S cache_dir=OUT/cache overwrite=true COMMON.. SETTING.. ARM..
@@ -250,10 +251,17 @@ def main(argv=None) -> int:
     p.add_argument("--outcomes", default=None, metavar="FILE",
                    help="write the report from a committed outcomes file (docs/results/<name>.outcomes.jsonl.gz), "
                         "no runs needed")
+    p.add_argument("--arms", nargs="+", default=None, metavar="ARM",
+                   help="run only these arms (default: all); the report covers every finished run")
+    p.add_argument("--settings", nargs="+", default=None, metavar="SETTING",
+                   help="run only these lab settings (default: all); the report covers every finished run")
     p.add_argument("--launch", choices=("auto", "fork", "process"), default="auto",
                    help="fork runs from this process (auto: Linux with a CPU torch) or start each in a new one")
     args = p.parse_args(argv)
     sweep = read_sweep(args.sweep)
+    for flag, chosen, known in (("--arms", args.arms, sweep.arms), ("--settings", args.settings, sweep.settings)):
+        if chosen and (unknown := sorted(set(chosen) - set(known))):
+            raise SystemExit(f"{args.sweep}: {flag} names {unknown}, not in the sweep's {list(known)}")
     if args.seeds:
         sweep.seeds = args.seeds
     out = Path(args.out or f"runs/sweeps/{sweep.name}").resolve()
@@ -279,7 +287,8 @@ def main(argv=None) -> int:
     if not args.report_only:
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
-        failed = execute(sweep, runs, args.jobs or os.cpu_count() or 1, args.launch)
+        chosen = [r for r in runs if r.arm in (args.arms or sweep.arms) and r.setting in (args.settings or sweep.settings)]
+        failed = execute(sweep, chosen, args.jobs or os.cpu_count() or 1, args.launch)
         with open(out / "wall.jsonl", "a") as f:  # every invocation's wall time (a resumed sweep has several)
             f.write(json.dumps({"seconds": round(time.monotonic() - t0, 1), "jobs": args.jobs, "launch": args.launch,
                                 "command": " ".join(["python", "tools/sweep.py", *(argv or sys.argv[1:])])}) + "\n")

@@ -2,6 +2,7 @@
 
     python recipes/grpo.py                                  # the lab: masked SFT (cached), then GRPO on SFT problems
     python recipes/grpo.py reward.bt_term=false             # answer reward only
+    python recipes/grpo.py reward.step_weight=0.5 reward.process=prm reward.process_model=runs/prm/prm   # + a PRM's step scores
     python recipes/grpo.py loss_type=dapo eps_high=0.28 rollout.group=16
     python recipes/grpo.py model=runs/masked_sft/checkpoint lab.task=gsm8k lab.train_file=... lab.test_file=...
     python recipes/grpo.py lora.enabled=true                 # adapters; the reference is the adapter disabled
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from halluc.core.config import NonNegativeFloat, NonNegativeInt, PositiveInt, Stage, as_dict, check_run_rules, recipe_entry
-from halluc.core.inputs import run_cli
+from halluc.core.inputs import check_model_path, run_cli
 from halluc.pipeline.run_config import RunConfig
 from halluc.sources.rollouts import GroupSampling, RewardSettings
 
@@ -52,9 +53,15 @@ class Config(RunConfig):  # the shared settings (output, model, lab chain, layou
         check_run_rules(self, ("model", "ref_model"))
         if self.lab.task != "arith" and not self.lab.train_file:
             raise ValueError(f"lab.task={self.lab.task} needs lab.train_file (the problems to sample)")
-        if self.reward.step_weight and self.lab.task == "jsonl":
+        if self.reward.step_weight and self.reward.process == "oracle" and self.lab.task == "jsonl":
             raise ValueError("reward.step_weight: the jsonl task's verifier checks no step (every step is unchecked), "
-                             "so the process reward would be 0 for every completion; drop it")
+                             "so the oracle's process reward would be 0 for every completion; drop it, or score "
+                             "steps with a learned verifier (reward.process=prm|head reward.process_model=DIR)")
+        if self.reward.process_model:
+            try:
+                check_model_path(self.reward.process_model, "reward.process_model")
+            except FileNotFoundError as e:
+                raise ValueError(str(e)) from None
         if self.rollout.group < 2:
             raise ValueError("rollout.group must be at least 2: advantages are relative to the group")
 
@@ -68,7 +75,8 @@ def train(cfg: Config) -> dict | None:
     from halluc.objectives.grpo import SEMANTICS_LAYOUT
     from halluc.pipeline.sft import starting_policy
     from halluc.pipeline.stages import RunSettings, evaluate_on_main, finish_run, open_run, train_history, train_stage
-    from halluc.sources.rollouts import GRPOObjective
+    from halluc.objectives.verifier_head import step_end_ids
+    from halluc.sources.rollouts import GRPOObjective, load_process_verifier
     from halluc.core.tokens import backtrack_id
     from halluc.training.checkpoint import record_training, save_stage
     from halluc.training.lora import apply_lora, base_identity
@@ -109,7 +117,9 @@ def train(cfg: Config) -> dict | None:
     if cfg.steps:
         objective = GRPOObjective(problems, task, tokenizer, prompts, sampling=cfg.rollout, rewards=cfg.reward,
                                   semantics=semantics, loss_type=cfg.loss_type, beta=cfg.beta, eps_low=cfg.eps_low,
-                                  eps_high=cfg.eps_high, reference=reference, seed=cfg.seed)
+                                  eps_high=cfg.eps_high, reference=reference, seed=cfg.seed,
+                                  process_verifier=load_process_verifier(cfg.reward, tokenizer),
+                                  step_ends=frozenset(step_end_ids(tokenizer, getattr(task, "STEP_SEPARATOR", "\n"))))
         trainer = train_stage(model, [{"problem": i} for i in usable],
                               Stage(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr), str(out), run,
                               objective=objective, tokenizer=tokenizer, adapter_info=identity)

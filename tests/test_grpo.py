@@ -350,3 +350,85 @@ def test_zero3_with_two_processes_samples_trains_and_saves(lab_policy, tmp_path)
     logged = [h for h in json.loads((tmp_path / "out" / "train.json").read_text()) if "loss" in h]
     assert len(logged) == 2 and all("reward" in h for h in logged)
     assert (tmp_path / "out" / "checkpoint" / "model.safetensors").exists()
+
+
+def test_a_learned_process_reward_is_the_mean_step_score_of_the_verifier(bt_tokenizer, arith_problems):
+    """reward.process=prm|head: R_step = step_weight x the mean P(right) the verifier gives the visible text at
+    each step's end. With the oracle standing in for the learned verifier the golden values are known: a
+    right solution scores 1, one whose second of three steps is wrong 1/3 (right, then wrong from there on),
+    a text with no step None."""
+    from halluc.inference.verifiers import OracleVerifier
+    from halluc.objectives.verifier_head import step_end_ids
+    from halluc.sources.rollouts import learned_steps_right
+    from halluc.tasks import arith
+
+    tok, problem = bt_tokenizer, arith_problems[0]
+    steps = arith.split_steps(problem.solution)
+    assert len(steps) == 3 and arith.verify_steps(problem, steps).kinds == ["ok"] * 3
+    head, value = steps[1].rstrip(" ;").rsplit(" ", 1)
+    wrong = f"{head} {int(value) + 1} ;"
+    texts = [problem.solution, "".join([steps[0], wrong, steps[2]]), ""]
+    visible = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    prompt = tok(problem.prompt)["input_ids"]
+    scores = learned_steps_right(OracleVerifier(arith, [problem], tok), [prompt] * 3, visible,
+                                 frozenset(step_end_ids(tok, arith.STEP_SEPARATOR)))
+    assert scores == [1.0, pytest.approx(1 / 3), None]
+
+
+def test_the_process_reward_settings_are_refused_when_they_cannot_apply():
+    from halluc.sources.rollouts import RewardSettings
+
+    for bad, message in ((RewardSettings(step_weight=0.5, process="prm"), "needs reward.process_model"),
+                         (RewardSettings(step_weight=0.5, process_model="x"), "not oracle"),
+                         (RewardSettings(process="head", process_model="x"), "would weigh 0")):
+        with pytest.raises(ValueError, match=message):
+            bad.check()
+    RewardSettings(step_weight=0.5, process="head", process_model="x").check()
+
+
+def test_grpo_with_a_learned_process_reward_from_a_verifier_head(lab_policy, tmp_path):
+    """End to end: the lab policy's own head (frozen, loaded from its folder) scores each completion's steps;
+    the logged process score is a mean probability, strictly inside (0, 1) for a head that is not certain,
+    and the reward moves by step_weight x that score (the answer-only reward is +-1)."""
+    import json
+
+    from conftest import load_script
+
+    folder, _, _, _ = lab_policy
+    common = [f"model={folder}", f"cache_dir={tmp_path}/cache", "lab.train_size=2000", "lab.sft_size=200",
+              "lab.test_size=4", "eval_max_new_tokens=8", "steps=2", "batch_size=2", "rollout.group=4",
+              "rollout.max_new_tokens=40", "reward.bt_term=false", "beta=0"]
+    load_script("recipes/grpo.py").main([*common, f"output_dir={tmp_path}/head", "reward.step_weight=0.5",
+                                         "reward.process=head", f"reward.process_model={folder}"])
+    logged = [h for h in json.loads((tmp_path / "head" / "train.json").read_text()) if "loss" in h]
+    assert len(logged) == 2
+    for h in logged:
+        assert 0 < h["process_score"] < 1
+        # every completion's reward is +-1 + 0.5 x its score: the batch mean is 2 x accuracy - 1 + 0.5 x the mean score
+        assert h["reward"] == pytest.approx(2 * h["accuracy"] - 1 + 0.5 * h["process_score"], abs=1e-5)
+
+
+def test_a_prm_process_verifier_loads_frozen_and_scores_the_policys_ids(lab_policy, tmp_path):
+    """reward.process=prm: the PRM folder loads frozen (a fresh-head PRM started from the policy stands in for
+    a trained one), its scores are probabilities per completion; a PRM with another tokenizer is refused."""
+    from halluc.objectives.prm import load_prm
+    from halluc.objectives.verifier_head import step_end_ids
+    from halluc.sources.rollouts import RewardSettings, learned_steps_right, load_process_verifier
+    from halluc.tasks import arith
+
+    folder, _, tokenizer, problems = lab_policy
+    load_prm(str(folder), new_head=True).save_pretrained(tmp_path / "prm")
+    tokenizer.save_pretrained(tmp_path / "prm")
+    verifier = load_process_verifier(RewardSettings(step_weight=1.0, process="prm",
+                                                    process_model=str(tmp_path / "prm")), tokenizer)
+    assert not any(p.requires_grad for p in verifier.prm.parameters())
+    prompts = [tokenizer(p.prompt)["input_ids"] for p in problems[:2]]
+    visible = [tokenizer(p.solution, add_special_tokens=False)["input_ids"] for p in problems[:2]]
+    scores = learned_steps_right(verifier, prompts, visible, frozenset(step_end_ids(tokenizer, arith.STEP_SEPARATOR)))
+    assert all(0 < s < 1 for s in scores)
+    from halluc.core.tokens import train_tokenizer
+
+    train_tokenizer(["a b c ; d = 1"]).save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit, match="another tokenizer"):
+        load_process_verifier(RewardSettings(step_weight=1.0, process="prm", process_model=str(tmp_path / "other")),
+                              tokenizer)

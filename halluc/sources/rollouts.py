@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -20,12 +21,27 @@ class RewardSettings:
 
     R_inc = +1 if the final answer of the visible (BT-applied) text is right, else -1.
     R_pen (bt_term) = +1 if right with at most kappa x |trace| BTs, +0.5 if right with more, -1 if wrong.
-    R_step (step_weight > 0) = step_weight x the fraction of the visible text's steps the task's verifier
-    checks right (a process reward from the oracle verifier; steps it cannot check do not count)."""
+    R_step (step_weight > 0) = step_weight x s, a process reward in [0, 1] from `process`:
+      oracle: the fraction of the visible text's steps the task's verifier checks right (steps it cannot
+              check do not count; the skyline);
+      prm / head: the mean P(right) a learned verifier gives the visible text at the end of each of its
+              steps (halluc.inference.verifiers; `process_model`: a PRM folder from recipes/prm.py, or a
+              model folder with a verifier head from recipes/masked_sft.py verifier_head_weight=...; frozen,
+              and reading the policy's token ids, so it needs the policy's tokenizer)."""
 
     bt_term: bool = True
     kappa: NonNegativeFloat = 0.1
     step_weight: NonNegativeFloat = 0.0
+    process: Literal["oracle", "prm", "head"] = "oracle"
+    process_model: str | None = None
+
+    def check(self) -> None:
+        if self.process != "oracle" and not self.process_model:
+            raise ValueError(f"reward.process={self.process} needs reward.process_model (the {self.process}'s folder)")
+        if self.process_model and self.process == "oracle":
+            raise ValueError("reward.process_model is read only by reward.process=prm or head, not oracle")
+        if self.process_model and not self.step_weight:
+            raise ValueError("reward.process_model without reward.step_weight: the process reward would weigh 0")
 
 
 def completion_reward(right: bool, n_backtracks: int, trace_len: int, settings: RewardSettings,
@@ -45,6 +61,45 @@ def steps_right(kinds: list[str]) -> float | None:
 
     checked = [k for k in kinds if k != UNCHECKED]
     return sum(k == "ok" for k in checked) / len(checked) if checked else None
+
+
+def learned_steps_right(verifier, prompts: list[list[int]], visibles: list[list[int]], ends) -> list[float | None]:
+    """Per completion, the mean P(right) that `verifier` (halluc.inference.verifiers: its solution_scores)
+    gives the visible text at the end of each of its steps (cut after every token in `ends`); None: no step."""
+    from halluc.inference.verifiers import split_steps_ids
+
+    steps = [split_steps_ids(v, ends) for v in visibles]
+    keep = [i for i, s in enumerate(steps) if s]
+    scores = verifier.solution_scores([prompts[i] for i in keep], [steps[i] for i in keep]) if keep else []
+    out: list[float | None] = [None] * len(visibles)
+    for i, s in zip(keep, scores):
+        out[i] = sum(s) / len(s)
+    return out
+
+
+def load_process_verifier(settings: RewardSettings, tokenizer):
+    """The frozen learned verifier of `settings.process` (prm or head) on this process's device; None for
+    the oracle (the task's verifier needs no model)."""
+    if settings.process == "oracle" or not settings.step_weight:
+        return None
+    from halluc.core.distributed import local_device
+    from halluc.core.model import load_causal_lm
+    from halluc.core.tokens import load_tokenizer
+    from halluc.inference.verifiers import make_verifier
+    from halluc.pipeline.prm_stages import check_same_vocab
+
+    folder = settings.process_model
+    check_same_vocab("reward.process_model", folder, tokenizer)
+    if settings.process == "prm":
+        from halluc.objectives.prm import load_prm
+
+        prm = load_prm(folder).eval().to(local_device()).requires_grad_(False)
+        return make_verifier("prm", tokenizer=tokenizer, prm=prm, prm_tokenizer=load_tokenizer(folder))
+    from halluc.objectives.verifier_head import load_head
+
+    model = load_causal_lm(folder).eval().to(local_device()).requires_grad_(False)
+    load_head(folder, model)
+    return make_verifier("head", policy=model, tokenizer=tokenizer, head_reads="text")
 
 
 # --------------------------------------------------------------------------- the objective
@@ -114,7 +169,8 @@ class GRPOObjective:
 
     def __init__(self, problems, task, tokenizer, prompts: list[list[int]], *, sampling: GroupSampling,
                  rewards: RewardSettings, semantics: str, guards=None, loss_type: LossType = "grpo",
-                 beta: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.2, reference=None, seed: int = 0):
+                 beta: float = 0.0, eps_low: float = 0.2, eps_high: float = 0.2, reference=None, seed: int = 0,
+                 process_verifier=None, step_ends=frozenset()):
         from halluc.core.tokens import backtrack_id
         from halluc.inference.generate import LoopGuards
 
@@ -123,6 +179,7 @@ class GRPOObjective:
         self.guards = guards or LoopGuards()
         self.loss_type, self.beta, self.eps_low, self.eps_high = loss_type, beta, eps_low, eps_high
         self.reference, self.seed = reference, seed
+        self.process_verifier, self.step_ends = process_verifier, step_ends  # a learned process reward's scorer
         self.bt_id = backtrack_id(tokenizer)
         self._temperature = sampling.temperature or 1.0  # log-probs under the distribution sampled (greedy: 1)
         self._samples: Samples | None = None
@@ -168,14 +225,20 @@ class GRPOObjective:
                             sampling=Sampling(g.temperature, g.top_p, self.seed * 1_000_003 + step))
         inner.train(was_training)
         eos = self.tokenizer.eos_token_id
-        examples, rewards, right_count = [], [], 0
-        for i, prompt, gen in zip([i for i in problem_ids for _ in range(g.group)], prompts, gens):
+        learned = None
+        if self.process_verifier is not None and self.rewards.step_weight:
+            with torch.no_grad():
+                learned = learned_steps_right(self.process_verifier, prompts, [list(x.visible) for x in gens],
+                                              self.step_ends)
+        examples, rewards, right_count, process = [], [], 0, []
+        for k, (i, prompt, gen) in enumerate(zip([i for i in problem_ids for _ in range(g.group)], prompts, gens)):
             text = self.tokenizer.decode(gen.visible, skip_special_tokens=True)
             report = self.task.verify_steps(self.problems[i], self.task.split_steps(text))
             right = bool(report.answer_correct)
             right_count += right
-            rewards.append(completion_reward(right, gen.n_backtracks, len(gen.trace), self.rewards,
-                                             steps_right(report.kinds)))
+            step_score = learned[k] if learned is not None else steps_right(report.kinds)
+            process.append(step_score or 0.0)
+            rewards.append(completion_reward(right, gen.n_backtracks, len(gen.trace), self.rewards, step_score))
             completion = list(gen.trace) + ([eos] if gen.stop == "eos" else [])  # stopping is an action too
             examples.append(trace_example(prompt, completion or [eos], self.bt_id))
         reward = torch.tensor(rewards)
@@ -201,6 +264,8 @@ class GRPOObjective:
                    "completions/mean_length": sum(len(e["input_ids"]) - len(p) for e, p in zip(examples, prompts)) / n,
                    "accuracy": right_count / n, "bt_per_completion": sum(x.n_backtracks for x in gens) / n,
                    "wasted_per_completion": sum(x.n_erased + x.n_backtracks for x in gens) / n}
+        if self.rewards.step_weight:  # the process term's mean, before its weight
+            metrics["process_score"] = sum(process) / n
         return Samples(examples, advantages, old, ref, metrics)
 
 

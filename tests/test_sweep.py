@@ -28,7 +28,7 @@ def test_tiny_sweep_runs_reports_and_resumes(tmp_path):
                        settings={"default": [], "swapped": ["lab.listing=swapped", "lab.swap_rate=0.5"]})
     out = tmp_path / "out"
     # --arms/--settings run a part of the sweep; the rest runs on the next invocation
-    part = sweep(spec, "--out", out, "--jobs", "2", "--arms", "clean", "--settings", "swapped")
+    part = sweep(spec, "--out", out, "--jobs", "2", "--threads", "1", "--arms", "clean", "--settings", "swapped")
     assert part.returncode == 0, part.stdout[-3000:] + part.stderr[-3000:]
     assert "2 runs: 0 finished already, 2 to run" in part.stdout
     assert sorted(p.parent.name for p in out.glob("*/*/seed-*/eval.json")) == ["seed-0", "seed-1"]

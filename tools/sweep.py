@@ -4,6 +4,7 @@
     python tools/sweep.py SWEEP.yaml --jobs 2 --seeds 0 1 --out runs/sweeps/x
     python tools/sweep.py SWEEP.yaml --report-only                            # re-report finished runs
     python tools/sweep.py SWEEP.yaml --arms own aligned --settings default    # run only these; report all finished
+    python tools/sweep.py A.yaml --jobs 1 --threads 1 & python tools/sweep.py B.yaml --jobs 1 --threads 1   # two at once
 
 A run is the recipe run as a script, with its log in OUT/SETTING/ARM/seed-S/run.log:
     python RECIPE output_dir=OUT/SETTING/ARM/seed-S seed=S cache_dir=OUT/cache overwrite=true COMMON.. SETTING.. ARM..
@@ -182,7 +183,7 @@ def can_fork() -> bool:
     return torch.version.cuda is None and getattr(torch.version, "hip", None) is None
 
 
-def execute(sweep: Sweep, runs: list[Run], jobs: int, launch: str = "auto") -> list[Run]:
+def execute(sweep: Sweep, runs: list[Run], jobs: int, launch: str = "auto", threads: int | None = None) -> list[Run]:
     """Run what is not finished, `jobs` at a time (forked or in new processes); returns the runs that failed."""
     import tqdm as tqdm_module
     from tqdm.auto import tqdm
@@ -190,7 +191,7 @@ def execute(sweep: Sweep, runs: list[Run], jobs: int, launch: str = "auto") -> l
     todo = [r for r in runs if not r.finished]
     print(f"{len(runs)} runs: {len(runs) - len(todo)} finished already, {len(todo)} to run, {jobs} at a time",
           flush=True)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
     leader_done: dict[int, bool] = {}  # a finished run of the seed left its base in the cache
@@ -255,6 +256,9 @@ def main(argv=None) -> int:
                    help="run only these arms (default: all); the report covers every finished run")
     p.add_argument("--settings", nargs="+", default=None, metavar="SETTING",
                    help="run only these lab settings (default: all); the report covers every finished run")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads per run (default: cores / jobs; 1 when another sweep shares the cores: "
+                        "more threads than cores slow every run down many times)")
     p.add_argument("--launch", choices=("auto", "fork", "process"), default="auto",
                    help="fork runs from this process (auto: Linux with a CPU torch) or start each in a new one")
     args = p.parse_args(argv)
@@ -288,7 +292,7 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         chosen = [r for r in runs if r.arm in (args.arms or sweep.arms) and r.setting in (args.settings or sweep.settings)]
-        failed = execute(sweep, chosen, args.jobs or os.cpu_count() or 1, args.launch)
+        failed = execute(sweep, chosen, args.jobs or os.cpu_count() or 1, args.launch, args.threads)
         with open(out / "wall.jsonl", "a") as f:  # every invocation's wall time (a resumed sweep has several)
             f.write(json.dumps({"seconds": round(time.monotonic() - t0, 1), "jobs": args.jobs, "launch": args.launch,
                                 "command": " ".join(["python", "tools/sweep.py", *(argv or sys.argv[1:])])}) + "\n")

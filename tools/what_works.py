@@ -24,17 +24,21 @@ ROWS = [
     ("first_results", "unmasked", "the same, error tokens trained"),
     ("first_results", "block_errors", "+ hard mask and rewinding inference (4, 9)"),
     ("own_errors", "own", "the model's own errors (5)"),
+    ("own_errors", "both", "own and synthetic errors, half each"),
     ("own_errors", "aligned", "own errors located by alignment (N-MARS)"),
     ("own_errors", "curriculum", "curriculum (3)"),
     ("dpo", "sigmoid_lr2e-5", "DPO on own-error pairs (6)"),
     ("dpo", "tdpo2_lr2e-5", "TDPO2 (6)"),
     ("dpo", "balanced", "DPO with balanced pairs"),
+    ("dpo", "balanced_rpo", "balanced pairs + the chosen side's NLL (RPO)"),
+    ("dpo", "step", "Step-DPO pairs (no BTs)"),
     ("verifiers", "prm_guided", "PRM-guided decoding (7)"),
     ("verifiers", "head_guided", "verifier-head-guided decoding (10)"),
     ("verifiers", "prm_best_of_2", "best-of-2 with the PRM (7)"),
     ("verifiers", "oracle_guided", "oracle-guided decoding (the skyline)"),
     ("mcts", "mcts", "MCTS traces (8)"),
-    ("retry_pretraining", "retry_0.2", "retry pretraining, rate 0.2"),
+    ("retry_pretraining", "retry_0.2/base", "a base pretrained on retry data, rate 0.2 (vs the clean base)"),
+    ("retry_pretraining", "retry_0.2", "retry pretraining, rate 0.2, then clean SFT"),
 ]
 
 
@@ -69,7 +73,8 @@ def table(results_dir: Path = ROOT / "docs" / "results", sweeps_dir: Path = ROOT
             own = entry["arms"][arm]
             cells = [_cell(diff.get(split, {}).get("answer_acc")) for split in ("test_id", "test_ood")]
             cells += [_cell(own.get(split, {}).get("bt_gain")) for split in ("test_id", "test_ood")]
-            lines.append(f"| {what} ({name}: `{arm}`) | {setting} | `{sweep.baseline}` | " + " | ".join(cells) + " |")
+            against = "base" if arm.endswith("/base") else sweep.baseline  # an arm's own base: vs the shared one
+            lines.append(f"| {what} ({name}: `{arm}`) | {setting} | `{against}` | " + " | ".join(cells) + " |")
     lines += ["", "BT's own effect: the same model decoded with BT allowed minus BT banned (wrong->right minus "
               "right->wrong). The `verifiers` arms decode the baseline's own weights differently, so their "
               "accuracy difference is itself the effect of the verifier's BTs (n/a in the last columns)."]

@@ -113,7 +113,8 @@ def train(cfg: Config) -> dict | None:
     from halluc.inference.evaluate import evaluate_best_of_n, evaluate_problems
     from halluc.inference.generate import Guide, Sampling
     from halluc.core.model import load_causal_lm
-    from halluc.pipeline.prm_stages import check_same_vocab, step_rows, train_prm
+    from halluc.pipeline.prm_stages import step_rows, train_prm
+    from halluc.core.tokens import check_same_vocab
     from halluc.pipeline.sft import lab_sft_model
     from halluc.pipeline.stages import evaluate_on_main, finish_run, open_run
     from halluc.core.tokens import load_tokenizer

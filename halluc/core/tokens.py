@@ -93,3 +93,11 @@ def train_tokenizer(texts, vocab_size: int = 384) -> PreTrainedTokenizerFast:
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
                                    pad_token="<|pad|>", clean_up_tokenization_spaces=False)
+
+
+def check_same_vocab(name: str, folder: str, tokenizer) -> None:
+    """A model that reads the policy's token ids as they are (a PRM, a process-reward verifier) must have
+    the policy's tokenizer."""
+    if load_tokenizer(folder).get_vocab() != tokenizer.get_vocab():
+        raise SystemExit(f"{name}={folder} has another tokenizer than the policy: it reads the policy's "
+                         "token ids (use a model started from a checkpoint with the policy's tokenizer)")

@@ -63,15 +63,6 @@ def step_rows(cfg, policy, tokenizer, task, splits) -> tuple[list, list, dict]:
     return train_rows, test_rows, {**stats, "folder": str(folder)}
 
 
-def check_same_vocab(name: str, folder: str, tokenizer) -> None:
-    """The PRM scores the policy's token ids as they are: its tokenizer must be the policy's."""
-    from halluc.core.tokens import load_tokenizer
-
-    if load_tokenizer(folder).get_vocab() != tokenizer.get_vocab():
-        raise SystemExit(f"{name}={folder} has another tokenizer than the policy: the PRM reads the policy's "
-                         "token ids (use a PRM started from a checkpoint with the policy's tokenizer)")
-
-
 def train_prm(cfg, policy, policy_dir: str, tokenizer, rows: list[dict]) -> tuple[str, dict]:
     """(folder, training log) of a PRM trained on `rows`, cached under cache_dir by its data and settings."""
     from halluc.training.checkpoint import record_training, save_full
@@ -80,6 +71,7 @@ def train_prm(cfg, policy, policy_dir: str, tokenizer, rows: list[dict]) -> tupl
     from halluc.core.distributed import world_size
     from halluc.training.lora import fingerprint
     from halluc.core.artifacts import artifact_path, build_once
+    from halluc.core.tokens import check_same_vocab
     from halluc.pipeline.stages import RunSettings, train_history, train_stage
 
     base = cfg.prm_base or policy_dir

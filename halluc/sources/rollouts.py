@@ -84,9 +84,8 @@ def load_process_verifier(settings: RewardSettings, tokenizer):
         return None
     from halluc.core.distributed import local_device
     from halluc.core.model import load_causal_lm
-    from halluc.core.tokens import load_tokenizer
+    from halluc.core.tokens import check_same_vocab, load_tokenizer
     from halluc.inference.verifiers import make_verifier
-    from halluc.pipeline.prm_stages import check_same_vocab
 
     folder = settings.process_model
     check_same_vocab("reward.process_model", folder, tokenizer)

@@ -1,7 +1,8 @@
-"""GRPO step time: halluc's recipe path (halluc/sources/rollouts.py) against TRL's GRPOTrainer, on CPU.
+"""GRPO step time: halluc's recipe path (halluc/sources/rollouts.py) against TRL's GRPOTrainer.
 
     python benchmarks/grpo.py                       # the tiny lab model shape, 4 prompts x G=8, 48 new tokens
     python benchmarks/grpo.py --group 16 --max-new-tokens 96 --steps 6
+    python benchmarks/grpo.py --hidden 2048 --layers 16 --heads 32     # GPU (bf16): a ~1B-shaped model
 
 The same freshly initialised Llama (the lab's tiny shape, random weights: both sample about
 `--max-new-tokens` tokens per completion), the same arith prompts, the same reward (+1 / -1 for the final
@@ -42,6 +43,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=0, help="model width (0: the lab's tiny shape)")
+    p.add_argument("--layers", type=int, default=0)
+    p.add_argument("--heads", type=int, default=0)
     args = p.parse_args(argv)
 
     from datasets import Dataset
@@ -63,6 +67,9 @@ def main(argv=None) -> None:
     by_prompt = {p.prompt: p for p in problems}
     steps = args.warmup + args.steps
     shape = ModelConfig()
+    shape = ModelConfig(hidden=args.hidden or shape.hidden, layers=args.layers or shape.layers,
+                        heads=args.heads or shape.heads)
+    cuda = torch.cuda.is_available()
 
     def fresh():
         torch.manual_seed(0)
@@ -84,7 +91,7 @@ def main(argv=None) -> None:
         timer = StepTimes()
         config = GRPOConfig(output_dir=out, per_device_train_batch_size=args.prompts * args.group,
                             num_generations=args.group, max_completion_length=args.max_new_tokens, max_steps=steps,
-                            learning_rate=2e-5, beta=0.04, logging_steps=steps, report_to="none", use_cpu=True,
+                            learning_rate=2e-5, beta=0.04, logging_steps=steps, report_to="none", use_cpu=not cuda, bf16=cuda,
                             save_strategy="no", temperature=1.0, seed=0)
         data = Dataset.from_list([{"prompt": p.prompt} for p in problems])
         trainer = GRPOTrainer(model=start.name, reward_funcs=reward, args=config, train_dataset=data,
@@ -107,7 +114,8 @@ def main(argv=None) -> None:
 
     trl = rows[0][1]
     n = args.prompts * args.group
-    print(f"\ntorch threads {torch.get_num_threads()}; {args.prompts} prompts x G={args.group}, "
+    where = torch.cuda.get_device_name() + ", bf16" if cuda else f"CPU, torch threads {torch.get_num_threads()}"
+    print(f"\n{where}; hidden {shape.hidden} x {shape.layers} layers; {args.prompts} prompts x G={args.group}, "
           f"{args.max_new_tokens} new tokens, median of {args.steps} steps after {args.warmup}")
     print("\n| trainer | s / step | completions / s | time vs TRL |\n|---|---|---|---|")
     for name, s in rows:

@@ -2,13 +2,15 @@
 
     python recipes/grpo.py                                  # the lab: masked SFT (cached), then GRPO on SFT problems
     python recipes/grpo.py reward.bt_term=false             # answer reward only
+    python recipes/grpo.py start=base                       # from the lab base with a BT token, no SFT
     python recipes/grpo.py reward.step_weight=0.5 reward.process=prm reward.process_model=runs/prm/prm   # + a PRM's step scores
     python recipes/grpo.py loss_type=dapo eps_high=0.28 rollout.group=16
     python recipes/grpo.py model=runs/masked_sft/checkpoint lab.task=gsm8k lab.train_file=... lab.test_file=...
     python recipes/grpo.py lora.enabled=true                 # adapters; the reference is the adapter disabled
     deepspeed --num_gpus 2 recipes/grpo.py deepspeed=ds_configs/zero3.json ...   # ZeRO-2/3 (gathered to generate)
 
-Steps: (1) the policy: model=DIR, or the lab's masked SFT model (the lab base + technique 1, cached);
+Steps: (1) the policy: model=DIR, or the lab's masked SFT model (the lab base + technique 1, cached), or
+(start=base) the lab base with a BT token added and no SFT;
 (2) each step, for `batch_size` SFT problems, `rollout.group` completions sampled from the current policy
 by the batched generator with the semantics it was trained for (keep, or rewind: a BT removes cache
 entries), rewarded on their visible text (halluc/sources/rollouts.py: +1/-1 for the answer, plus
@@ -36,7 +38,9 @@ log = logging.getLogger("grpo")
 @dataclass
 class Config(RunConfig):  # the shared settings (output, model, lab chain, layout, launcher): halluc.pipeline.run_config
     output_dir: str = "runs/grpo"          # checkpoint/, tb/, train.json, eval.json, config.yaml
-    model: str | None = None               # the policy to start from; None = the lab's masked SFT model
+    model: str | None = None               # the policy to start from; None = the lab's model named by `start`
+    start: Literal["sft", "base"] = "sft"  # without model=: the lab's SFT model, or its base with a BT token
+                                           # added (semantic init) and no SFT (N-MARS's "GRPO from the base")
     ref_model: str | None = None           # the KL reference; None = the starting model
     steps: NonNegativeInt = 200            # optimisation steps; 0 = evaluate the starting model only
     batch_size: PositiveInt = 4            # prompts per process and step (each with rollout.group completions)
@@ -51,6 +55,8 @@ class Config(RunConfig):  # the shared settings (output, model, lab chain, layou
 
     def check(self) -> None:
         check_run_rules(self, ("model", "ref_model"))
+        if self.start == "base" and self.model:
+            raise ValueError(f"start=base starts from the lab base, model={self.model} names another policy: drop one")
         if self.lab.task != "arith" and not self.lab.train_file:
             raise ValueError(f"lab.task={self.lab.task} needs lab.train_file (the problems to sample)")
         if self.reward.step_weight and self.reward.process == "oracle" and self.lab.task == "jsonl":
@@ -83,7 +89,7 @@ def train(cfg: Config) -> dict | None:
 
     out, task, splits, tests, t0 = open_run(cfg)
     run = RunSettings.of(cfg)
-    start, tokenizer, model, before = starting_policy(cfg, task, tests, "GRPO")
+    start, tokenizer, model, before = starting_policy(cfg, task, tests, "GRPO", cfg.start, splits)
     semantics = semantics_for(model, None if cfg.semantics == "auto" else cfg.semantics, has_backtrack=True)
     attention, positions = SEMANTICS_LAYOUT[semantics]
     record_training(model, recipe="grpo", attention=attention, positions=positions, seed=cfg.seed,

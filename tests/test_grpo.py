@@ -432,3 +432,38 @@ def test_a_prm_process_verifier_loads_frozen_and_scores_the_policys_ids(lab_poli
     with pytest.raises(SystemExit, match="another tokenizer"):
         load_process_verifier(RewardSettings(step_weight=1.0, process="prm", process_model=str(tmp_path / "other")),
                               tokenizer)
+
+
+def test_grpo_from_the_lab_base_starts_from_the_base_with_a_bt_token_and_no_sft(lab_policy, tmp_path):
+    """start=base: the policy is the lab base with a BT token added (semantic init) and no SFT: every weight
+    the base had is unchanged (the lab SFT model's are not: the negative control), the BT row is new, the
+    start is cached beside the base, and GRPO trains from it. start=base with model= is refused."""
+    import json
+    from pathlib import Path
+
+    from conftest import POLICY_LAB, load_script
+    from halluc.core.model import load_causal_lm
+    from halluc.core.tokens import backtrack_id, load_tokenizer
+
+    folder, _, _, _ = lab_policy
+    cache = Path(folder).parents[1] / "cache"  # the lab policy's own: its base is trained already
+    grpo = load_script("recipes/grpo.py")
+    report = grpo.main([f"cache_dir={cache}", *POLICY_LAB, f"output_dir={tmp_path}/out", "start=base", "steps=2",
+                        "batch_size=2", "rollout.group=3", "rollout.max_new_tokens=24", "eval_max_new_tokens=8",
+                        "lab.test_size=4", "lr=1e-3"])
+    start = Path(report["start"])
+    assert start.parent.name.startswith("base_bt-") and start.parent.parent == cache
+    base_dir = next(p for p in cache.glob("base-*") if p.is_dir() and (p / "config.json").exists())
+    base, policy, sft = load_causal_lm(str(base_dir)), load_causal_lm(str(start)), load_causal_lm(str(folder))
+    bt = backtrack_id(load_tokenizer(start))
+    assert bt == base.config.vocab_size  # a new row, after the base's vocabulary
+    for name, weight in base.state_dict().items():
+        ours = policy.state_dict()[name]
+        if ours.shape != weight.shape:  # the embedding and head grew by the BT row
+            ours = ours[: weight.shape[0]]
+        assert torch.equal(ours, weight), name
+    assert not torch.equal(sft.state_dict()["model.layers.0.mlp.up_proj.weight"], base.state_dict()["model.layers.0.mlp.up_proj.weight"])
+    logged = [h for h in json.loads((tmp_path / "out" / "train.json").read_text()) if "loss" in h]
+    assert len(logged) == 2 and set(report["after"]) == {"test_id", "test_ood"}
+    with pytest.raises(ValueError, match="start=base"):
+        grpo.Config(model=str(folder), start="base").check()

@@ -201,15 +201,49 @@ def lab_sft_model(cfg, extra: dict | None = None) -> tuple[str, dict]:
     return str(folder / "checkpoint"), json.loads((folder / "eval.json").read_text())["after"]
 
 
-def starting_policy(cfg, task, tests: dict, what: str):
+def lab_base_policy(cfg, splits: dict, tests: dict, task) -> tuple[str, dict]:
+    """(checkpoint folder, evaluation) of the lab base with the BT token added and initialised (technique 2,
+    SFTConfig's bt_init) and no SFT: the policy N-MARS's "GRPO from the base" starts from. Cached under
+    cfg.cache_dir by the settings it depends on, like `lab_sft_model`."""
+    from halluc.core.artifacts import artifact_path, build_once
+    from halluc.core.distributed import barrier, is_main
+    from halluc.pipeline.stages import RunSettings, add_backtrack, base_and_evaluation, evaluate_on_main
+
+    settings = {k: v for k, v in lab_sft_settings(cfg).items() if k not in ("sft", "errors", *LAYOUT_SHARED)}
+    settings["bt_init"] = SFTConfig.bt_init
+    folder = artifact_path(cfg.cache_dir, "base_bt", json.dumps(settings, sort_keys=True))
+    with build_once(folder, "eval.json", what="the lab base with a BT token") as build:  # eval.json: last
+        if build:  # every process (the base may have to be trained first); rank 0 writes
+            log.info("adding a BT token to the lab base into %s", folder)
+            model, tokenizer, base_path, _ = base_and_evaluation(cfg, RunSettings.of(cfg), splits, tests, task)
+            plain = SFTConfig(seed=cfg.seed, lab=cfg.lab)  # bt_init, no LoRA, causal layout (keep semantics)
+            model, bt_id, used, _ = add_backtrack(model, tokenizer, plain, "base+bt", base_path)
+            if is_main():
+                model.save_pretrained(folder / "checkpoint")
+                tokenizer.save_pretrained(folder / "checkpoint")
+            after = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, "base+bt")
+            if is_main():
+                (folder / "eval.json").write_text(json.dumps({"after": after, "backtrack_id": bt_id,
+                                                              "bt_init_words": used}, indent=1))
+    barrier()
+    return str(folder / "checkpoint"), json.loads((folder / "eval.json").read_text())["after"]
+
+
+def starting_policy(cfg, task, tests: dict, what: str, start: str = "sft", splits: dict | None = None):
     """(folder, tokenizer, model, its evaluation) of the policy a later recipe (dpo, grpo) starts from:
-    model=DIR, or the lab's masked SFT model (cached with its evaluation). A model without the BT token
-    is refused: `what` starts from one that has it."""
+    model=DIR, or the lab's masked SFT model (cached with its evaluation), or with start="base" the lab
+    base with a BT token and no SFT (`lab_base_policy`, needs `splits`). A model without the BT token is
+    refused: `what` starts from one that has it."""
     from halluc.core.model import load_causal_lm
     from halluc.core.tokens import has_backtrack, load_tokenizer
     from halluc.pipeline.stages import evaluate_on_main
 
-    start, before = (cfg.model, None) if cfg.model else lab_sft_model(cfg)
+    if cfg.model:
+        start, before = cfg.model, None
+    elif start == "base":
+        start, before = lab_base_policy(cfg, splits, tests, task)
+    else:
+        start, before = lab_sft_model(cfg)
     tokenizer = load_tokenizer(start)
     if not has_backtrack(tokenizer):
         raise SystemExit(f"model={start} has no <|BACKTRACK|> token: {what} starts from a model that has it "

@@ -1,6 +1,7 @@
-"""benchmarks/scale.py at tiny size on CPU, so the GPU benchmark cannot rot: its rows, its FLOP count
-(golden values against the dense mask and a hand count) and one short run of every CPU config,
-ZeRO-3 included (in a subprocess: DeepSpeed leaves launcher variables and a process group behind)."""
+"""The benchmarks scripts/gpu_scale.sh runs on a GPU, run here at tiny size on CPU so they cannot rot:
+benchmarks/scale.py (its rows, its FLOP count against the dense mask and a hand count, one short run of
+every CPU config, ZeRO-3 in a subprocess: DeepSpeed leaves launcher variables and a process group
+behind), and one step of benchmarks/dpo.py and benchmarks/grpo.py against TRL."""
 import importlib.util
 import subprocess
 import sys
@@ -15,9 +16,16 @@ from halluc.core.example import IGNORE_INDEX
 from halluc.structure.attention import dense_mask
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("scale_benchmark", ROOT / "benchmarks/scale.py")
-scale = sys.modules["scale_benchmark"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(scale)
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", ROOT / f"benchmarks/{name}.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+scale = load_benchmark("scale")
 
 
 @pytest.mark.parametrize("attention", ["causal", "block"])
@@ -82,3 +90,20 @@ def test_zero3_config_runs_in_one_process():
                           "--configs", "block/varlen+zero3"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| 256 | block/varlen+zero3 | varlen |" in out.stdout and "failed" not in out.stdout, out.stdout[-2000:]
+
+
+def test_the_dpo_benchmark_runs_its_three_trainers(capsys):
+    pytest.importorskip("trl")
+    load_benchmark("dpo").main(["--pairs", "8", "--batch", "4", "--steps", "2", "--warmup", "1", "--repeats", "1",
+                                "--hidden", "32", "--layers", "1", "--context", "2"])
+    out = capsys.readouterr().out
+    for row in ("| TRL DPOTrainer (padded, prompt twice) |", "| halluc, one pair per row |", "| halluc, packed ("):
+        assert row in out, out[-2000:]
+
+
+def test_the_grpo_benchmark_runs_both_trainers(capsys):
+    pytest.importorskip("trl")
+    load_benchmark("grpo").main(["--prompts", "2", "--group", "2", "--max-new-tokens", "8", "--steps", "1",
+                                 "--warmup", "1", "--hidden", "32", "--layers", "1", "--heads", "2"])
+    out = capsys.readouterr().out
+    assert "| TRL GRPOTrainer |" in out and "| halluc recipes/grpo.py path |" in out and "hidden 32 x 1 layers" in out

@@ -41,6 +41,15 @@ ROWS = [
     ("retry_pretraining", "retry_0.2", "retry pretraining, rate 0.2, then clean SFT"),
     ("retry_pretraining", "retry_0.5/base", "a base pretrained on retry data, rate 0.5 (vs the clean base)"),
     ("retry_pretraining", "retry_0.5", "retry pretraining, rate 0.5, then clean SFT"),
+    ("retry_pretraining", "retry_0.2_masked/base", "a base pretrained on retry data, rate 0.2, errors masked (vs the clean base)"),
+    ("retry_pretraining", "retry_0.2_then_masked", "the main job from a retry-pretrained base (rate 0.2)"),
+    ("retry_pretraining", "ft_lora_masked", "a clean base fine-tuned on retry data, LoRA, masked (P2.2)"),
+    ("retry_pretraining", "ft_full", "a clean base fine-tuned on retry data, all weights, unmasked (P2.2)"),
+    ("grpo", "grpo", "GRPO from masked SFT, answer + BT reward, lr 2e-5"),
+    ("grpo", "grpo_lr3e-4", "GRPO from masked SFT, answer + BT reward, lr 3e-4"),
+    ("grpo", "grpo_answer_only_lr3e-4", "the same, answer reward only"),
+    ("grpo", "lab_base_grpo", "GRPO from the lab base with a BT token (vs masked SFT)"),
+    ("grpo_baselines", "vote_8", "majority vote over 8 samples of masked SFT (vs its greedy decode)"),
 ]
 
 

@@ -48,7 +48,7 @@ ROWS = [
     ("grpo", "grpo", "GRPO from masked SFT, answer + BT reward, lr 2e-5"),
     ("grpo", "grpo_lr3e-4", "GRPO from masked SFT, answer + BT reward, lr 3e-4"),
     ("grpo", "grpo_answer_only_lr3e-4", "the same, answer reward only"),
-    ("grpo", "lab_base_grpo", "GRPO from the lab base with a BT token (vs masked SFT)"),
+    ("grpo", "lab_base_grpo", "GRPO from the lab base with a BT token (vs masked SFT, which the base alone beats by 12.2 on swapped)"),
     ("grpo_baselines", "vote_8", "majority vote over 8 samples of masked SFT (vs its greedy decode)"),
 ]
 

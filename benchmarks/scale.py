@@ -223,7 +223,8 @@ def run_config(conf: Config, shape: dict, length: int, rows_per_step: int, steps
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
-    per_step = statistics.median(b - a for a, b in zip(clock.times[warmup - 1:], clock.times[warmup:]))
+    w = max(warmup, 1)  # the first step's end is the earliest clock mark: gaps start after it
+    per_step = statistics.median(b - a for a, b in zip(clock.times[w - 1:], clock.times[w:]))
     flops = statistics.mean(required_flops(r, model.config) for r in rows) * rows_per_step
     result = {"config": str(conf), "length": length, "backend": trainer.backend, "step_s": per_step,
               "tokens_per_s": rows_per_step * length / per_step, "tflops": flops / per_step / 1e12,

@@ -39,6 +39,7 @@ ROWS = [
     ("mcts", "mcts", "MCTS traces (8)"),
     ("retry_pretraining", "retry_0.2/base", "a base pretrained on retry data, rate 0.2 (vs the clean base)"),
     ("retry_pretraining", "retry_0.2", "retry pretraining, rate 0.2, then clean SFT"),
+    ("retry_pretraining", "retry_0.2_any", "retry pretraining with the lab's plausible wrong steps, rate 0.2, then clean SFT"),
     ("retry_pretraining", "retry_0.5/base", "a base pretrained on retry data, rate 0.5 (vs the clean base)"),
     ("retry_pretraining", "retry_0.5", "retry pretraining, rate 0.5, then clean SFT"),
     ("retry_pretraining", "retry_0.2_masked/base", "a base pretrained on retry data, rate 0.2, errors masked (vs the clean base)"),

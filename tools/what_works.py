@@ -44,6 +44,7 @@ ROWS = [
     ("retry_pretraining", "retry_0.5", "retry pretraining, rate 0.5, then clean SFT"),
     ("retry_pretraining", "retry_0.2_masked/base", "a base pretrained on retry data, rate 0.2, errors masked (vs the clean base)"),
     ("retry_pretraining", "retry_0.2_then_masked", "the main job from a retry-pretrained base (rate 0.2)"),
+    ("retry_pretraining", "retry_0.2_any_then_masked", "the main job from a base pretrained on the lab's plausible wrong steps (rate 0.2)"),
     ("retry_pretraining", "ft_lora_masked", "a clean base fine-tuned on retry data, LoRA, masked (P2.2)"),
     ("retry_pretraining", "ft_full", "a clean base fine-tuned on retry data, all weights, unmasked (P2.2)"),
     ("grpo", "grpo", "GRPO from masked SFT, answer + BT reward, lr 2e-5"),

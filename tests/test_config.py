@@ -64,6 +64,7 @@ MASKED_SFT = [
     ("layout.backend=fast", "layout.backend='fast': choose one of auto, native, dense"),
     ("sft.steps=0", "sft.steps=0: must be in [1, inf]"),
     ("layout.attention=block_errors", "layout.attention=block_errors needs layout.positions=rewound"),
+    ("layout.positions=rewound", "layout.positions=rewound changes nothing under layout.attention=causal"),
     ("lab.task=gsm8k", "lab.task=gsm8k needs lab.test_file"),
     ("attention=block_errors", "unknown setting 'attention' (did you mean layout.attention?)"),  # the old flat key
     ("sft.step=3", "unknown setting 'sft.step' (did you mean sft.steps?)"),

@@ -294,6 +294,19 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy(model):
     assert [g.trace for g in nucleus] == [g.trace for g in greedy]
 
 
+@pytest.mark.parametrize("semantics", ["keep", "rewind"])
+def test_a_stop_token_emitted_as_the_last_allowed_token_is_a_stop_not_a_length_cut(model, semantics):
+    """MCTS reads stop == "length" as a step still open (a dead end): a step that ends exactly at
+    max_new_tokens must say "stop_token". Negative control: a non-stop last token is a length cut."""
+    semi = 7
+    kw = dict(backtrack_id=BT, eos_token_id=EOS, semantics=semantics, stop_after=frozenset({semi}))
+    for max_new in (3, 4, 6):
+        g = generate(model, [[5, 6]], max_new_tokens=max_new, forcing=Forcing([[9, 10, semi, 11]]), **kw)[0]
+        assert (g.trace, g.stop) == ([9, 10, semi], "stop_token")
+    g = generate(model, [[5, 6]], max_new_tokens=3, forcing=Forcing([[9, 10, 11, semi]]), **kw)[0]
+    assert (g.trace, g.stop) == ([9, 10, 11], "length")
+
+
 def test_forced_backtrack_rate_is_deterministic(model):
     kw = dict(max_new_tokens=80, backtrack_id=BT, eos_token_id=None, semantics="rewind",
               guards=LoopGuards(max_backtracks=0), forcing=Forcing(backtrack_rate=0.2, seed=1))

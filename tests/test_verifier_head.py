@@ -176,3 +176,41 @@ def test_the_head_loss_weighs_the_rare_wrong_steps_like_the_right_ones():
     assert balanced_bce(informative, torch.zeros(10)) == pytest.approx(plain(informative, torch.zeros(10)))
     assert balanced_bce(informative, torch.ones(10)) == pytest.approx(plain(informative, torch.ones(10)))  # all wrong
     assert balanced_bce(informative, torch.ones(10)) > 0
+
+
+def test_a_right_step_before_a_masked_error_keeps_its_head_label_and_the_lm_loss_stays_masked():
+    """The head's label rides on the target its step end predicts. When that target is the first
+    token of an error step (masked: no LM target), the label must still reach the head, and the LM
+    loss must still be plain masked cross-entropy. Negative control: the LM loss over every
+    target the head needs differs (the error token would be trained)."""
+    from halluc.core.losses import token_cross_entropy
+    from halluc.core.model import tiny_llama
+    from halluc.objectives.verifier_head import HeadCollator, HeadObjective
+    from halluc.sources.data import labels_from_roles
+    from halluc.structure.backends import TargetModel, use_backend
+    from halluc.training.train import TreeCollator
+
+    #        q   q   x   ;    (wrong: y ;)  BT  BT  (right: z ;)  EOS
+    ids = [20, 21, 10, END, 11, END, BT, BT, 12, END, EOS]
+    roles = [int(r) for r in (P, P, K, K, E, E, B, B, C, C, K)]
+    row = {"input_ids": ids, "roles": roles, "labels": labels_from_roles(ids, roles, masked=True)}
+    torch.manual_seed(0)
+    model = tiny_llama(32, hidden=32, layers=1, heads=2)
+    attach_head(model)
+    torch.nn.init.normal_(get_head(model).proj.weight)  # a head that says something
+    model.train()
+    backend = use_backend(model, "dense")
+    for mode in ("causal", "block_errors"):
+        plain = TreeCollator(mode, "original")([dict(row)])
+        batch = HeadCollator(TreeCollator(mode, "original"), {END}, EOS)([dict(row)])
+        head_at = {int(batch["pred_pos"][0, j]): int(batch["head_labels"][0, j])
+                   for j in range(len(ids)) if batch["head_labels"][0, j] != IGNORE_INDEX}
+        assert head_at == {3: 0, 5: 1, 9: 0}  # the right step at 3 ends before the masked error token 4
+        assert torch.equal(batch["shift_labels"], plain["shift_labels"])  # the trainer's token count
+        objective = HeadObjective(weight=0.0)
+        loss, metrics = objective(TargetModel(model, backend), batch)
+        t = TargetModel(model, backend).targets(plain)
+        want = token_cross_entropy(t.logits[:, :-1], t.ids)
+        assert float(loss.detach()) == pytest.approx(float(want.detach()), abs=1e-6)
+        t_all = TargetModel(model, backend).targets(batch)
+        assert abs(float(token_cross_entropy(t_all.logits[:, :-1], t_all.ids).detach()) - float(want.detach())) > 1e-3

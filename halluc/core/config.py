@@ -426,6 +426,10 @@ class LayoutSettings:
         if self.attention == "block_errors" and self.positions != "rewound":
             raise ValueError("layout.attention=block_errors needs layout.positions=rewound: that pair is the exact "
                              "twin of KV-rewinding generation; with original positions no decoder matches training")
+        if self.attention == "causal" and self.positions == "rewound":
+            raise ValueError("layout.positions=rewound changes nothing under layout.attention=causal (nothing is "
+                             "erased, so the positions stay 0..L-1): set layout.attention=block_errors with it, or "
+                             "drop it")
         if self.backend == "native" and (self.attention != "causal" or self.positions != "original" or self.pack):
             raise ValueError("layout.backend=native runs the model's own causal kernel: it needs layout.attention="
                              "causal, layout.positions=original and layout.pack=0 (backend=auto picks an edit-tree "

@@ -194,7 +194,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, backtrack_
             if len(row.trace) > emitted:
                 if record_logprobs:
                     row.logprobs.append(float(logprobs[r, tokens[r]]))
-                if tokens[r] in stop_after and not row.done:
+                if tokens[r] in stop_after and row.stop in ("", "length"):  # a stop token ends a step even as the last allowed token
                     row.done, row.stop = True, "stop_token"
             if guided is not None:
                 note_rewrite_end(row, tokens[r], bt, guided.step_ends)

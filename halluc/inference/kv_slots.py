@@ -115,5 +115,7 @@ class KVSlots:
 
 
 def _cache_kwarg(model) -> str:
-    """transformers >= 5.2x calls the cache argument `cache` (`past_key_values` warns); older: past_key_values."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """transformers >= 5.2x calls the cache argument `cache` (`past_key_values` warns); older: past_key_values.
+    A PeftModel's forward takes **kwargs and hands them on: the wrapped model's signature decides."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"

@@ -165,7 +165,11 @@ def step_end_labels(ids: list[int], roles: list[int], ends: set[int], eos_id: in
 
 class HeadCollator:
     """TreeCollator batches plus `head_labels`: each target token gets the step label of the
-    position that predicts it (IGNORE_INDEX where that position is no step end)."""
+    position that predicts it (IGNORE_INDEX where that position is no step end).
+
+    A step end followed by a masked token (a right step, then an error step whose first token is
+    no LM target) still needs its head label: that token becomes a target the LM loss skips
+    (`head_only`), so the trainer's token count (`shift_labels`, made before) is unchanged."""
 
     def __init__(self, tree_collator, ends: set[int], eos_id: int | None):
         self.tree, self.ends, self.eos_id = tree_collator, ends, eos_id
@@ -189,8 +193,10 @@ class HeadCollator:
             step[b, :len(r["input_ids"])] = torch.tensor(step_end_labels(list(r["input_ids"]), list(r["roles"]),
                                                                          self.ends, self.eos_id))
         pred = batch["pred_pos"].clamp(min=0)
-        targets = (batch["labels"] != IGNORE_INDEX) & (batch["pred_pos"] >= 0)
-        batch["head_labels"] = torch.where(targets, step.gather(1, pred), IGNORE_INDEX)
+        head = torch.where(batch["pred_pos"] >= 0, step.gather(1, pred), IGNORE_INDEX)
+        head_only = (head != IGNORE_INDEX) & (batch["labels"] == IGNORE_INDEX)
+        batch["labels"] = torch.where(head_only, batch["input_ids"], batch["labels"])
+        batch["head_labels"], batch["head_only"] = head, head_only
         return batch
 
 
@@ -214,7 +220,8 @@ class HeadObjective:
 
         t = model.targets(batch)
         vocab = t.logits.shape[-1] - 1
-        lm = token_cross_entropy(t.logits[:, :vocab], t.ids)
+        lm_target = ~batch["head_only"][t.row, t.col]  # not the masked tokens the head's labels ride on
+        lm = token_cross_entropy(t.logits[lm_target, :vocab], t.ids[lm_target])
         labels = batch["head_labels"][t.row, t.col]
         at = labels != IGNORE_INDEX
         metrics = {"lm_loss": lm.detach()}

@@ -62,6 +62,19 @@ def test_step_classification_is_cross_entropy_at_the_labelled_step_ends():
     assert not torch.isclose(loss, ce.mean())  # the unweighted mean differs (the control)
     assert float(metrics["step_acc"]) == pytest.approx(1 / 3)  # ties (id 0) go to label 0
     assert (batch["shift_labels"] != IGNORE_INDEX).sum() == 3  # the items the trainer weighs by
+    # a micro-batch whose step ends were all cut off: a zero loss that still backpropagates, not NaN
+    weight = torch.nn.Parameter(torch.ones(()))
+
+    class Scaled(Fixed):
+        def forward(self, input_ids, attention_mask):
+            out = super().forward(input_ids, attention_mask)
+            out.logits = out.logits * weight
+            return out
+
+    empty = StepCollator()([{"input_ids": [5, 0], "labels": [IGNORE_INDEX, IGNORE_INDEX]}])
+    loss, metrics = StepClassification()(Scaled(), empty)
+    loss.backward()
+    assert float(loss) == 0.0 and metrics == {} and weight.grad is not None
 
 
 def test_read_stepwise_names_the_file_and_line(tmp_path):
@@ -69,6 +82,9 @@ def test_read_stepwise_names_the_file_and_line(tmp_path):
     path.write_text(json.dumps({"prompt": "q", "completions": ["a"], "labels": [True]}) + "\n"
                     + json.dumps({"prompt": "q", "completions": ["a", "b"], "labels": [True]}) + "\n")
     with pytest.raises(ValueError, match=r"steps.jsonl:2: 2 completions but 1 labels"):
+        read_stepwise(path)
+    path.write_text('{"prompt": "q", "completions": [], "labels": []}\n')
+    with pytest.raises(ValueError, match=r"steps.jsonl:1: completions is empty"):
         read_stepwise(path)
     path.write_text('{"prompt": "q", "labels": []}\n')
     with pytest.raises(ValueError, match=r"steps.jsonl:1: .*missing completions"):

@@ -53,3 +53,21 @@ def test_semantic_words_are_used_when_single_tokens(lab_tokenizer):
         torch.testing.assert_close(w[bt], w[rows].mean(0))
     assert not torch.allclose(model.get_input_embeddings().weight[bt],
                               model.get_input_embeddings().weight[:-1].mean(0))
+
+
+def test_the_mean_leaves_out_the_padding_rows_of_a_padded_vocabulary(lab_tokenizer):
+    """Models like Qwen have more embedding rows than tokens; those rows are never trained. The mean
+    fallback averages the tokenizer's rows only. Negative control: the mean over every row differs."""
+    tok = copy.deepcopy(lab_tokenizer)
+    torch.manual_seed(0)
+    model = tiny_llama(len(tok) + 8, hidden=32, layers=1, heads=2)  # 8 padding rows, room for the BT too
+    bt = add_backtrack_token(tok, model)
+    assert bt == len(tok) - 1 and model.get_input_embeddings().weight.shape[0] == len(tok) + 7
+    with torch.no_grad():
+        for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            w[len(tok):] = 50.0  # untrained padding rows, far from the trained ones
+    init_backtrack_embedding(model, tok, bt, "mean")
+    for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        torch.testing.assert_close(w[bt], w[:bt].mean(0))
+        every_other_row = torch.cat([w[:bt], w[bt + 1:]]).mean(0)
+        assert (w[bt] - every_other_row).abs().max() > 1.0

@@ -40,7 +40,7 @@ def init_backtrack_embedding(model, tokenizer, bt_id: int, method: str = "semant
     """Set the BT row of the input embedding (and of the LM head when untied).
 
     semantic: mean of the rows of `words` that are single tokens in this vocabulary, else the
-      mean of all existing rows (Hewitt: the mean bounds how far the next-token distribution
+      mean of all the tokenizer's other rows (padding rows past len(tokenizer) left out) (Hewitt: the mean bounds how far the next-token distribution
       can move, whereas a random row can take near-all probability mass).
     mean: the mean of all existing rows.
     random: normal rows with std `random_scale` (an ablation, and the negative control).
@@ -49,7 +49,10 @@ def init_backtrack_embedding(model, tokenizer, bt_id: int, method: str = "semant
     vocab = tokenizer.get_vocab()
     used = [w for w in words if w in vocab and vocab[w] != bt_id] if method == "semantic" else []
     for matrix in _bt_matrices(model):
-        others = torch.cat([matrix[:bt_id], matrix[bt_id + 1:]])
+        # the tokenizer's rows only: a padded vocabulary (Qwen: 151,936 rows for 151,665 tokens) has
+        # rows no token uses, never trained, which would pull the mean off the trained ones
+        real = torch.arange(min(len(tokenizer), matrix.shape[0]), device=matrix.device)
+        others = matrix[real[real != bt_id]]
         if method == "random":
             matrix[bt_id] = torch.randn_like(matrix[bt_id]) * random_scale
         elif used:

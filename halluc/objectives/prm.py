@@ -61,6 +61,8 @@ def read_stepwise(path) -> list[dict]:
         if missing:
             raise InputError(f"{path}:{n}: a stepwise row needs prompt, completions and labels; "
                              f"missing {', '.join(missing)}")
+        if not row["completions"]:
+            raise InputError(f"{path}:{n}: completions is empty: a stepwise row needs at least one step")
         if len(row["completions"]) != len(row["labels"]):
             raise InputError(f"{path}:{n}: {len(row['completions'])} completions but {len(row['labels'])} labels")
         rows.append(row)
@@ -112,6 +114,8 @@ class StepClassification:
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         at = batch["labels"] != IGNORE_INDEX
+        if not bool(at.any()):  # every step end cut off by max_len: nothing to learn, and no NaN
+            return 0.0 * logits.sum(), {}
         picked, labels = logits[at].float(), batch["labels"][at]
         loss = balanced_cross_entropy(picked, labels)  # wrong steps are rare: both classes weigh alike
         right = labels == 1

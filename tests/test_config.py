@@ -65,6 +65,9 @@ MASKED_SFT = [
     ("sft.steps=0", "sft.steps=0: must be in [1, inf]"),
     ("layout.attention=block_errors", "layout.attention=block_errors needs layout.positions=rewound"),
     ("layout.positions=rewound", "layout.positions=rewound changes nothing under layout.attention=causal"),
+    ("seed=-1", "seed=-1: must be in [0, 4294967295]"),
+    ("tiny.hidden=130", "tiny.hidden=130 must split into tiny.heads=4 heads of an even size"),
+    ("deepspeed=ds_configs/nope.json", "deepspeed=ds_configs/nope.json: no such file"),
     ("lab.task=gsm8k", "lab.task=gsm8k needs lab.test_file"),
     ("attention=block_errors", "unknown setting 'attention' (did you mean layout.attention?)"),  # the old flat key
     ("sft.step=3", "unknown setting 'sft.step' (did you mean sft.steps?)"),
@@ -72,6 +75,8 @@ MASKED_SFT = [
 ]
 BAD_SETTINGS = [
     *[("recipes/masked_sft.py", [setting], message) for setting, message in MASKED_SFT],
+    ("recipes/masked_sft.py", ["lora.enabled=true", "lora.targets=c_attn"],
+     "lora.targets: c_attn is not a module of the lab's tiny Llama"),
     ("recipes/masked_sft.py", ["verifier_head_weight=1", "lora.enabled=true", "deepspeed=ds_configs/zero3.json"],
      "verifier_head_weight with LoRA under ZeRO-3 is not supported"),
     ("recipes/self_correct.py", ["rounds=0"], "rounds=0: must be in [1, inf]"),
@@ -115,6 +120,9 @@ BAD_SETTINGS = [
     ("recipes/evaluate.py", ["model={model}", "task=gsm8k", "data={tmp}"], "data={tmp}: a folder, not a file"),
     ("tools/sweep.py", ["{tmp}/missing.yaml"], "sweep file={tmp}/missing.yaml: no such file"),
     ("tools/prepare_data.py", ["--out", "{model}/config.json"], "--out {model}/config.json: a file, not a folder"),
+    ("tools/merge_adapter.py", ["--adapter", "{tmp}/nope", "--out", "{tmp}/o"], "--adapter {tmp}/nope: no such folder"),
+    ("tools/merge_adapter.py", ["--adapter", "{tmp}", "--base", "{tmp}/nope", "--out", "{tmp}/o"],
+     "--base {tmp}/nope: no such folder"),  # it asked the hub for a minute first
     ("tools/prepare_data.py", ["--task", "gsm8k", "--input", "{tmp}/no.jsonl", "--out", "{tmp}/o"],
      "--input={tmp}/no.jsonl: no such file"),
 ]

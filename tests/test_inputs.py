@@ -78,6 +78,19 @@ def test_a_preference_pair_without_a_field_names_the_line_and_the_fields_present
         load_pairs(data, lab_tokenizer, None)
 
 
+def test_a_max_len_that_drops_every_example_is_a_users_error(lab_tokenizer, arith_problems, capsys):
+    """max_len=5 left no example: one line naming the setting, exit code 2 (it was a traceback)."""
+    from halluc.sources.data import build_sft_dataset
+    from halluc.sources.errors import ErrorConfig
+
+    def main():
+        build_sft_dataset(arith_problems[:20], lab_tokenizer, ErrorConfig(source="none"), None, max_len=5)
+
+    code, err = run(lambda: main(), [], capsys)
+    assert code == 2 and "all 20 examples are longer than max_len=5 tokens: raise max_len" in err
+    assert "Traceback" not in err
+
+
 def test_pairs_dropped_for_the_models_positions_say_so_not_max_len(lab_tokenizer):
     """Issue 22, item 6 (DPO): with max_len=512 on a 256-position model the message blamed max_len=256."""
     from halluc.structure.pairs import pair_rows, tokenize_text_pair

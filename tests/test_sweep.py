@@ -1,5 +1,6 @@
 """The experiment runner end to end on a tiny sweep: runs, report, resume, fast failures."""
 import json
+import re
 import subprocess
 import sys
 
@@ -100,6 +101,20 @@ def test_a_bad_arm_fails_before_anything_runs(tmp_path):
     missing = write_sweep(tmp_path / "nobase.yaml", {"masked": []})
     result = sweep(missing, "--out", tmp_path / "out")
     assert "baseline 'clean' is not one of the arms" in result.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"seeds": 0}, "seeds must be a list of non-negative integers (seeds: [0, 1, 2]), got 0"),  # was a TypeError
+    ({"seeds": []}, "seeds must be a list of non-negative integers"),
+    ({"seeds": [0, "1"]}, "seeds must be a list of non-negative integers"),
+    ({"common": "sft.steps=3"}, "common must be a list of key=value strings"),
+    ({"settings": ["lab.listing=swapped"]}, "settings must map names to lists of key=value strings"),
+])
+def test_a_sweep_file_of_the_wrong_shape_is_one_line(tmp_path, extra, message):
+    runner = load_script("tools/sweep.py")
+    spec = write_sweep(tmp_path / "bad.yaml", {"clean": ["errors.source=none"]}, **extra)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        runner.read_sweep(str(spec))
 
 
 def test_a_report_with_no_finished_run_is_refused(tmp_path):

@@ -16,7 +16,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from halluc.core.inputs import check_out_folder, replace_folder, run_cli
+from halluc.core.inputs import check_model_path, check_out_folder, replace_folder, run_cli
 
 log = logging.getLogger("merge_adapter")
 DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
@@ -34,6 +34,15 @@ def main(argv=None) -> Path:
         source = getattr(args, name)
         if source and Path(source).resolve().is_relative_to(Path(args.out).resolve()):
             raise SystemExit(f"--out {args.out} holds --{name} {source}, which the merge reads: choose another --out")
+    # local paths first: a missing base would otherwise send HF to the hub, retrying for a minute
+    if not Path(args.adapter).is_dir():
+        raise SystemExit(f"--adapter {args.adapter}: no such folder" if not Path(args.adapter).exists()
+                         else f"--adapter {args.adapter} is a file: give the adapter folder")
+    if args.base:
+        try:
+            check_model_path(args.base, "--base")
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
     check_out_folder(args.out, args.overwrite)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # The ML libraries load here, after the arguments were checked.
@@ -45,6 +54,8 @@ def main(argv=None) -> Path:
     try:
         info = read_adapter_info(args.adapter)
         base = args.base or info.get("base_path")
+        if not args.base:
+            check_model_path(base, f"the base recorded in {args.adapter} (give --base)")
         log.info("merging %s into %s", args.adapter, base)
         # merge in float32 (LoRA's low-rank product added to bf16 weights would round twice)
         model, tokenizer = merge_adapter(args.adapter, args.base, dtype=torch.float32)

@@ -100,7 +100,14 @@ def read_sweep(path: str) -> Sweep:
     if missing:
         raise SystemExit(f"{path}: missing key(s) {sorted(missing)}")
     sweep = Sweep(**data)
+    seeds = sweep.seeds
+    if not isinstance(seeds, list) or not seeds or not all(type(x) is int and x >= 0 for x in seeds):
+        raise SystemExit(f"{path}: seeds must be a list of non-negative integers (seeds: [0, 1, 2]), got {seeds!r}")
+    if not isinstance(sweep.common, list) or not all(isinstance(o, str) and "=" in o for o in sweep.common):
+        raise SystemExit(f"{path}: common must be a list of key=value strings, got {sweep.common!r}")
     for key in ("arms", "settings"):
+        if not isinstance(getattr(sweep, key), dict) or not getattr(sweep, key):
+            raise SystemExit(f"{path}: {key} must map names to lists of key=value strings, got {getattr(sweep, key)!r}")
         for name, overrides in getattr(sweep, key).items():
             if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
                 raise SystemExit(f"{path}: {key}.{name} must be a list of key=value strings, got {overrides!r}")

@@ -395,6 +395,7 @@ class Sampler:
 
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TINY_LLAMA_LINEAR = set(DEFAULT_TARGETS) | {"lm_head"}
 
 
 @dataclass
@@ -461,6 +462,18 @@ def check_run_rules(cfg, model_paths: tuple[str, ...] = ("model",)) -> None:
 
     if cfg.resume and cfg.overwrite:
         raise ValueError("resume=true and overwrite=true contradict each other: choose one")
+    lora = getattr(cfg, "lora", None)
+    if lora is not None and lora.enabled and "model" in model_paths and not getattr(cfg, "model", None):
+        # the lab's model is the tiny Llama: its module names are known without building it
+        missing = [t for t in lora.targets if t.split(".")[-1] not in TINY_LLAMA_LINEAR]
+        if missing:
+            raise ValueError(f"lora.targets: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not a "
+                             f"module of the lab's tiny Llama (model= not set); its linear layers: "
+                             f"{', '.join(DEFAULT_TARGETS)}")
+    if getattr(cfg, "deepspeed", None):
+        from halluc.core.inputs import check_input_file
+
+        check_input_file(cfg.deepspeed, "deepspeed")
     check_writable_folder(cfg.output_dir, "output_dir")
     check_writable_folder(cfg.cache_dir, "cache_dir")
     for name in model_paths:

@@ -71,6 +71,11 @@ class ModelConfig:
     vocab_size: Annotated[int, Range(260)] = 384   # a byte-level BPE needs the 256 bytes + specials
     init_range: NonNegativeFloat = 0.06   # 0.02 leaves the loss flat for ~600 steps
 
+    def check(self) -> None:
+        if self.hidden % self.heads or (self.hidden // self.heads) % 2:
+            raise ValueError(f"tiny.hidden={self.hidden} must split into tiny.heads={self.heads} heads of an even "
+                             f"size (rotary positions), e.g. tiny.hidden={self.heads * max(2, 2 * round(self.hidden / self.heads / 2))}")
+
 
 @dataclass
 class RetryData:

@@ -15,8 +15,9 @@ Torch-free, like halluc.core.config: settings are checked before any ML library 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
-from halluc.core.config import LayoutSettings, LoraSettings, NonNegativeInt, PositiveInt, Stage
+from halluc.core.config import LayoutSettings, LoraSettings, NonNegativeInt, PositiveInt, Range, Stage
 from halluc.sources.errors import ErrorConfig
 from halluc.pipeline.lab import LabConfig, ModelConfig, RetryData
 
@@ -26,7 +27,7 @@ class RunConfig:
     output_dir: str = "runs/run"          # what the run writes: checkpoint/ (or adapter/), tb/, eval.json, config.yaml
     cache_dir: str = "runs/cache"         # lab bases, lab SFT models and other artifacts, reused by equal settings
     model: str | None = None              # a local HF causal-LM folder; None = the lab's (tiny base, or its masked SFT model)
-    seed: int = 0                         # data, splits, sampling, initialisation, order
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 0  # data, splits, sampling, initialisation, order
     lab: LabConfig = field(default_factory=LabConfig)
     tiny: ModelConfig = field(default_factory=ModelConfig)
     base: Stage = field(default_factory=lambda: Stage(steps=900, batch_size=32, lr=3e-3))  # the tiny lab base

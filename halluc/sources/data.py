@@ -10,6 +10,7 @@ import logging
 import random
 from typing import TYPE_CHECKING
 
+from halluc.core.inputs import InputError
 from halluc.sources.errors import ErrorConfig, clean_example, random_token_errors, step_errors
 from halluc.core.example import IGNORE_INDEX, ROLE_NAMES, Example, Role
 from halluc.tasks import Problem, get_task
@@ -133,7 +134,7 @@ def build_sft_dataset(problems: list[Problem], tokenizer, errors: ErrorConfig, b
         return out
 
     if not problems:
-        raise ValueError("no problems to build examples from (an empty training file?)")
+        raise InputError("no problems to build examples from (an empty training file?)")
     ds = problems_to_dataset(problems).map(build_batch, with_indices=True, batched=True, batch_size=1000,
                                            num_proc=num_proc, desc="building examples")
     n_over, n_drop = sum(ds["overlong"]), len(ds) - sum(ds["keep"])
@@ -143,7 +144,7 @@ def build_sft_dataset(problems: list[Problem], tokenizer, errors: ErrorConfig, b
                     "dropped" if overlong == "drop" else "truncated on the right", n_drop,
                     " or set overlong=truncate" if overlong == "drop" else "")
     if n_drop == len(ds):
-        raise ValueError(f"all {len(ds)} examples are longer than max_len={max_len} tokens: raise max_len")
+        raise InputError(f"all {len(ds)} examples are longer than max_len={max_len} tokens: raise max_len")
     ds = ds.filter(lambda k: k, input_columns="keep").remove_columns(["keep", "overlong"])
     from datasets import ClassLabel, Sequence
 

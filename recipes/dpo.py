@@ -164,7 +164,8 @@ def train(cfg: Config) -> dict | None:
               "seconds": {"start": round(t_start, 1), "dpo": round(t_dpo, 1),
                           "total": round(time.perf_counter() - t0, 1)}}
     finish_run(out, cfg, report, trainer.state.global_step if trainer else 0,
-               f"{cfg.loss}" if cfg.steps else "start (steps=0)", saved=("adapter" if cfg.lora.enabled else "checkpoint", saved))
+               f"{cfg.loss}" if cfg.steps else "start (steps=0)", saved=("adapter" if cfg.lora.enabled else "checkpoint", saved),
+               before_label="start")
     return report
 
 

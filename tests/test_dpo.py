@@ -475,6 +475,9 @@ def test_precomputed_reference_log_probs_are_cached_and_give_the_live_loss(tmp_p
     from halluc.sources.pair_forms import select_forms
 
     report = json.loads((tmp_path / "pre" / "eval.json").read_text())
+    models = {line.split("|")[1].split(" / ")[0].strip()
+              for line in (tmp_path / "pre" / "eval.md").read_text().splitlines()[2:]}
+    assert "start" in models and "base" not in models  # the model DPO started from, not the lab base
     tok = load_tokenizer(report["start"])
     # the pairs the recipe trained on: the default form (bt) of the folder's pairs, as recipes/dpo.py draws them
     rows = pair_rows(select_forms(load_pairs(report["pairs_from"], tok, backtrack_id(tok)), {"bt": 1.0}, seed=0))

@@ -308,10 +308,12 @@ def add_backtrack(model, tokenizer, cfg, recipe: str, base_path):
     return model, bt_id, used, identity
 
 
-def finish_run(out: Path, cfg, report: dict, step: int, label: str, saved: tuple[str, object] | None = None) -> dict:
+def finish_run(out: Path, cfg, report: dict, step: int, label: str, saved: tuple[str, object] | None = None,
+               before_label: str = "base") -> dict:
     """eval.json, eval.md, TensorBoard (evaluation scalars and the settings), the console table, a few
     samples that backtracked, and a closing line: `saved` = (what, folder), then where the files are
-    and the run's time. `report` holds "before", "after" and "seconds"."""
+    and the run's time. `report` holds "before" (the table calls it `before_label`: the lab base, or
+    the model a DPO / GRPO / PRM run starts from), "after" and "seconds"."""
     from halluc.core.config import flat_dict
     from halluc.inference.evaluate import backtrack_samples, log_to_tensorboard
     from halluc.pipeline.lab import eval_table
@@ -319,7 +321,7 @@ def finish_run(out: Path, cfg, report: dict, step: int, label: str, saved: tuple
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     log_to_tensorboard(out / "tb", report["before"], "base", step)
     log_to_tensorboard(out / "tb", report["after"], "sft", step, hparams=flat_dict(as_dict(cfg)))
-    table = eval_table({"base": report["before"], label: report["after"]})
+    table = eval_table({before_label: report["before"], label: report["after"]})
     (out / "eval.md").write_text(table + "\n")
     print("\n" + table)
     if examples := backtrack_samples(report["after"]):

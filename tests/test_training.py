@@ -142,3 +142,27 @@ def test_block_errors_packed_training_loss_falls(bt_tokenizer, arith_problems, t
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_the_ddp_timeout_setting_reaches_the_training_arguments(tmp_path, monkeypatch):
+    """Rank 0 evaluates while the others wait at a barrier whose timeout the process group takes from
+    the first stage's TrainingArguments: `ddp_timeout=` must get there (docs/scaling.md)."""
+    import pytest
+
+    import halluc.pipeline.stages as stages
+    from halluc.core.config import Stage, load_config
+    from halluc.pipeline.sft import SFTConfig
+
+    cfg = load_config(SFTConfig, ["ddp_timeout=7200", f"output_dir={tmp_path}/o", f"cache_dir={tmp_path}/c"])
+    run = stages.RunSettings.of(cfg)
+    seen = {}
+
+    def spy(out_dir, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(stages, "training_args", spy)
+    with pytest.raises(RuntimeError, match="stop here"):
+        stages.train_stage(None, [{"input_ids": [1, 2], "labels": [1, 2], "roles": [1, 1]}], Stage(steps=1), str(tmp_path), run)
+    assert seen["ddp_timeout"] == 7200 and training_args(str(tmp_path), steps=1, batch_size=1, lr=0.0,
+                                                         ddp_timeout=seen["ddp_timeout"]).ddp_timeout == 7200

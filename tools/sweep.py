@@ -43,7 +43,7 @@ from halluc.core.inputs import check_input_file, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 FINISHED = "eval.json"
-NOT_SETTINGS = ("overwrite", "resume", "output_dir", "cache_dir")  # how a run ran, not what it measures
+NOT_SETTINGS = ("overwrite", "resume", "output_dir", "cache_dir", "ddp_timeout")  # how a run ran, not what it measures
 
 
 @dataclass

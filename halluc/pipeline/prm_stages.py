@@ -92,7 +92,7 @@ def train_prm(cfg, policy, policy_dir: str, tokenizer, rows: list[dict]) -> tupl
     folder = artifact_path(cfg.cache_dir, "prm", json.dumps(settings))
     # rows unpacked; StepClassification brings its collator and the native backend (its own plain forward)
     run = RunSettings(seed=cfg.seed, deepspeed=cfg.deepspeed, save_steps=cfg.save_steps,
-                      save_total_limit=cfg.save_total_limit, resume=cfg.resume)
+                      save_total_limit=cfg.save_total_limit, resume=cfg.resume, ddp_timeout=cfg.ddp_timeout)
     with build_once(folder, "train.json", what="the trained PRM") as build:  # train.json: written last
         if build:
             model = load_prm(base, new_head=True)

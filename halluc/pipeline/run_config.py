@@ -7,7 +7,7 @@ each recipe's `check()` calls `check_run_rules` with the model paths it reads.
     the model and its lab chain  model (else: lab.* problems -> tiny.* base -> base.* stage (+ base_retry.*)
                                  -> sft.* + errors.*)
     layout                       layout.attention, layout.positions, layout.backend, layout.pack
-    launcher and adapters        deepspeed, lora.*, num_proc
+    launcher and adapters        deepspeed, ddp_timeout, lora.*, num_proc
     evaluation                   eval_max_new_tokens
 
 Torch-free, like halluc.core.config: settings are checked before any ML library loads.
@@ -44,3 +44,4 @@ class RunConfig:
     resume: bool = False                  # continue each stage from its newest checkpoint-N
     overwrite: bool = False               # replace an earlier run in output_dir (else the run refuses)
     eval_max_new_tokens: PositiveInt = 192  # generation budget per test problem
+    ddp_timeout: PositiveInt = 1800       # seconds a process waits for the others (rank 0 evaluating) before the job fails

@@ -44,6 +44,7 @@ class RunSettings:
     save_steps: int = 0
     save_total_limit: int = 2
     resume: bool = False
+    ddp_timeout: int = 1800  # seconds; the process group takes it from the first stage's TrainingArguments
 
     @classmethod
     def of(cls, cfg) -> "RunSettings":
@@ -77,7 +78,7 @@ def train_stage(model, data, stage: Stage, out_dir: str, run: RunSettings, objec
         raise SystemExit(f"no training example left for {out_dir} (max_len / pack dropped them all)")
     args = training_args(out_dir, steps=stage.steps, batch_size=stage.batch_size, lr=stage.lr, seed=run.seed,
                          deepspeed=run.deepspeed, save_steps=run.save_steps,
-                         save_total_limit=run.save_total_limit,
+                         save_total_limit=run.save_total_limit, ddp_timeout=run.ddp_timeout,
                          drop_last=len(data) >= stage.batch_size * world_size())
     trainer = make_trainer(model, args, data, tb_dir=str(Path(out_dir) / "tb"), objective=objective,
                            layout=layout, packed=packed or laid_out, collator=collator, tokenizer=tokenizer)
@@ -156,7 +157,7 @@ def base_data(problems, tokenizer, bt_id, stage: Stage, retry: RetryData, run: R
 
 def evaluate_on_main(model, tokenizer, splits: dict, task, max_new_tokens: int, label: str,
                      cache_dir: Path | None = None) -> dict | None:
-    """{split: metrics} on rank 0 while the others wait (raise ddp_timeout for very long
+    """{split: metrics} on rank 0 while the others wait (raise the ddp_timeout setting for very long
     evaluations); None on the other ranks. With cache_dir (a cached base model's folder), reuse
     or write the results there: the base's evaluation is the same for every arm of a sweep.
     The file is keyed by the settings and the scoring code's hash."""

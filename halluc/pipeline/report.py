@@ -166,7 +166,9 @@ def paired_by_id(arm: dict, base: dict, where: str) -> dict:
     return {k: [v[i] for i in order] for k, v in arm.items()}
 
 
-def analyse(sweep, records: list[dict]) -> dict:
+def analyse(sweep, records: list[dict], metrics=METRICS) -> dict:
+    """Per setting: every arm's estimates and its paired difference to the baseline, for `metrics`
+    (names of METRICS; each estimate draws from its own fixed seed, so a subset gives the same numbers)."""
     results = {}
     own = own_base_arms(sweep.arms) | set(getattr(sweep, "own_base", []))  # declared: e.g. another starting policy
     table, kinds = collect(records, list(sweep.arms), own)
@@ -179,7 +181,7 @@ def analyse(sweep, records: list[dict]) -> dict:
                  "first_error_kinds": kinds[setting]}
         for arm, by_seed in arms.items():
             seeds = sorted(by_seed)
-            entry["arms"][arm] = {split: {m: _dict(estimate(by_seed, split, seeds, m)) for m in METRICS}
+            entry["arms"][arm] = {split: {m: _dict(estimate(by_seed, split, seeds, m)) for m in metrics}
                                   for split in splits}
             entry["arms"][arm]["seeds"] = seeds
             # an arm's own base is compared with the shared base (or the baseline arm's own base)
@@ -187,7 +189,7 @@ def analyse(sweep, records: list[dict]) -> dict:
             paired = sorted(set(by_seed) & set(against))
             if arm != sweep.baseline and by_seed is not against and paired:
                 entry["vs_baseline"][arm] = {split: {m: _dict(difference(by_seed, against, split, paired, m))
-                                                     for m in METRICS} for split in splits}
+                                                     for m in metrics} for split in splits}
                 entry["vs_baseline"][arm]["seeds"] = paired
         for split in splits:
             seeds = sorted(base_arm) or sorted(next(iter(arms.values())))

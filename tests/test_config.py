@@ -103,6 +103,8 @@ BAD_SETTINGS = [
     ("recipes/generate.py", ["model=m", "prompt=a", "top_p=0"], "top_p=0: must be in [1e-06, 1]"),
     ("tools/prepare_data.py", ["--out", "o", "--errors", "bad"], "argument --errors: invalid choice: 'bad'"),
     ("tools/prepare_data.py", ["--out", "o", "--lab", "prime=x"], "prime='x': expected an integer"),
+    ("tools/prepare_data.py", ["--out", "o", "--size", "100", "--lab", "sft_size=200"],
+     "--size 100 and --lab sft_size=200 disagree"),  # --lab won, silently
     ("tools/merge_adapter.py", ["--adapter", "a", "--out", "o", "--dtype", "int8"],
      "argument --dtype: invalid choice: 'int8'"),
     ("tools/sweep.py", ["{sweep}"], "default/a/seed-0: command line: layout.attention='foo': choose one of causal"),

@@ -62,8 +62,9 @@ def test_tools_refuse_to_overwrite_a_folder_without_overwrite(tmp_path):
     assert len(load_from_disk(str(out))) == 20
     load_tool().main(["--size", "6", "--out", str(out), "--overwrite"])
     assert len(load_from_disk(str(out))) == 6
+    (tmp_path / "adapter").mkdir()
     with pytest.raises(SystemExit, match="already holds"):
-        load_script("tools/merge_adapter.py").main(["--adapter", str(tmp_path / "no-adapter"), "--out", str(out)])
+        load_script("tools/merge_adapter.py").main(["--adapter", str(tmp_path / "adapter"), "--out", str(out)])
 
 
 def test_merge_never_overwrites_the_folder_it_reads(tmp_path):

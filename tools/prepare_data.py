@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--step-separator", default="\n", type=unescape, help="jsonl: what ends a step (\\n read as a newline)")
     p.add_argument("--prompt-template", default="{prompt}\n",
                    help="jsonl: the text before the response ({prompt} and any field of the row; verbatim; default {prompt} and a newline)")
-    p.add_argument("--size", type=int, default=10000, help="arith: number of problems")
+    p.add_argument("--size", type=int, default=None, help="arith: number of problems (default 10000)")
     p.add_argument("--lab", action="append", default=[], metavar="KEY=VALUE",
                    help="arith: a lab setting as the recipe takes it without 'lab.' (repeat), e.g. --lab prime=5; "
                         "use the recipe's own, so the tokenizer and the held-out problems match its base")
@@ -59,6 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="the dataset folder (refused if it holds anything, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     a = p.parse_args(argv)
+    in_lab = [kv.split("=", 1)[1] for kv in a.lab if kv.split("=", 1)[0].strip() == "sft_size"]
+    if in_lab and a.size is not None and str(a.size) != in_lab[-1].strip():
+        p.error(f"--size {a.size} and --lab sft_size={in_lab[-1]} disagree: give one of them")
+    if a.size is None and not in_lab:
+        a.size = 10000
     check_out_folder(a.out, a.overwrite)
     for name, low in (("size", 1), ("sites", 1), ("tokens_per_site", 1), ("max_error_tokens", 0), ("max_len", 1),
                       ("vocab_size", 260), ("limit", 1), ("num_proc", 1)):
@@ -71,7 +76,7 @@ def parse_args(argv=None):
 
 
 def arith_lab(a) -> LabConfig:
-    return load_config(LabConfig, [f"sft_size={a.size}", *a.lab])
+    return load_config(LabConfig, [*([f"sft_size={a.size}"] if a.size is not None else []), *a.lab])
 
 
 def load_problems(a):

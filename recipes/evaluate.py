@@ -69,6 +69,8 @@ class Config:
             raise ValueError("give model=DIR (evaluate generation) or prm=DIR with data=FILE.jsonl (score a step verifier)")
         if self.prm and not self.data:
             raise ValueError("prm needs data=FILE.jsonl: stepwise rows (prompt, completions, labels)")
+        if self.task == "gsm8k" and not self.data and not DEFAULT_GSM8K.is_file():
+            raise ValueError(f"task=gsm8k needs data=FILE.jsonl (the default, {DEFAULT_GSM8K}, is not there)")
         for name in ("model", "prm", "base"):
             if getattr(self, name):
                 try:
@@ -122,6 +124,8 @@ def load_splits(args, record: dict) -> dict:
         fields = {k: getattr(args, k) if getattr(args, k) != d else trained.get(k, d) for k, d in JSONL_FLAGS.items()}
         return {path.stem: jsonl.read_jsonl(path, **fields, limit=limit)}
     path = Path(data) if data else DEFAULT_GSM8K
+    if not data and not path.is_file():
+        raise SystemExit(f"task=gsm8k needs data=FILE.jsonl (the default, {path}, is not there)")
     return {path.stem: gsm8k.read_jsonl(path, limit)}
 
 

@@ -34,6 +34,15 @@ def test_unknown_key_and_bad_type_are_named(tmp_path):
         load_recipe_config(["--config", str(bad)])
 
 
+def test_a_recipe_without_its_defaults_file_says_where_they_belong(tmp_path):
+    """A recipe copied without configs/<name>.yaml: the message named --config, which was not given."""
+    recipe = load_script("recipes/masked_sft.py")
+    missing = tmp_path / "configs" / "foo.yaml"
+    with pytest.raises(SystemExit, match=r"foo.yaml: no such file: the recipe's defaults live there") as e:
+        load_config(recipe.Config, ["sft.steps=3"], default_file=str(missing))
+    assert "--config " + str(missing) not in str(e.value)
+
+
 # Run a script as `python SCRIPT ARGS...` runs it (sys.argv, sys.path[0], __main__), then say on stderr
 # which ML libraries it imported, whether it exited or raised.
 HEAVY = ("torch", "transformers", "datasets", "peft", "deepspeed", "accelerate")
@@ -155,10 +164,10 @@ def test_help_loads_no_ml_library(script):
     assert imported == [], f"{script} --help imported {imported}"
 
 
-def test_the_probe_sees_the_ml_libraries_load():
+def test_the_probe_sees_the_ml_libraries_load(tmp_path):
     """The negative control: arguments that pass the checks, so the tool loads torch and then fails."""
-    result, imported = run_probed("tools/merge_adapter.py", "--adapter", "no/such/adapter", "--out", "o")
-    assert result.returncode != 0 and "merge_adapter: refused: no/such/adapter has no" in result.stderr, \
+    result, imported = run_probed("tools/merge_adapter.py", "--adapter", str(tmp_path), "--out", "o")
+    assert result.returncode != 0 and f"merge_adapter: refused: {tmp_path} has no" in result.stderr, \
         result.stderr[-2000:]
     assert {"torch", "transformers"} <= set(imported), imported
 

@@ -36,7 +36,8 @@ GOLDEN = {
 # pins they are compared with, its settings changed) for labels, the attention mask alone, the data.
 CONTROLS = {
     "unmasked labels": ("causal", ["masked=false"]),
-    "causal mask on the packed rewound rows": ("block_errors", ["layout.attention=causal", "layout.positions=rewound", "layout.pack=256"]),
+    # under causal attention nothing is erased, so rewound positions are the original ones (refused as a setting)
+    "causal mask on the packed rows": ("block_errors", ["layout.attention=causal", "layout.positions=original", "layout.pack=256"]),
     "errors on 40% of examples, not 50%": ("causal", ["errors.example_rate=0.4"]),
 }
 # The tolerance comes from measured drift: benchmarks/golden_drift.py (2026-12-04) re-ran every

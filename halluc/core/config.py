@@ -88,6 +88,9 @@ def load_config(cls, argv: list[str] | None = None, default_file: str | None = N
     cfg = cls()
     if path:
         if not Path(path).is_file():
+            if path == default_file:  # a recipe's own defaults: configs/<recipe>.yaml beside it
+                raise SystemExit(f"{path}: no such file: the recipe's defaults live there (copy another recipe's "
+                                 f"config to it), or give --config FILE")
             raise SystemExit(f"--config {path}: no such file")
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}

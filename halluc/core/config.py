@@ -92,11 +92,12 @@ def load_config(cls, argv: list[str] | None = None, default_file: str | None = N
                 raise SystemExit(f"{path}: no such file: the recipe's defaults live there (copy another recipe's "
                                  f"config to it), or give --config FILE")
             raise SystemExit(f"--config {path}: no such file")
+        text = Path(path).read_text()
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise SystemExit(f"{path}: not readable as YAML: {e}") from None
-        _apply_mapping(cfg, data, where=path)
+        _apply_mapping(cfg, data, where=path, lines=_key_lines(text))
     for key, value in overrides:
         _set(cfg, key, value, where="command line", raw=True)
     _check(cfg, where=f"{path} + command line" if path else "command line")
@@ -166,15 +167,35 @@ def _check(cfg, where: str, prefix: str = "") -> None:
             raise SystemExit(f"{where}: {e}") from None
 
 
-def _apply_mapping(cfg, data: dict, where: str, prefix: str = "") -> None:
+def _apply_mapping(cfg, data: dict, where: str, prefix: str = "", lines: dict[str, int] | None = None) -> None:
+    """Set every value of a YAML file's mapping; an error names the file and the key's line."""
     node = cfg
     for p in filter(None, prefix.split(".")):
         node = getattr(node, p)
     for key, value in data.items():
         if isinstance(value, dict) and dataclasses.is_dataclass(getattr(node, key, None)):
-            _apply_mapping(cfg, value, where, prefix + key + ".")
+            _apply_mapping(cfg, value, where, prefix + key + ".", lines)
         else:
-            _set(cfg, prefix + key, value, where)
+            line = (lines or {}).get(f"{prefix}{key}")
+            _set(cfg, prefix + key, value, f"{where}:{line}" if line else where)
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """{dotted key: its 1-based line} of a YAML text's nested mappings ({} if it does not compose)."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    lines[prefix + str(key.value)] = key.start_mark.line + 1
+                    walk(value, f"{prefix}{key.value}.")
+
+    try:
+        walk(yaml.compose(text), "")
+    except yaml.YAMLError:
+        pass
+    return lines
 
 
 def _set(cfg, dotted: str, value, where: str, raw: bool = False) -> None:

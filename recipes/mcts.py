@@ -79,7 +79,7 @@ def train(cfg: Config) -> dict | None:
     from halluc.core.tokens import load_tokenizer
 
     out, task, splits, _, t0 = open_run(cfg)
-    policy_dir = cfg.model or lab_sft_model(cfg)[0]
+    policy_dir = cfg.model or lab_sft_model(cfg)
     if not is_main():
         return None  # the search runs on one process
     tokenizer = load_tokenizer(policy_dir)

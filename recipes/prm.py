@@ -115,7 +115,7 @@ def train(cfg: Config) -> dict | None:
     from halluc.core.model import load_causal_lm
     from halluc.pipeline.prm_stages import step_rows, train_prm
     from halluc.core.tokens import check_same_vocab
-    from halluc.pipeline.sft import lab_sft_model
+    from halluc.pipeline.sft import cached_evaluation, lab_sft_model
     from halluc.pipeline.stages import evaluate_on_main, finish_run, open_run
     from halluc.core.tokens import load_tokenizer
     from halluc.objectives.verifier_head import load_head
@@ -130,25 +130,26 @@ def train(cfg: Config) -> dict | None:
 
     # (1) the policy, and the plain greedy decoding every arm is compared with
     if cfg.model:
-        policy_dir, before = cfg.model, None
-        labeller_dir = policy_dir
+        policy_dir = labeller_dir = cfg.model
     else:
-        policy_dir, before = lab_sft_model(cfg)  # the plain masked SFT model: the shared baseline
+        policy_dir = lab_sft_model(cfg)  # the plain masked SFT model: the shared baseline
         labeller_dir = policy_dir  # its samples are the labelled data of every arm (one PRM, one held-out set)
         if cfg.verifier == "head":
-            policy_dir, _ = lab_sft_model(cfg, {"verifier_head_weight": cfg.head_weight})
+            policy_dir = lab_sft_model(cfg, {"verifier_head_weight": cfg.head_weight})
     tokenizer = load_tokenizer(policy_dir)
     policy = load_causal_lm(policy_dir)
     if cfg.verifier == "head":
         load_head(policy_dir, policy)
-    if before is None:
-        before = evaluate_on_main(policy, tokenizer, tests, task, cfg.eval_max_new_tokens, "policy")
+    plain = policy if labeller_dir == policy_dir else load_causal_lm(labeller_dir)
+    if cfg.model:
+        before = evaluate_on_main(plain, tokenizer, tests, task, cfg.eval_max_new_tokens, "policy")
+    else:  # shared by every arm, kept beside the cached SFT model (keyed by the scoring code too)
+        before = cached_evaluation(plain, tokenizer, labeller_dir, tests, task, cfg.eval_max_new_tokens, "policy")
 
     # (2) step labels, (3) the PRM: made on rank 0 (the PRM trains on every rank)
     train_rows, test_rows, data_stats = [], [], {}
     if cfg.verifier in ("prm", "head"):
-        labeller = policy if labeller_dir == policy_dir else load_causal_lm(labeller_dir)
-        train_rows, test_rows, data_stats = step_rows(cfg, labeller, tokenizer, task, splits)
+        train_rows, test_rows, data_stats = step_rows(cfg, plain, tokenizer, task, splits)  # the labeller
     prm_dir, prm_train = cfg.prm, None
     if cfg.prm:
         check_same_vocab("prm", cfg.prm, tokenizer)

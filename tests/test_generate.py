@@ -500,3 +500,28 @@ def test_backtrackings_own_effect_decodes_again_with_bt_banned(bt_tokenizer, mon
     m = metrics_of(model, tok, problems[:4], arith, gens, "keep", banned=[True, False, True, False])
     assert (m["answer_acc"], m["answer_acc_bt_banned"], m["wrong_to_right"], m["right_to_wrong"]) == (0.5, 0.5, 0.25, 0.25)
     assert m["per_problem"]["bt_gain"] == [0, 1, -1, 0]
+
+
+def test_copies_of_a_prompt_in_different_batches_draw_different_samples(lab_tokenizer, arith_problems):
+    """Best-of-N lays the n copies of a prompt side by side; with n > batch_size every batch was seeded
+    alike, so copy i and copy i + batch_size were the same sample. Negative control: one seed for
+    every batch (the old behaviour) repeats them."""
+    from halluc.core.model import tiny_llama
+    from halluc.inference import generate as gen_module
+    from halluc.inference.generate import generate_text
+
+    torch.manual_seed(0)
+    tok = lab_tokenizer
+    model = tiny_llama(len(tok), hidden=32, layers=1, heads=2, pad_token_id=tok.pad_token_id,
+                       eos_token_id=tok.eos_token_id)
+    n, batch = 16, 8
+    kw = dict(max_new_tokens=20, batch_size=batch, sampling=Sampling(1.0, 1.0, 0))
+    texts = [g.text for g in generate_text(model, tok, [arith_problems[0].prompt] * n, **kw)]
+    assert sum(texts[i] == texts[i + batch] for i in range(batch)) <= 1 and len(set(texts)) > batch
+    again = [g.text for g in generate_text(model, tok, [arith_problems[0].prompt] * n, **kw)]
+    assert again == texts  # still seeded
+    old = pytest.MonkeyPatch.context()
+    with old as m:
+        m.setattr(gen_module, "batch_sampling", lambda sampling, start: sampling)
+        repeated = [g.text for g in generate_text(model, tok, [arith_problems[0].prompt] * n, **kw)]
+    assert repeated[:batch] == repeated[batch:]

@@ -144,6 +144,9 @@ def test_step_kinds(step, kind):
     ("#### 12.", "12"),
     ("no marker 18", None),
     ("#### none", None),
+    ("#### 3/4", None),  # a fraction is not the answer 3 (it was read as 3)
+    ("#### 10 - 2 = 8", None),  # nor is a calculation its first number
+    ("#### 18%\nmore text", "18"),  # the answer's line ends it; what follows is not read
 ])
 def test_extract_answer(text, answer):
     assert gsm8k.extract_answer(text) == answer

@@ -83,6 +83,8 @@ def test_split_steps_round_trips_and_keeps_separator_runs():
     assert jsonl.split_steps("a\n\nb", "\n") == ["a\n\n", "b"]
     assert jsonl.extract_answer("work\n  42 \n") == "42"
     assert jsonl.extract_answer("") is None
+    assert jsonl.extract_answer("work\n42\n \n\t") == "42"  # blank trailing lines are not the answer
+    assert jsonl.extract_answer(" \n\n") is None
 
 
 def test_corrupt_step_writes_a_later_step_early():

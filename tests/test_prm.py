@@ -222,3 +222,32 @@ def test_weighted_vote_with_equal_scores_is_majority_voting():
     assert weighted_vote([None, None], [1.0, 1.0]) == 0
     assert weighted_vote(["3", "5", "5"], [0.9, 0.1, 0.1]) == 0  # with scores it is weighted (control)
 
+
+
+def test_the_threshold_is_calibrated_on_half_the_problems_not_every_other_row(monkeypatch):
+    """Rows come as [reference, wrong copy] per problem: split by position, the calibration half held
+    only references (F1 undefined, the threshold fell back to 0.5, which calls every step wrong here).
+    Split by problem, a verifier that separates right from wrong steps perfectly gets a threshold that
+    does, and a problem's rows never sit on both sides."""
+    from halluc.inference.verifiers import calibration_split, process_bench
+
+    rows = []
+    for k in range(20):
+        for source, labels in (("reference", [True, True]), ("wrong_step", [True, False])):
+            rows.append({"prompt_ids": [1, k], "completion_ids": [[2], [3]], "labels": labels, "source": source})
+
+    class Separating:  # right steps 0.2, wrong steps 0.1
+        def solution_scores(self, prompt_ids, step_ids):
+            return [[0.2 if ok else 0.1 for ok in r["labels"]] for r in rows]
+
+    out = process_bench(Separating(), rows, tokenizer=None)["all"]
+    assert 0.1 <= out["threshold"] < 0.2 and out["f1"] == 1.0
+    held, scored = calibration_split([r["prompt_ids"] for r in rows])
+    assert {rows[i]["prompt_ids"][1] for i in held}.isdisjoint({rows[i]["prompt_ids"][1] for i in scored})
+    assert sorted(held + scored) == list(range(len(rows))) and len(held) == len(scored) == 20
+    # negative control: every other row, as before, calibrates on references only and misses the errors
+    from halluc.inference import verifiers
+
+    monkeypatch.setattr(verifiers, "calibration_split", lambda ids: (list(range(0, len(ids), 2)),
+                                                                     list(range(1, len(ids), 2))))
+    assert process_bench(Separating(), rows, tokenizer=None)["all"]["f1"] != 1.0

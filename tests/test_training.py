@@ -166,3 +166,48 @@ def test_the_ddp_timeout_setting_reaches_the_training_arguments(tmp_path, monkey
         stages.train_stage(None, [{"input_ids": [1, 2], "labels": [1, 2], "roles": [1, 1]}], Stage(steps=1), str(tmp_path), run)
     assert seen["ddp_timeout"] == 7200 and training_args(str(tmp_path), steps=1, batch_size=1, lr=0.0,
                                                          ddp_timeout=seen["ddp_timeout"]).ddp_timeout == 7200
+
+
+def test_a_cached_lab_models_evaluation_is_redone_when_the_scoring_code_changes(tmp_path, monkeypatch):
+    """The DPO / GRPO / PRM 'start' row comes from the cached lab model: kept beside its checkpoint,
+    shared by every later run with the same problems and budget, and made again after the scoring
+    code changed (its eval.json, keyed by settings alone, was reused then). Negative control: the
+    same code version reads the kept one."""
+    import halluc.pipeline.stages as stages
+    from halluc.pipeline.sft import cached_evaluation
+    from halluc.tasks import arith
+
+    calls = []
+
+    def fake_evaluate(model, tokenizer, problems, task, max_new_tokens, desc=""):
+        calls.append(desc)
+        return {"answer_acc": 0.5, "n": len(problems)}
+
+    monkeypatch.setattr(stages, "evaluate_problems", fake_evaluate)
+    checkpoint = tmp_path / "sft-123" / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    tests = {"test_id": arith.make_split(3, (2, 2), seed=1)}
+    for version in ("v1", "v1", "v2"):
+        monkeypatch.setattr(stages, "evaluation_version", lambda: version)
+        out = cached_evaluation(torch.nn.Linear(1, 1), None, str(checkpoint), tests, arith, 32, "start")
+        assert out == {"test_id": {"answer_acc": 0.5, "n": 3}}
+    assert len(calls) == 2  # v1 once (then read), v2 again
+    assert len(list((tmp_path / "sft-123").glob("eval-*.json"))) == 2
+
+
+def test_the_lab_chain_trains_with_the_main_jobs_length_and_packing(tmp_path):
+    """GRPO from the base (`lab_base_policy`) built the lab base with the GRPO run's max_len and
+    layout.pack, which its cache key leaves out: whichever run came first decided the model. The lab
+    chain's settings take them from masked SFT, like `lab_sft_model`."""
+    from conftest import load_script
+
+    from halluc.core.config import load_config
+    from halluc.pipeline.sft import SFTConfig, lab_chain_config
+
+    grpo = load_script("recipes/grpo.py")
+    cfg = load_config(grpo.Config, ["max_len=64", "layout.pack=512", "seed=3", f"cache_dir={tmp_path}/c"],
+                      default_file=str(Path(grpo.__file__).parent / "configs" / "grpo.yaml"))
+    chain = lab_chain_config(cfg, str(tmp_path / "o"))
+    assert (cfg.max_len, cfg.layout.pack) == (64, 512)
+    assert (chain.max_len, chain.layout.pack) == (SFTConfig.max_len, SFTConfig().layout.pack)
+    assert chain.seed == 3 and chain.lab == cfg.lab and chain.cache_dir == cfg.cache_dir

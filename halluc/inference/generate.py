@@ -20,6 +20,7 @@ model has no BT and this is plain decoding.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections import Counter
@@ -242,6 +243,13 @@ def emit(row: Row, token: int, bt: int | None, eos: set, max_new_tokens: int, gu
         row.done, row.stop = True, "length"
 
 
+def batch_sampling(sampling: Sampling, start: int) -> Sampling:
+    """The sampling of the batch that starts at prompt `start`: a seed of its own, so that row r of one
+    batch does not draw the same numbers as row r of the next (the n copies of a prompt that best-of-N
+    lays out side by side gave only batch_size distinct samples)."""
+    return dataclasses.replace(sampling, seed=sampling.seed * 100_003 + start)
+
+
 def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 160, batch_size: int = 64,
                   semantics: str | None = None, sampling: Sampling = Sampling(), guards: LoopGuards = LoopGuards(),
                   desc: str = "generating", verifier=None, guide: Guide = Guide(),
@@ -276,8 +284,8 @@ def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int =
         kept = [x for x, ok in zip(ids, fits) if ok]
         made = iter(generate(model, kept, max_new_tokens=int(min(max_new_tokens, limit - max(map(len, kept)))),
                              backtrack_id=bt, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, semantics=semantics, sampling=sampling,
-                             guards=guards, guided=guided) if kept else [])
+                             pad_token_id=tokenizer.pad_token_id, semantics=semantics, guards=guards, guided=guided,
+                             sampling=batch_sampling(sampling, i)) if kept else [])
         batch = [next(made) if ok else Generation(trace=[], visible=[], prompt_len=len(x), stop="prompt_too_long",
                                                  semantics=semantics) for x, ok in zip(ids, fits)]
         too_long += fits.count(False)

@@ -188,10 +188,24 @@ def weighted_vote(answers: list[str | None], scores: list[float]) -> int:
     return max((i for i, a in enumerate(answers) if a == winner), key=lambda i: (scores[i], -i))
 
 
+def calibration_split(prompt_ids: list[list[int]], seed: int = 0) -> tuple[list[int], list[int]]:
+    """(calibration rows, scored rows): the problems (rows grouped by prompt) dealt into two halves in a
+    seeded random order, so a problem's rows stay on one side and no side gets one kind of row (by
+    position, [reference, wrong copy] rows put every reference on one side). One problem: its rows dealt."""
+    import random
+
+    groups: dict[tuple, list[int]] = {}
+    for i, ids in enumerate(prompt_ids):
+        groups.setdefault(tuple(ids), []).append(i)
+    order = list(groups.values()) if len(groups) > 1 else [[i] for i in range(len(prompt_ids))]
+    random.Random(seed).shuffle(order)
+    return sorted(i for g in order[::2] for i in g), sorted(i for g in order[1::2] for i in g)
+
+
 def process_bench(verifier, rows: list[dict], tokenizer, threshold: float | None = None) -> dict:
     """ProcessBench-style scores (halluc.inference.process_scores) of a verifier (a PRM, a policy's head, the
     oracle) on stepwise rows, overall and per row `source`. threshold=None: chosen for the best F1 on
-    every other row (a calibration half) and scored on the rest (issue 23: 0.5 on imbalanced labels
+    half the problems (`calibration_split`) and scored on the rest (issue 23: 0.5 on imbalanced labels
     called most steps wrong); each entry holds the threshold used. Step AUC is against
     first-error labels: the steps up to and including the first wrong one."""
     import dataclasses
@@ -209,7 +223,7 @@ def process_bench(verifier, rows: list[dict], tokenizer, threshold: float | None
     scored = list(range(len(rows)))
     calibration = {}
     if threshold is None:
-        held, scored = scored[::2], scored[1::2]
+        held, scored = calibration_split(prompt_ids)
         threshold = calibrated_threshold([scores[i] for i in held], [labels[i] for i in held])
         calibration = {"calibrated_on": len(held)}
     out = {}

@@ -177,10 +177,26 @@ def lab_sft_settings(cfg, extra: dict | None = None) -> dict:
     return settings
 
 
-def lab_sft_model(cfg, extra: dict | None = None) -> tuple[str, dict]:
-    """(checkpoint folder, evaluation) of the lab's masked SFT model: `train_sft` with this run's
-    SFT_SHARED settings (and `extra` SFTConfig settings, e.g. verifier_head_weight), the rest their
-    defaults, trained once per settings under cfg.cache_dir. Later recipes (dpo, prm, mcts) start from it."""
+def lab_chain_config(cfg, output_dir: str, extra: dict | None = None) -> "SFTConfig":
+    """The masked SFT settings the lab chain trains with for a later recipe's `cfg`: its SFT_SHARED
+    settings, layout (LAYOUT_SHARED) and retry base, `extra`, and masked_sft's own defaults for the
+    rest (max_len, layout.pack), so the lab base and SFT model are the main job's."""
+    sft_cfg = SFTConfig(output_dir=output_dir, cache_dir=cfg.cache_dir, overwrite=True)
+    for name in SFT_SHARED:
+        setattr(sft_cfg, name, getattr(cfg, name))
+    sft_cfg.layout = dataclasses.replace(sft_cfg.layout, **{n: getattr(cfg.layout, n) for n in LAYOUT_SHARED})
+    sft_cfg.base_retry = cfg.base_retry
+    for name, value in (extra or {}).items():
+        setattr(sft_cfg, name, value)
+    return sft_cfg
+
+
+def lab_sft_model(cfg, extra: dict | None = None) -> str:
+    """The checkpoint folder of the lab's masked SFT model: `train_sft` with this run's SFT_SHARED
+    settings (and `extra` SFTConfig settings, e.g. verifier_head_weight), the rest their defaults,
+    trained once per settings under cfg.cache_dir. Later recipes (dpo, prm, mcts) start from it and
+    evaluate it with `cached_evaluation` (its eval.json is the training run's, scored by the code of
+    that day: a cache keyed by settings alone would keep it after the scoring code changed)."""
     from halluc.core.artifacts import artifact_path, build_once
     from halluc.core.distributed import barrier
 
@@ -189,25 +205,27 @@ def lab_sft_model(cfg, extra: dict | None = None) -> tuple[str, dict]:
     with build_once(folder, "eval.json", what="the lab's masked SFT model") as build:  # eval.json: written last
         if build:
             log.info("training the lab's masked SFT model into %s", folder)
-            sft_cfg = SFTConfig(output_dir=str(folder), cache_dir=cfg.cache_dir, overwrite=True)
-            for name in SFT_SHARED:
-                setattr(sft_cfg, name, getattr(cfg, name))
-            sft_cfg.layout = dataclasses.replace(sft_cfg.layout, **{n: getattr(cfg.layout, n) for n in LAYOUT_SHARED})
-            sft_cfg.base_retry = cfg.base_retry
-            for name, value in (extra or {}).items():
-                setattr(sft_cfg, name, value)
-            train_sft(sft_cfg)
+            train_sft(lab_chain_config(cfg, str(folder), extra))
     barrier()
-    return str(folder / "checkpoint"), json.loads((folder / "eval.json").read_text())["after"]
+    return str(folder / "checkpoint")
 
 
-def lab_base_policy(cfg, splits: dict, tests: dict, task) -> tuple[str, dict]:
-    """(checkpoint folder, evaluation) of the lab base with the BT token added and initialised (technique 2,
+def cached_evaluation(model, tokenizer, checkpoint: str, tests: dict, task, max_new_tokens: int, label: str):
+    """`evaluate_on_main` of a model cached in the lab chain (`lab_sft_model`, `lab_base_policy`), its
+    results kept beside the checkpoint under a key of the problems, the budget and the scoring code's
+    hash, so every arm of a sweep shares one evaluation and a change to the scoring code re-runs it."""
+    from halluc.pipeline.stages import evaluate_on_main
+
+    return evaluate_on_main(model, tokenizer, tests, task, max_new_tokens, label, cache_dir=Path(checkpoint).parent)
+
+
+def lab_base_policy(cfg, splits: dict, tests: dict, task) -> str:
+    """The checkpoint folder of the lab base with the BT token added and initialised (technique 2,
     SFTConfig's bt_init) and no SFT: the policy N-MARS's "GRPO from the base" starts from. Cached under
     cfg.cache_dir by the settings it depends on, like `lab_sft_model`."""
     from halluc.core.artifacts import artifact_path, build_once
     from halluc.core.distributed import barrier, is_main
-    from halluc.pipeline.stages import RunSettings, add_backtrack, base_and_evaluation, evaluate_on_main
+    from halluc.pipeline.stages import RunSettings, add_backtrack, base_and_evaluation
 
     settings = {k: v for k, v in lab_sft_settings(cfg).items() if k not in ("sft", "errors", *LAYOUT_SHARED)}
     settings["bt_init"] = SFTConfig.bt_init
@@ -215,18 +233,20 @@ def lab_base_policy(cfg, splits: dict, tests: dict, task) -> tuple[str, dict]:
     with build_once(folder, "eval.json", what="the lab base with a BT token") as build:  # eval.json: last
         if build:  # every process (the base may have to be trained first); rank 0 writes
             log.info("adding a BT token to the lab base into %s", folder)
-            model, tokenizer, base_path, _ = base_and_evaluation(cfg, RunSettings.of(cfg), splits, tests, task)
+            # the lab base as the main job trains it (its max_len and layout.pack, not this run's)
+            chain = lab_chain_config(cfg, str(folder))
+            model, tokenizer, base_path, _ = base_and_evaluation(chain, RunSettings.of(chain), splits, tests, task)
             plain = SFTConfig(seed=cfg.seed, lab=cfg.lab)  # bt_init, no LoRA, causal layout (keep semantics)
             model, bt_id, used, _ = add_backtrack(model, tokenizer, plain, "base+bt", base_path)
             if is_main():
                 model.save_pretrained(folder / "checkpoint")
                 tokenizer.save_pretrained(folder / "checkpoint")
-            after = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, "base+bt")
+            cached_evaluation(model, tokenizer, str(folder / "checkpoint"), tests, task, cfg.eval_max_new_tokens,
+                              "base+bt")  # what starting_policy reads next
             if is_main():
-                (folder / "eval.json").write_text(json.dumps({"after": after, "backtrack_id": bt_id,
-                                                              "bt_init_words": used}, indent=1))
+                (folder / "eval.json").write_text(json.dumps({"backtrack_id": bt_id, "bt_init_words": used}, indent=1))
     barrier()
-    return str(folder / "checkpoint"), json.loads((folder / "eval.json").read_text())["after"]
+    return str(folder / "checkpoint")
 
 
 def starting_policy(cfg, task, tests: dict, what: str, start: str = "sft", splits: dict | None = None):
@@ -239,16 +259,19 @@ def starting_policy(cfg, task, tests: dict, what: str, start: str = "sft", split
     from halluc.pipeline.stages import evaluate_on_main
 
     if cfg.model:
-        start, before = cfg.model, None
+        start = cfg.model
     elif start == "base":
-        start, before = lab_base_policy(cfg, splits, tests, task)
+        start = lab_base_policy(cfg, splits, tests, task)
     else:
-        start, before = lab_sft_model(cfg)
+        start = lab_sft_model(cfg)
     tokenizer = load_tokenizer(start)
     if not has_backtrack(tokenizer):
         raise SystemExit(f"model={start} has no <|BACKTRACK|> token: {what} starts from a model that has it "
                          "(masked SFT, recipes/masked_sft.py)")
     model = load_causal_lm(start)
-    if before is None and tests:
+    before = None
+    if tests and cfg.model:
         before = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, "start")
+    elif tests:
+        before = cached_evaluation(model, tokenizer, start, tests, task, cfg.eval_max_new_tokens, "start")
     return start, tokenizer, model, before

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from halluc.core.example import Example, Role, apply_backtrack, common_prefix_len
-from halluc.inference.generate import Generation, LoopGuards, Sampling, generate, semantics_for
+from halluc.inference.generate import Generation, LoopGuards, Sampling, batch_sampling, generate, semantics_for
 from halluc.inference.judge import _canonical_steps, first_error
 from halluc.sources.pair_forms import balanced_pairs, step_pair
 from halluc.tasks import Problem
@@ -138,7 +138,7 @@ def sample_from_ids(model, tokenizer, prompts: list[list[int]], sampling: Sampli
         out += generate(model, chunk, max_new_tokens=max_new_tokens, backtrack_id=bt,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                         semantics=semantics, guards=guards,
-                        sampling=Sampling(sampling.temperature, sampling.top_p, sampling.seed * 100_003 + start))
+                        sampling=batch_sampling(sampling, start))
         bar.update(len(chunk))
     bar.close()
     return out

@@ -32,7 +32,8 @@ PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 _ANNOTATION = re.compile(r"<<([^<>]*)>>")
 _NUMBER = r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
 _DISPLAYED = re.compile(r"\$?(" + _NUMBER + r"(?:/\d+)?)")
-_FINAL = re.compile(r"####\s*\$?\s*(" + _NUMBER + ")")
+# the number must end the answer (`#### 3/4` or `#### 10 - 2 = 8` is not an answer of 3 or 10)
+_FINAL = re.compile(r"####\s*\$?\s*(" + _NUMBER + r")(?=[ \t.%!;)]*(?:\r?\n|$))")  # then only the line's end
 _LEADING_ZEROS = re.compile(r"(?<![\d.])0+(?=\d)")
 
 REL_TOL = 1e-6

@@ -93,10 +93,9 @@ def steps_from_list(items: list, sep: str = "\n") -> list[str]:
 
 
 def extract_answer(text: str, sep: str = "\n") -> str | None:
-    """Without a verifier the answer is the last step, stripped (None if there is none)."""
-    steps = split_steps(text, sep)
-    answer = steps[-1].strip() if steps else ""
-    return answer or None
+    """Without a verifier the answer is the last step that is not blank, stripped (None if there is none)."""
+    steps = [s.strip() for s in split_steps(text, sep)]
+    return next((s for s in reversed(steps) if s), None)
 
 
 def verify_steps(problem: Problem, steps: list[str]) -> StepReport:

@@ -28,6 +28,8 @@ class StepTimes(TrainerCallback):
         self.times = []
 
     def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's kernels are queued, not done, when the callback runs
         self.times.append(time.perf_counter())
 
 

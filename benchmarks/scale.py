@@ -232,6 +232,8 @@ def run_config(conf: Config, shape: dict, length: int, rows_per_step: int, steps
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
     del trainer, model
     release_deepspeed_config()  # else the next config's model would be built sharded
+    if "compile" in conf.options:
+        torch._dynamo.reset()  # the compiled graphs hold the model's memory until they go
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()

@@ -16,7 +16,7 @@ python3 -m pip show pyarrow 2>/dev/null | grep -i ^version | sed 's/^/pyarrow /'
 export PYTHONPATH=$PWD:${PYTHONPATH:-}  # halluc from this checkout (recipes and tests import it)
 
 echo "== GPU-marked tests"
-python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention.py tests/test_backends.py tests/test_objective.py tests/test_dpo.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
+timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_attention.py tests/test_backends.py tests/test_objective.py tests/test_dpo.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
 if ! python3 -c "import datasets" 2>/dev/null; then
   echo "datasets does not import here (pyarrow too old?): skipping the recipe runs"; exit 0
 fi
@@ -25,7 +25,7 @@ echo "== masked SFT on the GPU (tiny lab, bf16): one run per backend"
 printf "%-12s %-8s %-10s %-10s %-10s %-10s\n" backend rc sft_s loss_first loss_last id_acc > "$OUT/table.txt"
 for backend in flex varlen_kv; do
   dir=/tmp/gpu_sft_$backend
-  timeout 150 python3 recipes/masked_sft.py output_dir=$dir cache_dir=/tmp/gpu_cache base.steps=300 sft.steps=150 \
+  timeout 150 python3 recipes/masked_sft.py output_dir=$dir overwrite=true cache_dir=/tmp/gpu_cache base.steps=300 sft.steps=150 \
     base.batch_size=64 sft.batch_size=64 lab.train_size=8000 lab.sft_size=4000 lab.test_size=200 layout.attention=block_errors layout.positions=rewound \
     layout.backend=$backend > "$OUT/sft_$backend.log" 2>&1
   rc=$?

@@ -107,3 +107,39 @@ def test_the_grpo_benchmark_runs_both_trainers(capsys):
                                  "--warmup", "1", "--hidden", "32", "--layers", "1", "--heads", "2"])
     out = capsys.readouterr().out
     assert "| TRL GRPOTrainer |" in out and "| halluc recipes/grpo.py path |" in out and "hidden 32 x 1 layers" in out
+
+
+def gpu_script_commands(script: str) -> list[tuple[int, str, list[str]]]:
+    """(timeout s, benchmark name, its arguments) of each `timeout N python3 benchmarks/X.py ...` line."""
+    import re
+    import shlex
+
+    text = (ROOT / script).read_text().replace("\\\n", " ")
+    found = re.findall(r"timeout (\d+) python3 benchmarks/(\w+)\.py ([^>\n]*)", text)
+    return [(int(t), name, shlex.split(args)) for t, name, args in found]
+
+
+def test_the_gpu_script_passes_arguments_its_benchmarks_read_within_one_device_call(monkeypatch):
+    """The device lends one call of at most 600 s: the script's benchmark commands must parse (flags,
+    configs) and their timeouts leave room for the installs. A typo here costs the scarce GPU run."""
+    import argparse
+
+    class Parsed(Exception):
+        pass
+
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise Parsed(parse(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    commands = gpu_script_commands("scripts/gpu_scale.sh")
+    assert {name for _, name, _ in commands} == {"scale", "dpo", "grpo"}
+    for _, name, args in commands:
+        with pytest.raises(Parsed) as parsed:
+            load_benchmark(name).main(args)
+        if name == "scale":
+            assert all(scale.Config.parse(c) for c in parsed.value.args[0].configs)
+    assert sum(t for t, _, _ in commands) <= 560
+    with pytest.raises(SystemExit):  # negative control: a flag the benchmark does not have
+        load_benchmark("scale").main(["--size", "1b", "--lenghts", "4096"])

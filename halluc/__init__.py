@@ -3,13 +3,13 @@
 The library is layered; each package imports only those above it in this list:
 
     halluc.core        examples and roles, the BT token, settings, artifacts, processes, losses
+    halluc.tasks       the problems (arith, GSM8K, any jsonl) and their verifiers
     halluc.structure   the edit tree: masks, positions, packing, preference pairs, attention backends
     halluc.training    the trainer seam, checkpoints, LoRA
     halluc.objectives  preference losses (DPO/TDPO), the PRM's step classification, the verifier head
     halluc.inference   the backtracking decoding loop and its policies, verifiers, evaluation
     halluc.sources     where errors come from: synthetic, the model's own, step labels, MCTS
     halluc.pipeline    the lab, run settings, stages, masked SFT, rounds: what recipes/ are made of
-    halluc.tasks       the problems (arith, GSM8K, any jsonl) and their verifiers
 
 The names users reach for most are importable from `halluc` itself (`from halluc import generate_text`).
 """

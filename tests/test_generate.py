@@ -373,16 +373,25 @@ def test_evaluate_arith_tiny_model_reports_backtracks(bt_tokenizer):
     model = tiny_model(vocab=len(tok))
     model.config.halluc = {"attention": "block_errors", "positions": "rewound",
                            "backtrack_token_id": tok.convert_tokens_to_ids("<|BACKTRACK|>")}
-    problems = arith.make_split(6, (2, 3), seed=9)
-    result = evaluate_problems(model, tok, problems, arith, max_new_tokens=24, batch_size=4, desc="test",
-                               guards=LoopGuards(max_backtracks=3))
-    assert REQUIRED_KEYS <= set(result) and result["n"] == 6 and result["semantics"] == "rewind"
+    problems = arith.make_split(10, (2, 3), seed=9)
+    bt = tok.convert_tokens_to_ids("<|BACKTRACK|>")
+    bias = torch.zeros(len(tok))
+    bias[bt] = 3.0  # a random tiny model never writes a BT: one that backtracks often (the metrics had nothing to count)
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, out: out + bias)
+    try:
+        result = evaluate_problems(model, tok, problems, arith, max_new_tokens=24, batch_size=4, desc="test",
+                                   guards=LoopGuards(max_backtracks=3))
+    finally:
+        handle.remove()
+    assert REQUIRED_KEYS <= set(result) and result["n"] == 10 and result["semantics"] == "rewind"
     for key in ("bt_precision", "bt_recall", "wasted_per_problem", "bt_runs_per_problem"):
         assert key in result
-    assert result["bt_per_problem"] <= 3
-    # the first five problems, then the others that backtracked
-    assert [x["prompt"] for x in result["samples"][:5]] == [p.prompt for p in problems[:5]]
-    assert all(x["backtracks"] > 0 for x in result["samples"][5:]) and len(result["samples"]) <= 6
+    assert 0 < result["bt_per_problem"] <= 3  # the guard's cap per problem
+    # the first five problems, then up to five others that backtracked, each with its own count
+    samples = result["samples"]
+    assert [x["prompt"] for x in samples[:5]] == [p.prompt for p in problems[:5]]
+    assert len(samples) > 5 and all(x["backtracks"] > 0 for x in samples[5:]) and len(samples) <= 10
+    assert all(x["trace"].count("<|BACKTRACK|>") == x["backtracks"] for x in samples)  # counted from the trace
     assert "| split |" in markdown_table({"test": result})
 
 

@@ -266,19 +266,32 @@ def test_iterations_reuse_one_generation_batch_with_its_old_log_probs(bt_tokeniz
     assert objective._samples is not first
 
 
-def test_lora_grpo_uses_the_adapter_off_as_reference_and_saves_an_adapter(lab_policy, tmp_path):
+def test_lora_grpo_uses_the_adapter_off_as_reference_and_saves_an_adapter(lab_policy, tmp_path, monkeypatch):
+    """The reference is the policy with its adapter off: KL 0 at the first step (the adapter starts at
+    0), above 0 once the adapter trained. Negative control: an adapter left on in the reference keeps
+    the KL at 0 (with 24 new tokens every completion was cut, wrong, and nothing trained: it passed)."""
+    import contextlib
     import json
 
+    import peft
     from conftest import load_script
 
     folder, _, _, _ = lab_policy
-    report = load_script("recipes/grpo.py").main([
-        f"model={folder}", f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}/cache", "lab.train_size=2000",
-        "lab.sft_size=200", "lab.test_size=4", "eval_max_new_tokens=16", "steps=2", "batch_size=2",
-        "rollout.group=3", "rollout.max_new_tokens=24", "lr=1e-3", "lora.enabled=true"])
-    logged = [h for h in json.loads((tmp_path / "out" / "train.json").read_text()) if "loss" in h]
-    assert len(logged) == 2 and logged[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # adapter at 0: policy == reference
+
+    def run(out):
+        report = load_script("recipes/grpo.py").main([
+            f"model={folder}", f"output_dir={out}", f"cache_dir={tmp_path}/cache", "lab.train_size=2000",
+            "lab.sft_size=200", "lab.test_size=4", "eval_max_new_tokens=16", "steps=3", "batch_size=2",
+            "rollout.group=4", "rollout.max_new_tokens=64", "lr=1e-2", "lora.enabled=true"])
+        return report, [h for h in json.loads((out / "train.json").read_text()) if "loss" in h]
+
+    report, logged = run(tmp_path / "out")
+    assert len(logged) == 3 and logged[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # adapter at 0: policy == reference
+    assert any(h["grad_norm"] > 0 for h in logged[:-1]) and logged[-1]["kl"] > 1e-3
     assert (tmp_path / "out" / "adapter" / "halluc_adapter.json").exists() and report["saved"].endswith("adapter")
+    monkeypatch.setattr(peft.PeftModel, "disable_adapter", lambda self: contextlib.nullcontext())
+    _, on = run(tmp_path / "adapter_on")
+    assert all(h["kl"] == pytest.approx(0.0, abs=1e-6) for h in on)
 
 
 def test_grpo_runs_on_gsm8k_files(tmp_path, gsm8k_test_file, caplog):

@@ -12,7 +12,8 @@ from conftest import ROOT
 
 from halluc.inference.generate import generate_text
 from halluc.core.model import tiny_llama
-from halluc.core.tokens import BACKTRACK_TOKEN, add_backtrack_token
+from halluc.core.example import apply_backtrack
+from halluc.core.tokens import BACKTRACK_TOKEN, add_backtrack_token, backtrack_id
 
 ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
          "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"} for a, b in
@@ -49,11 +50,15 @@ def test_the_model_class_answers_with_the_visible_text(lab_tokenizer, tmp_path):
                 for i, p in enumerate(prompts)]
     answers = lm.generate_until(requests)
     ours = generate_text(lm.model, lm.tokenizer, prompts, max_new_tokens=24)
-    assert answers == [cut_at(g.text, ["Question:"]) for g in ours]
+    bt = backtrack_id(lm.tokenizer)
+    visible = [lm.tokenizer.decode(apply_backtrack(g.trace, bt), skip_special_tokens=True) for g in ours]
+    assert answers == [cut_at(v, ["Question:"]) for v in visible]  # the trace with every BT applied
     assert sum(g.n_backtracks for g in ours) > 0  # the control: traces did backtrack ...
     assert all(BACKTRACK_TOKEN not in a for a in answers)  # ... and the answers hold none of it
-    raw = [lm.tokenizer.decode(g.trace) for g in ours]
-    assert any(r != a for r, a in zip(raw, answers))
+    # ... nor what the BTs erased: the trace with its BTs merely dropped reads otherwise
+    bts_dropped = [cut_at(lm.tokenizer.decode([t for t in g.trace if t != bt], skip_special_tokens=True),
+                          ["Question:"]) for g in ours]
+    assert any(d != a for d, a in zip(bts_dropped, answers))
 
 
 def test_lm_eval_command_line_runs_offline_on_a_local_gsm8k_file(lab_tokenizer, tmp_path):

@@ -184,7 +184,7 @@ def test_a_competence_phase_ends_when_the_probe_passes(bt_tokenizer, arith_probl
 
     tok = copy.deepcopy(bt_tokenizer)
     bt = backtrack_id(tok)
-    steps = {}
+    steps, models = {}, {}
     for name, threshold in (("passes", 0.0), ("never", 1.0)):
         torch.manual_seed(0)
         model = tiny_llama(len(tok), hidden=32, layers=1, heads=2)
@@ -193,16 +193,29 @@ def test_a_competence_phase_ends_when_the_probe_passes(bt_tokenizer, arith_probl
                                       max_len=256, overlong="drop", seed=0)
         trainer = train_phases(model, data, cur, counts, tmp_path / name, RunSettings(), Stage(12, 8, 1e-3), tok,
                                probe=(arith_problems[200:216], arith, 24))
-        steps[name] = trainer.state.global_step
+        steps[name], models[name] = trainer.state.global_step, model
     assert steps == {"passes": 4, "never": 12}  # recall >= 0 at the first probe; never >= 1 on a tiny model
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tags = set()
-    for events in (tmp_path / "passes" / "tb").glob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        tags |= set(acc.Tags()["scalars"])
+    from halluc.inference.evaluate import evaluate_problems
+
+    def scalars(name):
+        found = {}
+        for events in (tmp_path / name / "tb").glob("events.out.tfevents.*"):
+            acc = EventAccumulator(str(events))
+            acc.Reload()
+            found.update({tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]})
+        return found
+
+    tags = set(scalars("passes"))
     assert {"curriculum/phase", "curriculum/phase_end", "curriculum/probe_bt_recall", "curriculum/examples"} <= tags
+    # the probe measures the model: its last recall (step 12, the final weights) is the recall an
+    # evaluation of the trained model gives on the probe problems (a probe that made its number up passed)
+    logged = sorted(scalars("never")["curriculum/probe_bt_recall"], key=lambda e: e.step)
+    assert [e.step for e in logged][-1] == 12
+    models["never"].eval()
+    m = evaluate_problems(models["never"], tok, arith_problems[200:216], arith, 24, desc="check", bt_banned=False)
+    assert logged[-1].value == pytest.approx(1.0 if m["bt_recall"] is None else m["bt_recall"], abs=1e-6)
 
 
 def test_a_curriculum_with_an_own_errors_phase_runs_in_a_round(tmp_path, cache):

@@ -37,8 +37,22 @@ def test_semantic_init_barely_moves_the_distribution(lab_tokenizer, arith_proble
 
 
 def test_tied_embeddings_get_one_row(lab_tokenizer, arith_problems):
+    """A tied model stays tied when BT is added (one row serves as input and output) and that row is
+    the init's mean. The KL alone could not tell: an untied head, or no init at all, passed it."""
     kl_sem, _ = kl_after_adding_bt(lab_tokenizer, arith_problems, "semantic", tie=True)
     assert kl_sem < 0.02
+    tok = copy.deepcopy(lab_tokenizer)
+    torch.manual_seed(0)
+    model = tiny_llama(len(tok), hidden=32, layers=1, heads=2)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    bt = add_backtrack_token(tok, model)
+    used = init_backtrack_embedding(model, tok, bt, "semantic")
+    emb, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert emb.data_ptr() == out.data_ptr()
+    want = emb[[tok.convert_tokens_to_ids(w) for w in used]].mean(0) if used else emb[:bt].mean(0)
+    torch.testing.assert_close(emb[bt], want)
+    assert emb[bt].abs().sum() > 0
 
 
 def test_semantic_words_are_used_when_single_tokens(lab_tokenizer):

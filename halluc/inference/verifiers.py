@@ -175,17 +175,30 @@ def best_of_n(scores: list[float]) -> int:
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
 
+def vote_key(answer: str | None) -> str | None:
+    """What votes are counted by: a number by its value ("1000" and "1000.0" are one answer), other
+    text as written, stripped."""
+    if answer is None:
+        return None
+    try:
+        return format(float(answer), ".12g")
+    except ValueError:
+        return answer.strip()
+
+
 def weighted_vote(answers: list[str | None], scores: list[float]) -> int:
     """Index of the representative sample of the answer with the largest summed score (weighted
-    majority voting); the representative is that answer's best-scored sample. No answer: best_of_n."""
+    majority voting; answers compared by `vote_key`); the representative is that answer's best-scored
+    sample. No answer: best_of_n."""
+    keys = [vote_key(a) for a in answers]
     total: dict[str, float] = defaultdict(float)
-    for a, s in zip(answers, scores):
-        if a is not None:
-            total[a] += s
+    for k, s in zip(keys, scores):
+        if k is not None:
+            total[k] += s
     if not total:
         return best_of_n(scores)
-    winner = max(total, key=lambda a: (total[a], -answers.index(a)))
-    return max((i for i, a in enumerate(answers) if a == winner), key=lambda i: (scores[i], -i))
+    winner = max(total, key=lambda k: (total[k], -keys.index(k)))
+    return max((i for i, k in enumerate(keys) if k == winner), key=lambda i: (scores[i], -i))
 
 
 def calibration_split(prompt_ids: list[list[int]], seed: int = 0) -> tuple[list[int], list[int]]:

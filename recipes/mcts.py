@@ -72,7 +72,7 @@ def train(cfg: Config) -> dict | None:
 
     from halluc.core.distributed import is_main, local_device
     from halluc.inference.generate import generate_text
-    from halluc.sources.mcts import load_trees, save_trees, search
+    from halluc.sources.mcts import load_trees, save_trees, search, terminal_reward
     from halluc.core.model import load_causal_lm
     from halluc.pipeline.sft import lab_sft_model
     from halluc.pipeline.stages import open_run
@@ -89,12 +89,13 @@ def train(cfg: Config) -> dict | None:
     problems = [pool[i] for i in pick]
     verifier = make_value(cfg, policy, tokenizer, task, problems)
 
-    greedy_right = None
-    if cfg.greedy_baseline:
+    greedy = None
+    if cfg.greedy_baseline:  # (answer right, every step right too): the latter is what search calls solved
         with torch.no_grad():
             gens = generate_text(policy, tokenizer, [p.prompt for p in problems],
                                  max_new_tokens=cfg.eval_max_new_tokens, desc="greedy")
-        greedy_right = [task.extract_answer(g.text) == p.answer for g, p in zip(gens, problems)]
+        greedy = [terminal_reward(task, p, g.text) for g, p in zip(gens, problems)]
+        greedy = ([reward > 0 for reward, _ in greedy], [full for _, full in greedy])
 
     path = out / "trees.jsonl"
     trees = load_trees(path) if path.exists() else []
@@ -116,14 +117,16 @@ def train(cfg: Config) -> dict | None:
 
     counts = write_data(cfg, out / "data", trees, problems, tokenizer)
     report = {"config": as_dict(cfg), "policy": policy_dir, "data": counts,
-              "search": search_stats(trees, cfg.search.nodes, greedy_right, search_s),
+              "search": search_stats(trees, cfg.search.nodes, greedy, search_s),
               "seconds": {"search": round(search_s, 1), "total": round(time.perf_counter() - t0, 1)}}
     (out / "search.json").write_text(json.dumps(report, indent=1))
     sr = report["search"]
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     greedy = "" if sr["greedy_solved"] is None else (
-        f" (greedy {100 * sr['greedy_solved']:.1f}%; of greedy's failures search solves "
-        f"{100 * (sr['greedy_failed_solved'] or 0):.1f}%)")
-    print(f"\nsearched {len(trees)} problems: {sr['nodes_per_s']:.1f} nodes/s, solved {100 * sr['solved']:.1f}%"
+        f" (greedy solves {pct(sr['greedy_solved'])} so, its answer is right on {pct(sr['greedy_answer_right'])}; "
+        f"of greedy's {sr['greedy_failed']} wrong answers search solves {pct(sr['greedy_failed_solved'])})")
+    print(f"\nsearched {len(trees)} problems: {sr['nodes_per_s']:.1f} nodes/s, solved {100 * sr['solved']:.1f}% "
+          f"(every step and the answer right)"
           f"{greedy}, {counts['traces']} traces, {counts['pairs']} pairs, {counts['value_rows']} value rows "
           f"-> {out / 'data'}")
     return report
@@ -150,9 +153,11 @@ def make_value(cfg: Config, policy, tokenizer, task, problems):
                          head_reads="text")
 
 
-def search_stats(trees, budget: int, greedy_right: list[bool] | None, seconds: float) -> dict:
+def search_stats(trees, budget: int, greedy: tuple[list[bool], list[bool]] | None, seconds: float) -> dict:
     """Throughput and what search solves: a problem is solved within b nodes when one of its first b
-    nodes is a verified solution (the nodes are numbered in the order the search made them)."""
+    nodes is a verified solution (the nodes are numbered in the order the search made them).
+    `greedy`: per problem, (greedy's answer right, greedy's whole solution right): `greedy_solved` is
+    the latter, search's own criterion; greedy's failures are the problems whose answer is wrong."""
     first = [min((i + 1 for i, n in enumerate(t.nodes) if n.verified), default=None) for t in trees]
     from halluc.sources.mcts import tree_stats
 
@@ -163,10 +168,12 @@ def search_stats(trees, budget: int, greedy_right: list[bool] | None, seconds: f
            "tokens_per_verified_solution": made["generated_tokens"] / verified if verified else None,
            "solved": made["solved"] / len(trees),
            "solved_within": {b: sum(f is not None and f <= b for f in first) / len(trees) for b in budgets},
-           "greedy_solved": None, "greedy_failed_solved": None}
-    if greedy_right is not None:
+           "greedy_solved": None, "greedy_answer_right": None, "greedy_failed_solved": None}
+    if greedy is not None:
+        greedy_right, greedy_full = greedy
         failed = [f for f, right in zip(first, greedy_right) if not right]
-        out["greedy_solved"] = sum(greedy_right) / len(trees)
+        out["greedy_solved"] = sum(greedy_full) / len(trees)
+        out["greedy_answer_right"] = sum(greedy_right) / len(trees)
         out["greedy_failed"] = len(failed)
         out["greedy_failed_solved"] = sum(f is not None for f in failed) / len(failed) if failed else None
         out["greedy_failed_solved_within"] = {b: sum(f is not None and f <= b for f in failed) / len(failed)

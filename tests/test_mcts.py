@@ -215,6 +215,9 @@ def test_the_recipe_writes_data_the_other_recipes_read_and_resumes(lab_policy, t
     args = [f"model={folder}", "problems=8", "chunk=4", "search.nodes=16", "search.k=3", *LAB]
     whole = mcts.main([f"output_dir={tmp_path}/a", *args])
     assert whole["search"]["problems"] == 8 and whole["data"]["traces"] > 0
+    # greedy is measured as search is (every step and the answer right), its answer accuracy beside it
+    sr = whole["search"]
+    assert sr["greedy_solved"] <= sr["greedy_answer_right"] and sr["greedy_failed"] == round(8 * (1 - sr["greedy_answer_right"]))
     data = tmp_path / "a" / "data"
     assert len(load_pairs(str(data / "pairs"), tok, backtrack_id(tok))) == whole["data"]["pairs"] > 0
     assert len(read_stepwise(data / "steps.jsonl")) == whole["data"]["value_rows"]

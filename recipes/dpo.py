@@ -109,6 +109,7 @@ def train(cfg: Config) -> dict | None:
     pairs_from = cfg.data or own_pairs(cfg, start, model, tokenizer, task, splits["sft"], bt_id)
     pairs = select_forms(load_pairs(pairs_from, tokenizer, bt_id), as_dict(cfg.pairs), cfg.seed)
     forms = dict(Counter(p.get("form", "bt") for p in pairs))
+    log.info("training on %d pairs: %s (pairs.* settings)", len(pairs), ", ".join(f"{n} {f}" for f, n in forms.items()))
     # a pair's positions run to its prompt + longer branch: keep the whole unit within the model's
     # positions (a model with learned positions, e.g. GPT-2, would index past its table)
     limit = getattr(model.config, "max_position_embeddings", None) or cfg.max_len
@@ -165,7 +166,7 @@ def train(cfg: Config) -> dict | None:
                           "total": round(time.perf_counter() - t0, 1)}}
     finish_run(out, cfg, report, trainer.state.global_step if trainer else 0,
                f"{cfg.loss}" if cfg.steps else "start (steps=0)", saved=("adapter" if cfg.lora.enabled else "checkpoint", saved),
-               before_label="start")
+               before_label="start", tags=("start", "dpo"))
     return report
 
 

@@ -143,7 +143,8 @@ def train(cfg: Config) -> dict | None:
               "after": after or {}, "saved": str(saved), "grpo_train": train_history(trainer) if trainer else None,
               "seconds": {"grpo": round(t_rl, 1), "total": round(time.perf_counter() - t0, 1)}}
     finish_run(out, cfg, report, trainer.state.global_step if trainer else 0, "grpo" if cfg.steps else "start (steps=0)",
-               saved=("adapter" if cfg.lora.enabled else "checkpoint", saved), before_label="start")
+               saved=("adapter" if cfg.lora.enabled else "checkpoint", saved), before_label="start",
+               tags=("start", "grpo"))
     return report
 
 

@@ -208,7 +208,7 @@ def train(cfg: Config) -> dict | None:
               "seconds": {"decode": round(t_decode, 1), "total": round(time.perf_counter() - t0, 1)}}
     label = f"{cfg.decode} ({cfg.verifier})" if cfg.verifier != "none" else cfg.decode  # greedy | vote (majority)
     finish_run(out, cfg, report, cfg.steps, label, saved=("PRM", prm_dir) if prm_dir else None,
-               before_label="policy, plain decoding")
+               before_label="policy, plain decoding", tags=("policy", "decoded"))
     return report
 
 

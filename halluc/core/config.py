@@ -135,7 +135,19 @@ def run_recipe(load, train, argv: list[str] | None = None):
         return check_settings_lines(load)
     cfg = load(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    quiet_progress_bars_in_files()
     return train(cfg)
+
+
+def quiet_progress_bars_in_files() -> None:
+    """Output going to a file (a Slurm log, `> run.log`): no progress bars, whose redraws filled such a
+    log with carriage returns; the trainer's logged losses and the log lines still show progress.
+    tqdm reads TQDM_DISABLE when it is first imported, so this runs before any ML library loads
+    (TQDM_DISABLE=0 keeps the bars)."""
+    import os
+
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def check_settings_lines(load, lines=None, out=None) -> None:

@@ -146,7 +146,8 @@ def train_sft(cfg: SFTConfig, objective=None, recipe: str = "masked_sft") -> dic
               "sft_train": train_history(trainer),
               "seconds": {"base": round(t_base, 1), "sft": round(t_sft, 1),
                           "total": round(time.perf_counter() - t0, 1)}}
-    finish_run(out, cfg, report, trainer.state.global_step, "masked SFT" if cfg.masked else "unmasked SFT",
+    kind = "clean SFT" if cfg.errors.source == "none" else ("masked SFT" if cfg.masked else "unmasked SFT")
+    finish_run(out, cfg, report, trainer.state.global_step, kind,
                saved=("adapter" if cfg.lora.enabled else "checkpoint", saved))
     return report
 

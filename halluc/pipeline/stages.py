@@ -310,18 +310,19 @@ def add_backtrack(model, tokenizer, cfg, recipe: str, base_path):
 
 
 def finish_run(out: Path, cfg, report: dict, step: int, label: str, saved: tuple[str, object] | None = None,
-               before_label: str = "base") -> dict:
+               before_label: str = "base", tags: tuple[str, str] = ("base", "sft")) -> dict:
     """eval.json, eval.md, TensorBoard (evaluation scalars and the settings), the console table, a few
     samples that backtracked, and a closing line: `saved` = (what, folder), then where the files are
     and the run's time. `report` holds "before" (the table calls it `before_label`: the lab base, or
-    the model a DPO / GRPO / PRM run starts from), "after" and "seconds"."""
+    the model a DPO / GRPO / PRM run starts from), "after" and "seconds"; `tags` name the two in
+    TensorBoard (eval/<tag>/<split>/<metric>)."""
     from halluc.core.config import flat_dict
     from halluc.inference.evaluate import backtrack_samples, log_to_tensorboard
     from halluc.pipeline.lab import eval_table
 
     (out / "eval.json").write_text(json.dumps(report, indent=2))
-    log_to_tensorboard(out / "tb", report["before"], "base", step)
-    log_to_tensorboard(out / "tb", report["after"], "sft", step, hparams=flat_dict(as_dict(cfg)))
+    log_to_tensorboard(out / "tb", report["before"], tags[0], step)
+    log_to_tensorboard(out / "tb", report["after"], tags[1], step, hparams=flat_dict(as_dict(cfg)))
     table = eval_table({before_label: report["before"], label: report["after"]})
     (out / "eval.md").write_text(table + "\n")
     print("\n" + table)

@@ -8,6 +8,7 @@ cross-entropy is the default; preference and step-classification objectives plug
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -15,9 +16,13 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from torch.utils.tensorboard import SummaryWriter
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.integrations import TensorBoardCallback
+
+if not torch.cuda.is_available():  # DeepSpeed (accelerate imports it) warns on every run that it guessed the CPU
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers.integrations import TensorBoardCallback  # noqa: E402
 
 from halluc.structure.backends import TargetModel, use_backend
 from halluc.core.config import LayoutSettings

@@ -173,7 +173,7 @@ def main(argv=None) -> dict:
         return score_verifier(args)
     # The ML libraries load here, after the arguments were checked.
     from halluc.training.checkpoint import load_trained, training_record
-    from halluc.inference.evaluate import evaluate_problems, markdown_table
+    from halluc.inference.evaluate import TABLE_NOTE, evaluate_problems, markdown_table
     from halluc.inference.generate import Sampling
 
     t0 = time.perf_counter()
@@ -195,7 +195,7 @@ def main(argv=None) -> dict:
               "halluc": getattr(model.config, "halluc", None), "results": results,
               "seconds": round(time.perf_counter() - t0, 1)}
     (out / "eval.json").write_text(json.dumps(report, indent=2))
-    table = markdown_table(results)
+    table = markdown_table(results) + "\n\n" + TABLE_NOTE
     (out / "eval.md").write_text(f"# {args.model} ({task_name})\n\n{table}\n")
     print("\n" + table + f"\n\neval: {out / 'eval.json'}   {report['seconds']:.0f} s")
     return report

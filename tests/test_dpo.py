@@ -476,7 +476,7 @@ def test_precomputed_reference_log_probs_are_cached_and_give_the_live_loss(tmp_p
 
     report = json.loads((tmp_path / "pre" / "eval.json").read_text())
     models = {line.split("|")[1].split(" / ")[0].strip()
-              for line in (tmp_path / "pre" / "eval.md").read_text().splitlines()[2:]}
+              for line in (tmp_path / "pre" / "eval.md").read_text().splitlines()[2:] if line.startswith("|")}
     assert "start" in models and "base" not in models  # the model DPO started from, not the lab base
     tok = load_tokenizer(report["start"])
     # the pairs the recipe trained on: the default form (bt) of the folder's pairs, as recipes/dpo.py draws them

@@ -220,7 +220,7 @@ def execute(sweep: Sweep, runs: list[Run], jobs: int, launch: str = "auto", thre
             took = time.monotonic() - started
             if proc.returncode == 0 and run.finished:
                 after = json.loads((run.out / FINISHED).read_text())["after"]
-                accs = "  ".join(f"{split} {m['answer_acc']:.1%}" for split, m in after.items())
+                accs = "answer acc " + "  ".join(f"{split} {m['answer_acc']:.1%}" for split, m in after.items())
                 bar.write(f"done   {run.name} in {took:.0f} s: {accs}")
             else:
                 failed.append(run)

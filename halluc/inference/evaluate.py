@@ -238,12 +238,19 @@ def evaluation_version() -> str:
     return hashlib.sha1(b"".join((root / f).read_bytes() for f in files)).hexdigest()[:8]
 
 
-def markdown_table(results: dict[str, dict]) -> str:
-    """One row per split (or per "model / split" key)."""
+TABLE_NOTE = ("BT banned: the same model decoded with BT banned (same seed): its accuracy, then the problems "
+              "its BTs turned wrong->right and right->wrong. erased, wasted: tokens per problem. BT precision: "
+              "first BT runs that erase an error; recall: the model's first errors caught (docs/generation.md). "
+              "n/a: not measured (no BT token) or undefined (no BT run, no error made).")
+
+
+def markdown_table(results: dict[str, dict], first: str = "split") -> str:
+    """One row per split (or per "model / split" key, `first` names the column); TABLE_NOTE says
+    what the columns mean."""
     def pct(v):
         return "n/a" if v is None else f"{v:.1%}"
 
-    rows = ["| split | n | semantics | answer acc | BT banned: acc, wrong->right, right->wrong | full solution | "
+    rows = [f"| {first} | n | semantics | answer acc | BT banned: acc, wrong->right, right->wrong | full solution | "
             "step validity | BT / problem | erased / problem | wasted / problem | BT precision | BT recall |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in results.items():

@@ -158,5 +158,5 @@ def eval_table(results: dict[str, dict[str, dict]]) -> str:
     """The evaluation markdown table, one row per (model, split)."""
     from halluc.inference.evaluate import markdown_table
 
-    return markdown_table({f"{model} / {split}": m for model, splits in results.items()
-                           for split, m in splits.items()})
+    rows = {f"{model} / {split}": m for model, splits in results.items() for split, m in splits.items()}
+    return markdown_table(rows, first="model / split")

@@ -234,7 +234,10 @@ def markdown(sweep, results: dict, wall: list[dict]) -> str:
               "first BT run that this run erases / problems with such an error (errors made after backtracking "
               "began are not detection skill) "
               "(docs/generation.md). `base` is what every arm of a seed starts from, before the recipe trains: "
-              "the pretrained model for masked SFT, the masked SFT model for DPO and the PRM recipe.", ""]
+              "the pretrained model for masked SFT and self-correction rounds, the model DPO or GRPO starts from, "
+              "the policy decoded plainly for the PRM recipe. n/a: not measured (no BT token) or undefined (no BT "
+              "run, no error to catch). BT's own gain: the same model decoded with BT allowed minus BT banned, "
+              "problem by problem (wrong->right minus right->wrong).", ""]
     for setting, entry in results.items():
         lines += [f"## Setting `{setting}`" + (f": `{' '.join(entry['overrides'])}`" if entry["overrides"] else ""), ""]
         for split, n in entry["n_units"].items():
@@ -280,29 +283,44 @@ def plots(results: dict, baseline: str, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     written = []
     settings = list(results)
     splits = sorted({split for entry in results.values() for split in entry["n_units"]})
-    for metric_group, name in ((("answer_acc", "full_solution_acc"), "accuracy.png"),
-                               (("bt_precision", "bt_recall"), "backtracking.png")):
+    key = [Patch(color="tab:gray", label=f"{baseline} / {BASE}"), Patch(color="tab:blue", label="other arms"),
+           Line2D([], [], color="black", label="95% CI (seeds, then problems)"),
+           Line2D([], [], marker="o", ls="", ms=4, color="tab:orange", label="each seed")]
+    for metric_group, name, what in ((("answer_acc", "full_solution_acc"), "accuracy.png", "accuracy"),
+                                     (("bt_precision", "bt_recall"), "backtracking.png", "BT precision and recall")):
         fig, axes = plt.subplots(len(settings), len(splits) * len(metric_group), squeeze=False,
-                                 figsize=(4.2 * len(splits) * len(metric_group), 0.6 + 2.9 * len(settings)))
+                                 figsize=(4.2 * len(splits) * len(metric_group), 1.1 + 2.9 * len(settings)))
         for i, setting in enumerate(settings):
             arms = results[setting]["arms"]
             for j, (split, metric) in enumerate((s, m) for s in splits for m in metric_group):
                 ax = axes[i][j]
+                drawn = 0
                 for k, (arm, per) in enumerate(arms.items()):
                     e = per.get(split, {}).get(metric)
                     if e is None:
                         continue
+                    drawn += 1
                     ax.bar(k, 100 * e["value"], color="tab:gray" if arm in (baseline, BASE) else "tab:blue")
                     ax.errorbar(k, 100 * e["value"], yerr=[[100 * (e["value"] - e["low"])], [100 * (e["high"] - e["value"])]],
                                 color="black", capsize=3)
                     seeds = [100 * v for v in e["per_seed"] if v is not None]
                     ax.scatter([k] * len(seeds), seeds, s=8, color="tab:orange", zorder=3)  # each seed
                 ax.set_xticks(range(len(arms)), list(arms), rotation=40, ha="right", fontsize=7)
-                ax.set_title(f"{setting} / {split}: {TITLES[metric]} (%)", fontsize=8)
-        fig.tight_layout()
+                ax.set_title(f"{setting} / {split}: {TITLES[metric]}", fontsize=8)
+                ax.set_ylabel("%", fontsize=7)
+                ax.set_ylim(0, max(5.0, ax.get_ylim()[1]))  # all zeros: not matplotlib's +-0.04 on a % axis
+                if not drawn:
+                    ax.text(0.5, 0.5, "n/a: no arm has a value\n(no BT written, or no error to catch)",
+                            transform=ax.transAxes, ha="center", va="center", fontsize=7, color="gray")
+        fig.suptitle(f"{what} per arm: mean of the seeds", fontsize=9)
+        fig.legend(handles=key, loc="lower center", ncol=4, fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, 0.05, 1, 0.97))
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         written.append(out / name)
@@ -322,10 +340,12 @@ def plots(results: dict, baseline: str, out: Path) -> list[Path]:
                                 fmt="o", color=color, capsize=3, label=TITLES[metric] if k == 0 else None)
             ax.axvline(0, color="black", lw=0.8)
             ax.set_yticks(range(len(diffs)), list(diffs), fontsize=7)
-            ax.set_title(f"{setting} / {split}: arm - {baseline} (points)", fontsize=8)
+            ax.set_title(f"{setting} / {split}: arm - {baseline}", fontsize=8)
+            ax.set_xlabel("paired difference, points (95% CI; crossing 0: not resolved)", fontsize=7)
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.suptitle(f"each arm against {baseline}, problem by problem", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(out / "differences.png", dpi=110)
     plt.close(fig)
     return written + [out / "differences.png"]

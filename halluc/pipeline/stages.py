@@ -317,13 +317,13 @@ def finish_run(out: Path, cfg, report: dict, step: int, label: str, saved: tuple
     the model a DPO / GRPO / PRM run starts from), "after" and "seconds"; `tags` name the two in
     TensorBoard (eval/<tag>/<split>/<metric>)."""
     from halluc.core.config import flat_dict
-    from halluc.inference.evaluate import backtrack_samples, log_to_tensorboard
+    from halluc.inference.evaluate import TABLE_NOTE, backtrack_samples, log_to_tensorboard
     from halluc.pipeline.lab import eval_table
 
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     log_to_tensorboard(out / "tb", report["before"], tags[0], step)
     log_to_tensorboard(out / "tb", report["after"], tags[1], step, hparams=flat_dict(as_dict(cfg)))
-    table = eval_table({before_label: report["before"], label: report["after"]})
+    table = eval_table({before_label: report["before"], label: report["after"]}) + "\n\n" + TABLE_NOTE
     (out / "eval.md").write_text(table + "\n")
     print("\n" + table)
     if examples := backtrack_samples(report["after"]):

@@ -194,6 +194,10 @@ def write_data(cfg: Config, folder: Path, trees, problems, tokenizer) -> dict:
     values = [r for t in trees for r in step_values(t, problems[t.problem], tokenizer)]
     counts = {"traces": len(rows), "traces_dropped_too_long": dropped, "pairs": len(pairs), "value_rows": len(values),
               "problems_with_a_trace": len({r["problem"] for r in rows})}
+    for what, n in (("traces", len(rows)), ("step pairs", len(pairs))):
+        if not n:  # an empty dataset is written all the same; masked_sft data= / dpo data= would refuse it
+            log.warning("no %s from %d trees: raise search.nodes, or the data.* settings that select them", what,
+                        len(trees))
     save_round(folder, rows, pairs, counts)
     write_stepwise(folder / "steps.jsonl", values)
     return counts

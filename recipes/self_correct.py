@@ -144,8 +144,9 @@ def train(cfg: Config) -> dict | None:
             (rdir / "round.json").write_text(json.dumps(summary, indent=1))
             log_round(out / "tb", summary)
             rounds.append(summary)
-            log.info("round %d: %s; ID answer acc %.1f%%, BT recall %s", r, counts,
-                     100 * after["test_id"]["answer_acc"], after["test_id"]["bt_recall"])
+            recall = after["test_id"]["bt_recall"]
+            log.info("round %d: %s; ID answer acc %.1f%%, BT recall %s", r, counts, 100 * after["test_id"]["answer_acc"],
+                     "n/a (no error to catch)" if recall is None else f"{100 * recall:.1f}%")
     if not is_main():
         return None
     report = {"config": as_dict(cfg), "backtrack_id": bt_id, "bt_init_words": used, "before": before,

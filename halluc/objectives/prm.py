@@ -14,6 +14,7 @@ and saved as a plain HF folder. `step_scores` reads P(right) at given positions.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ import torch
 from halluc.core.example import IGNORE_INDEX
 from halluc.core.losses import balanced_cross_entropy
 from halluc.core.inputs import InputError
+
+log = logging.getLogger(__name__)
 
 
 def prm_example(row: dict, tokenizer=None) -> dict:
@@ -139,7 +142,18 @@ def load_prm(path: str, dtype=torch.float32, new_head: bool = False):
         raise InputError(f"{path} is not a PRM (its architectures are {config.architectures}; a PRM is a "
                          "...ForTokenClassification folder from recipes/prm.py), and it has no verifier head")
     kwargs = {"num_labels": 2, "id2label": {0: "wrong", 1: "right"}, "label2id": {"wrong": 0, "right": 1}} if fresh else {}
-    return AutoModelForTokenClassification.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    if not fresh:
+        return AutoModelForTokenClassification.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report calls the new head's weights missing: they are, by design
+    try:
+        prm = AutoModelForTokenClassification.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+    log.info("a PRM from %s with a new 2-label head (score.*: initialised, not loaded)", path)
+    return prm
 
 
 @torch.no_grad()

@@ -193,8 +193,6 @@ def start_run(cfg) -> Path:
     import yaml
 
     from halluc.training.checkpoint import claim_output_dir, hold_output_dir
-    from halluc.core.config import describe
-
     out = Path(cfg.output_dir)
     if is_main():
         hold_output_dir(out)  # before the claim: a live run in the folder is named as such
@@ -203,9 +201,20 @@ def start_run(cfg) -> Path:
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(as_dict(cfg), sort_keys=False))
-        log.info("settings (also in %s):\n%s", out / "config.yaml", describe(cfg))
+        log.info("settings that differ from the built-in defaults (all of them: %s):\n%s", out / "config.yaml",
+                 changed_settings(cfg))
     barrier()
     return out
+
+
+def changed_settings(cfg) -> str:
+    """`  key = value` lines of the settings that differ from the config class's own defaults (the
+    recipe's YAML file and the command line): what a log needs, where the whole dump was 70+ lines."""
+    from halluc.core.config import flat_dict
+
+    default = flat_dict(as_dict(type(cfg)()))
+    lines = [f"  {k} = {v!r}" for k, v in flat_dict(as_dict(cfg)).items() if default.get(k) != v]
+    return "\n".join(lines) or "  (none)"
 
 
 class Opening(NamedTuple):

@@ -27,7 +27,7 @@ SHOWN_BT = "⌫"
 class Config:
     model: str | None = None              # a checkpoint or adapter folder saved by halluc (or any HF model)
     base: str | None = None               # an adapter's base folder, if not where it was at training
-    prompt: Texts = field(default_factory=list)  # the prompts: one (commas and all), or a list: prompt='[a, b]'
+    prompt: Texts = field(default_factory=list)  # one prompt (commas and all), or a YAML list of quoted ones: prompt='["a = 1 , a ?", "b = 2 , b ?"]'
     prompts_file: str | None = None       # a text file, one prompt per line
     max_new_tokens: PositiveInt = 192
     semantics: Literal["keep", "rewind"] | None = None  # default: from the checkpoint
@@ -85,6 +85,7 @@ def main(argv=None) -> list[dict]:
               f"           {g.n_backtracks} BT, {g.n_erased} erased, semantics {g.semantics}, stop {g.stop}")
     if args.json:
         Path(args.json).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
+        print(f"\n{len(results)} results: {args.json}")
     return results
 
 

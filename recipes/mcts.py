@@ -26,7 +26,7 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from halluc.core.config import HEAD_WEIGHTS, PositiveInt, as_dict, check_run_rules, has_head, recipe_entry
 from halluc.pipeline.run_config import RunConfig
@@ -38,6 +38,7 @@ log = logging.getLogger("mcts")
 
 @dataclass
 class Config(RunConfig):  # the shared settings (output, model, lab chain, layout, launcher): halluc.pipeline.run_config
+    run_artefacts: ClassVar[tuple[str, ...]] = ("trees.jsonl", "search.json", "data")  # what claiming output_dir sees
     output_dir: str = "runs/mcts"         # trees.jsonl, data/, search.json, config.yaml
     model: str | None = None              # the policy; None = the lab's masked SFT model
     deepspeed: str | None = None          # only for training the lab's SFT model; the search runs on one process
@@ -98,7 +99,10 @@ def train(cfg: Config) -> dict | None:
         greedy = ([reward > 0 for reward, _ in greedy], [full for _, full in greedy])
 
     path = out / "trees.jsonl"
-    trees = load_trees(path) if path.exists() else []
+    trees = load_trees(path) if cfg.resume and path.exists() else []  # without resume the claim emptied the folder
+    if any(t.problem >= len(problems) or t.prompt != tokenizer(problems[t.problem].prompt)["input_ids"] for t in trees):
+        raise SystemExit(f"resume=true: {path} holds trees of other problems than these settings draw: "
+                         "overwrite=true starts again")
     if trees:
         log.info("resuming: %d of %d problems searched already (%s)", len(trees), len(problems), path)
     t_search = time.perf_counter()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import load_script
+from conftest import ROOT, load_script
 
 from halluc.core.example import Role, apply_backtrack
 from halluc.sources.mcts import (Node, SearchConfig, Tree, backup, expand, judged_bad, load_trees, puct, save_trees, search,
@@ -298,3 +298,22 @@ def test_a_prefix_with_no_room_left_in_the_models_positions_is_a_dead_end(lab_po
                for t in tight for i, n in enumerate(t.nodes))  # whole steps, stopped by the limit
     assert any(len(t.prompt) + len(t.tokens(i)) + cfg.max_step_tokens > limit
                for t in free for i in range(len(t.nodes)))
+
+
+def test_a_used_output_dir_is_refused_or_emptied_not_searched_on(tmp_path):
+    """MCTS leaves trees.jsonl, search.json and data/: the claim on output_dir saw none of them, so a new
+    run (other seed, overwrite=true) loaded the old trees and wrote data with the wrong prompts."""
+    from halluc.core.config import load_config
+    from halluc.training.checkpoint import claim_output_dir
+
+    mcts = load_script("recipes/mcts.py")
+    out = tmp_path / "run"
+    (out / "data").mkdir(parents=True)
+    (out / "trees.jsonl").write_text("{}\n")
+    (out / "search.json").write_text("{}")
+    args = [f"output_dir={out}", f"cache_dir={tmp_path}/c"]
+    with pytest.raises(SystemExit, match=r"already holds a partial run \(data, search.json, trees.jsonl\)"):
+        claim_output_dir(load_config(mcts.Config, args, default_file=str(ROOT / "recipes/configs/mcts.yaml")))
+    claim_output_dir(load_config(mcts.Config, [*args, "overwrite=true"],
+                                 default_file=str(ROOT / "recipes/configs/mcts.yaml")))
+    assert not any(out.iterdir())

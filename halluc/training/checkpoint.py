@@ -151,8 +151,9 @@ def claim_output_dir(cfg, delete: bool = True) -> None:
     from halluc.core.config import as_dict, flat_dict
 
     out = Path(cfg.output_dir)
+    artefacts = RUN_ARTEFACTS + getattr(cfg, "run_artefacts", ())  # a recipe's own (MCTS: trees.jsonl, ...)
     found = sorted(p.name for p in out.glob("*")
-                   if p.name in RUN_ARTEFACTS or p.name.startswith(("checkpoint-", "round-", "phase-"))) \
+                   if p.name in artefacts or p.name.startswith(("checkpoint-", "round-", "phase-"))) \
         if out.is_dir() else []
     if not found:
         if cfg.resume:
@@ -161,8 +162,8 @@ def claim_output_dir(cfg, delete: bool = True) -> None:
     finished = (out / "eval.json").exists()
     if cfg.overwrite:
         for name in ("model", "data"):
-            source = getattr(cfg, name, None)
-            if source and Path(source).resolve().is_relative_to(out.resolve()):
+            source = getattr(cfg, name, None)  # a path (MCTS's `data` is its trace settings)
+            if isinstance(source, str) and Path(source).resolve().is_relative_to(out.resolve()):
                 raise SystemExit(f"overwrite=true would delete {name}={source}, which this run reads: "
                                  "choose another output_dir")
         log.warning("overwrite=true: deleting the earlier run in %s (%s)", out, ", ".join(found))

@@ -137,6 +137,8 @@ def train(cfg: Config) -> dict | None:
             data, counts = round_mix(cfg, r, own, pool, tokenizer, bt_id)
             trainer = train_stage(model, data, cfg.sft, str(rdir), run, tokenizer=tokenizer)
         model = save_stage(trainer, model, tokenizer, rdir / "checkpoint", cfg.deepspeed)
+        if model is None:  # DeepSpeed, rank > 0: the next round samples and trains on every rank too
+            model = load_causal_lm(str(rdir / "checkpoint"))
         after = evaluate_on_main(model, tokenizer, tests, task, cfg.eval_max_new_tokens, f"round {r}")
         if is_main():
             summary = {"round": r, "stats": stats, "mix": counts, "eval": after, "train": train_history(trainer),

@@ -112,6 +112,23 @@ def test_zero3_with_lora_shards_the_adapter_and_saves_it_whole(tmp_path, referen
         torch.testing.assert_close(model(input_ids=saved["input_ids"]).logits, saved["logits"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_self_correction_rounds_go_on_under_two_processes(tmp_path):
+    """Round 2 samples from round 1's model on every rank: under DeepSpeed rank 1 got no model back
+    from save_stage (None) and crashed; both ranks also wrote the round's data at once."""
+    args = [f"output_dir={tmp_path}/out", f"cache_dir={tmp_path}/cache", "lab.train_size=400", "lab.sft_size=200",
+            "lab.test_size=8", "tiny.hidden=32", "base.steps=40", "base.batch_size=8", "sft.steps=4",
+            "sft.batch_size=8", "deepspeed=ds_configs/zero2.json", "eval_max_new_tokens=24", "rounds=2",
+            "round_examples=48", "sampler.problems=16", "sampler.k=2", "sampler.max_new_tokens=32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run([*torchrun(), "recipes/self_correct.py", *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-4000:]
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert [x["round"] for x in report["rounds"]] == [1, 2]
+    assert (tmp_path / "out" / "round-2" / "checkpoint" / "config.json").exists()
+
+
 def test_launch_glue_without_a_launcher(monkeypatch, tmp_path):
     """The deepspeed launcher's --local_rank is dropped; a plain process gets the env DeepSpeed needs
     (and a launcher's env is left alone)."""

@@ -339,10 +339,15 @@ def make_round(model, tokenizer, task, problems: list[Problem], *, k: int, sampl
 
 
 def save_round(folder, rows: list[dict], pairs: list[dict], stats: RoundStats | dict) -> None:
-    """sft/ and pairs/ as `datasets` folders, and stats.json (module docstring); MCTS data too."""
+    """sft/ and pairs/ as `datasets` folders, and stats.json (module docstring); MCTS data too. Under
+    several processes rank 0 writes (every rank made the same rows from the same model and seed)."""
     from datasets import ClassLabel, Dataset, Sequence
 
+    from halluc.core.distributed import is_main
     from halluc.core.example import ROLE_NAMES
+
+    if not is_main():
+        return
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,8 @@ def train(cfg: Config) -> dict | None:
                             precomputed_reference)
     from collections import Counter
 
+    from transformers import set_seed
+
     from halluc.sources.own_errors import own_pairs
     from halluc.sources.pair_forms import select_forms
     from halluc.training.lora import apply_lora, base_identity
@@ -135,6 +137,7 @@ def train(cfg: Config) -> dict | None:
         disable_dropout(reference)
     identity = base_identity(model, start) if cfg.lora.enabled else None
     if cfg.lora.enabled:
+        set_seed(cfg.seed + 1)  # the adapter's init must not depend on what the lab chain drew before (cached or not)
         model = apply_lora(model, cfg.lora, bt_id)
         disable_dropout(model)
 

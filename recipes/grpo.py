@@ -30,7 +30,7 @@ from typing import Literal
 from halluc.core.config import NonNegativeFloat, NonNegativeInt, PositiveInt, Stage, as_dict, check_run_rules, recipe_entry
 from halluc.core.inputs import check_model_path, run_cli
 from halluc.pipeline.run_config import RunConfig
-from halluc.sources.rollouts import GroupSampling, RewardSettings
+from halluc.objectives.grpo_settings import GroupSampling, RewardSettings
 
 log = logging.getLogger("grpo")
 
@@ -70,10 +70,15 @@ class Config(RunConfig):  # the shared settings (output, model, lab chain, layou
                 raise ValueError(str(e)) from None
         if self.rollout.group < 2:
             raise ValueError("rollout.group must be at least 2: advantages are relative to the group")
+        if self.rollout.iterations > 1 and self.save_steps % self.rollout.iterations:
+            raise ValueError(f"save_steps={self.save_steps} must be a multiple of rollout.iterations="
+                             f"{self.rollout.iterations}: a run resumed inside a group would sample afresh")
 
 
 def train(cfg: Config) -> dict | None:
     import time
+
+    from transformers import set_seed
 
     from halluc.core.distributed import is_main
     from halluc.inference.generate import semantics_for
@@ -103,6 +108,7 @@ def train(cfg: Config) -> dict | None:
         disable_dropout(reference)
     identity = base_identity(model, start) if cfg.lora.enabled else None
     if cfg.lora.enabled:
+        set_seed(cfg.seed + 1)  # the adapter's init must not depend on what the lab chain drew before (cached or not)
         model = apply_lora(model, cfg.lora, backtrack_id(tokenizer))
         disable_dropout(model)
 

@@ -89,6 +89,7 @@ BAD_SETTINGS = [
     ("recipes/masked_sft.py", ["verifier_head_weight=1", "lora.enabled=true", "deepspeed=ds_configs/zero3.json"],
      "verifier_head_weight with LoRA under ZeRO-3 is not supported"),
     ("recipes/self_correct.py", ["rounds=0"], "rounds=0: must be in [1, inf]"),
+    ("recipes/grpo.py", ["rollout.iterations=2", "save_steps=3"], "save_steps=3 must be a multiple of rollout.iterations=2"),
     ("recipes/self_correct.py", ["lora.enabled=true"], "lora.enabled: each round samples from the full model"),
     ("recipes/dpo.py", ["beta=-1"], "beta=-1: must be in [1e-06, inf]"),
     ("recipes/dpo.py", ["loss=tdpo2", "precompute_ref=true"], "loss=tdpo2 needs the reference's whole distribution"),

@@ -22,14 +22,11 @@ and the loss averages l over tokens in one of three ways (`loss_type`):
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from halluc.core.example import IGNORE_INDEX, Role
+from halluc.objectives.grpo_settings import LossType, RewardScale
 
-LossType = Literal["grpo", "dapo", "dr_grpo"]
-RewardScale = Literal["group", "batch", "none"]
 # the training layout that reproduces each generation semantics (tests/test_generate.py proves the logits equal)
 SEMANTICS_LAYOUT = {"keep": ("causal", "original"), "rewind": ("block_errors", "rewound")}
 

@@ -95,6 +95,9 @@ def train_prm(cfg, policy, policy_dir: str, tokenizer, rows: list[dict]) -> tupl
                       save_total_limit=cfg.save_total_limit, resume=cfg.resume, ddp_timeout=cfg.ddp_timeout)
     with build_once(folder, "train.json", what="the trained PRM") as build:  # train.json: written last
         if build:
+            from transformers import set_seed
+
+            set_seed(cfg.seed + 1)  # the new head's (and LoRA's) init, whatever the labelling drew before
             model = load_prm(base, new_head=True)
             record_training(model, recipe="prm", labels=cfg.step_data.labels, seed=cfg.seed)
             if cfg.lora.enabled:

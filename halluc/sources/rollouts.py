@@ -5,44 +5,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from halluc.core.config import Fraction, NonNegativeFloat, PositiveInt
-from halluc.objectives.grpo import LossType, RewardScale, group_advantages, policy_loss, trace_example, trace_log_probs
+from halluc.objectives.grpo import group_advantages, policy_loss, trace_example, trace_log_probs
+# the settings (torch-free, so recipes/grpo.py checks them before torch loads), re-exported
+from halluc.objectives.grpo_settings import GroupSampling, LossType, RewardScale, RewardSettings  # noqa: F401
 
 
 # --------------------------------------------------------------------------- rewards
-
-@dataclass
-class RewardSettings:
-    """The reward of one completion (N-MARS, research-wave3.md): R = R_inc + R_pen.
-
-    R_inc = +1 if the final answer of the visible (BT-applied) text is right, else -1.
-    R_pen (bt_term) = +1 if right with at most kappa x |trace| BTs, +0.5 if right with more, -1 if wrong.
-    R_step (step_weight > 0) = step_weight x s, a process reward in [0, 1] from `process`:
-      oracle: the fraction of the visible text's steps the task's verifier checks right (steps it cannot
-              check do not count; the skyline);
-      prm / head: the mean P(right) a learned verifier gives the visible text at the end of each of its
-              steps (halluc.inference.verifiers; `process_model`: a PRM folder from recipes/prm.py, or a
-              model folder with a verifier head from recipes/masked_sft.py verifier_head_weight=...; frozen,
-              and reading the policy's token ids, so it needs the policy's tokenizer)."""
-
-    bt_term: bool = True
-    kappa: NonNegativeFloat = 0.1
-    step_weight: NonNegativeFloat = 0.0
-    process: Literal["oracle", "prm", "head"] = "oracle"
-    process_model: str | None = None
-
-    def check(self) -> None:
-        if self.process != "oracle" and not self.process_model:
-            raise ValueError(f"reward.process={self.process} needs reward.process_model (the {self.process}'s folder)")
-        if self.process_model and self.process == "oracle":
-            raise ValueError("reward.process_model is read only by reward.process=prm or head, not oracle")
-        if self.process_model and not self.step_weight:
-            raise ValueError("reward.process_model without reward.step_weight: the process reward would weigh 0")
-
 
 def completion_reward(right: bool, n_backtracks: int, trace_len: int, settings: RewardSettings,
                       steps_right: float | None = None) -> float:
@@ -102,18 +73,6 @@ def load_process_verifier(settings: RewardSettings, tokenizer):
 
 
 # --------------------------------------------------------------------------- the objective
-
-@dataclass
-class GroupSampling:
-    """How GRPO samples its groups."""
-
-    group: PositiveInt = 8               # completions per prompt (G)
-    iterations: PositiveInt = 1          # optimisation steps on one generation batch (mu; old log-probs after the first)
-    temperature: NonNegativeFloat = 1.0
-    top_p: Fraction = 1.0
-    max_new_tokens: PositiveInt = 192
-    scale_rewards: RewardScale = "group"
-
 
 @contextmanager
 def generation_attention(model):

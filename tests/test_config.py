@@ -113,6 +113,9 @@ BAD_SETTINGS = [
     ("recipes/generate.py", ["model=m", "prompt=a", "top_p=0"], "top_p=0: must be in [1e-06, 1]"),
     ("tools/prepare_data.py", ["--out", "o", "--errors", "bad"], "argument --errors: invalid choice: 'bad'"),
     ("tools/prepare_data.py", ["--out", "o", "--lab", "prime=x"], "prime='x': expected an integer"),
+    ("tools/prepare_data.py", ["--out", "o", "--limit", "5"], "--limit reads at most N problems of --input"),
+    ("tools/prepare_data.py", ["--task", "jsonl", "--input", "{tmp}/d/mine.jsonl", "--out", "{tmp}/d", "--overwrite"],
+     "--out {tmp}/d holds --input {tmp}/d/mine.jsonl, which this run reads"),  # --overwrite deleted it
     ("tools/prepare_data.py", ["--out", "o", "--size", "100", "--lab", "sft_size=200"],
      "--size 100 and --lab sft_size=200 disagree"),  # --lab won, silently
     ("tools/merge_adapter.py", ["--adapter", "a", "--out", "o", "--dtype", "int8"],

@@ -178,3 +178,14 @@ def test_the_what_works_table_comes_from_committed_outcomes(tmp_path):
     assert cells[3].startswith("**+") and 35 < float(cells[3][3:7]) < 45 and not cells[4].startswith("**")  # ~+40 resolved
     assert cells[5].startswith("**+8")  # BT's own gain: +1 on every right problem (~90%)
     assert "Not in the table yet" in text and "`dpo`" in text
+
+
+def test_a_half_written_eval_json_is_a_run_to_do_again(tmp_path):
+    """A kill while eval.json was written left a file json cannot read: the resumed sweep stopped on it."""
+    runner = load_script("tools/sweep.py")
+    run = runner.Run("default", "a", 0, tmp_path, [])
+    assert not run.finished
+    (tmp_path / "eval.json").write_text('{"config": {"seed": 0}, "after": {')
+    assert not run.finished
+    (tmp_path / "eval.json").write_text('{"config": {"seed": 0}, "after": {}}')
+    assert run.finished  # the control: a whole file is a finished run

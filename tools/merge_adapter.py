@@ -56,6 +56,8 @@ def main(argv=None) -> Path:
         base = args.base or info.get("base_path")
         if not args.base:
             check_model_path(base, f"the base recorded in {args.adapter} (give --base)")
+            if Path(base).resolve().is_relative_to(Path(args.out).resolve()):
+                raise SystemExit(f"--out {args.out} holds the base recorded in the adapter, {base}: choose another --out")
         log.info("merging %s into %s", args.adapter, base)
         # merge in float32 (LoRA's low-rank product added to bf16 weights would round twice)
         model, tokenizer = merge_adapter(args.adapter, args.base, dtype=torch.float32)

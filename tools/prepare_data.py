@@ -64,6 +64,12 @@ def parse_args(argv=None):
         p.error(f"--size {a.size} and --lab sft_size={in_lab[-1]} disagree: give one of them")
     if a.size is None and not in_lab:
         a.size = 10000
+    if a.task == "arith" and a.limit is not None:
+        p.error("--limit reads at most N problems of --input (gsm8k, jsonl); arith makes --size problems")
+    for name in ("input", "tokenizer"):  # --overwrite empties --out: never a path this run reads
+        source = getattr(a, name)
+        if source and Path(source).resolve().is_relative_to(Path(a.out).resolve()):
+            p.error(f"--out {a.out} holds --{name} {source}, which this run reads: choose another --out")
     check_out_folder(a.out, a.overwrite)
     for name, low in (("size", 1), ("sites", 1), ("tokens_per_site", 1), ("max_error_tokens", 0), ("max_len", 1),
                       ("vocab_size", 260), ("limit", 1), ("num_proc", 1)):

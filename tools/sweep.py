@@ -81,9 +81,13 @@ class Run:
         path = self.out / FINISHED
         if not path.exists():
             return False
+        try:
+            report = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):  # cut by a kill while written: run it again
+            return False
         if self.settings is None:
             return True
-        saved = flat_dict(json.loads(path.read_text()).get("config", {}))
+        saved = flat_dict(report.get("config", {}))
         return all(saved[k] == v for k, v in self.settings.items() if k in saved and k not in NOT_SETTINGS)
 
 

@@ -329,7 +329,7 @@ def finish_run(out: Path, cfg, report: dict, step: int, label: str, saved: tuple
     from halluc.inference.evaluate import TABLE_NOTE, backtrack_samples, log_to_tensorboard
     from halluc.pipeline.lab import eval_table
 
-    (out / "eval.json").write_text(json.dumps(report, indent=2))
+    write_whole(out / "eval.json", json.dumps(report, indent=2))  # what marks a run finished: never half written
     log_to_tensorboard(out / "tb", report["before"], tags[0], step)
     log_to_tensorboard(out / "tb", report["after"], tags[1], step, hparams=flat_dict(as_dict(cfg)))
     table = eval_table({before_label: report["before"], label: report["after"]}) + "\n\n" + TABLE_NOTE

@@ -647,3 +647,42 @@ def test_a_gsm8k_checkpoint_is_evaluated_on_gsm8k_or_refused(sft_dir, tmp_path):
     report = dpo.main([*common, f"output_dir={tmp_path}/out", "lab.task=gsm8k", f"lab.test_file={test_file}"])
     assert report["before"]["test_id"]["n"] == 3 and report["after"]["test_id"]["n"] == 3
     assert json.loads((tmp_path / "out" / "eval.json").read_text())["after"]["test_id"]["n"] == 3
+
+
+def test_the_lora_adapter_starts_the_same_whatever_was_drawn_before_it(tmp_path, sft_dir, monkeypatch):
+    """LoRA's init drew from the global generator after the starting policy and the pairs: a sweep's
+    first run of a seed (which builds the lab chain and draws) started another adapter than the runs
+    that read the cache. The adapter is seeded where it is made (without that seed this test fails)."""
+    from halluc.training import lora
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TEXT_PAIRS))
+    made = []
+
+    class Stop(Exception):
+        pass
+
+    apply_lora = lora.apply_lora
+
+    def capture(model, settings, bt_id, **kw):
+        peft = apply_lora(model, settings, bt_id, **kw)
+        made.append({k: v.detach().clone() for k, v in peft.named_parameters() if "lora_A" in k})
+        raise Stop
+
+    from halluc.structure import pairs as pairs_module
+
+    load_pairs, draws = pairs_module.load_pairs, [0]
+
+    def load_pairs_and_draw(*a, **kw):  # what a cold lab chain draws between the run's seed and the adapter
+        torch.rand(draws[0])
+        return load_pairs(*a, **kw)
+
+    monkeypatch.setattr(lora, "apply_lora", capture)
+    monkeypatch.setattr(pairs_module, "load_pairs", load_pairs_and_draw)
+    args = [f"model={sft_dir}", f"data={data}", "steps=1", "lora.enabled=true", "lora.r=4", "lab.test_size=4",
+            "eval_max_new_tokens=8"]
+    for i, n in enumerate((0, 7)):
+        draws[0] = n
+        with pytest.raises(Stop):
+            load_script("recipes/dpo.py").main([*args, f"output_dir={tmp_path}/out{i}"])
+    assert made[0].keys() == made[1].keys() and all(torch.equal(made[0][k], made[1][k]) for k in made[0])

@@ -339,5 +339,7 @@ def finish_run(out: Path, cfg, report: dict, step: int, label: str, saved: tuple
         print("\nsamples that backtracked (⌫ = one BT):\n" + examples)
     where = [f"{saved[0]}: {saved[1]}"] if saved else []
     where += [f"eval: {out / 'eval.json'}", f"tensorboard: {out / 'tb'}", f"total {report['seconds']['total']:.0f} s"]
-    print("\n" + "   ".join(where))
+    # a lab model a later recipe trains on its way (lab_sft_model) is not the run: say so
+    cached = Path(out).resolve().is_relative_to(Path(cfg.cache_dir).resolve())
+    print("\n" + ("the lab's model, cached for this and later runs: " if cached else "") + "   ".join(where))
     return report

@@ -346,3 +346,41 @@ def test_lora_on_a_gpt2_model_names_its_layers_before_work_then_trains_with_them
     report = recipe().main([f"output_dir={out}", f"model={folder}", "lora.enabled=true", "lora.targets=c_attn,c_proj",
                             *TINY])
     assert (out / "adapter" / "adapter_config.json").exists() and report["sft_train"]["steps"] == 4
+
+
+def legacy_sentencepiece_tokenizer(texts):
+    """A Llama-2 / Mistral-v0.1 style tokenizer: BPE over "▁"-words with a "▁" put before every text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import LlamaTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", legacy=True)
+
+
+def test_steps_gain_no_space_under_a_tokenizer_that_starts_every_text_at_a_word_boundary(arith_problems, lab_tokenizer):
+    """Llama-2 / Mistral-v0.1 tokenizers put "▁" before every encoded text: steps encoded on their own
+    read "...;\\n x = ..." once joined. The pieces are encoded after a newline instead, whose ids are
+    dropped: the example decodes to the problem's own text. Negative control: each piece alone adds a
+    space, and a byte-level BPE (the lab's) is left as it was."""
+    from halluc.core.tokens import continuation_ids
+    from halluc.sources.data import tokenize_problems
+
+    tok = legacy_sentencepiece_tokenizer([p.prompt + p.solution for p in arith_problems[:250]])
+    problems = arith_problems[250:270]
+    encoded = tokenize_problems(problems, tok)
+    assert len(encoded) == len(problems) == 20
+    for p, (prompt, steps) in zip(problems, encoded):
+        text = tok.decode(prompt + [t for s in steps for t in s], skip_special_tokens=True)
+        assert text == p.prompt + "".join(p.steps)
+    alone = [tok(s, add_special_tokens=False)["input_ids"] for s in problems[0].steps]
+    prompt = tok(problems[0].prompt)["input_ids"]
+    assert tok.decode(prompt + [t for s in alone for t in s], skip_special_tokens=True) != problems[0].prompt + "".join(problems[0].steps)
+    steps = problems[0].steps
+    assert continuation_ids(lab_tokenizer, steps) == [lab_tokenizer(s, add_special_tokens=False)["input_ids"] for s in steps]

@@ -45,6 +45,43 @@ def add_backtrack_token(tokenizer: PreTrainedTokenizerBase, model=None) -> int:
     return backtrack_id(tokenizer)
 
 
+SENTINEL = "\n"  # what continuation_ids encodes a piece after (its ids are then dropped)
+
+
+def continuation_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """The ids of texts that continue earlier text (a step after the prompt, a completion after its
+    prompt), each encoded on its own, without special tokens. A SentencePiece tokenizer in legacy mode
+    (Llama-2, Mistral v0.1) starts every call at a word boundary, so each piece would begin with a
+    space the text does not have ("May.\\n Natalia"): for such a tokenizer each piece is encoded after
+    a newline whose ids are then dropped. Which kind a tokenizer is, is measured once and cached."""
+    if not texts:
+        return []
+    plain = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if not _adds_a_word_boundary(tokenizer):
+        return [list(ids) for ids in plain]
+    head = tokenizer(SENTINEL, add_special_tokens=False)["input_ids"]
+    after = tokenizer([SENTINEL + t for t in texts], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    # where the newline merged into the piece's first token, the plain ids are all there is
+    return [list(ids[len(head):]) if list(ids[:len(head)]) == list(head) else list(alone)
+            for ids, alone in zip(after, plain)]
+
+
+def _adds_a_word_boundary(tokenizer) -> bool:
+    """Whether encoding "a" then "b" separately decodes to something other than "ab" (a space between)."""
+    cached = getattr(tokenizer, "_halluc_word_boundary", None)
+    if cached is None:
+        a, b = (tokenizer(x, add_special_tokens=False)["input_ids"] for x in ("x=1", "y=2"))
+        cached = tokenizer.decode(list(a) + list(b), skip_special_tokens=True) != "x=1y=2"
+        try:
+            tokenizer._halluc_word_boundary = cached
+        except AttributeError:
+            pass
+        if cached:
+            log.warning("this tokenizer starts every encoded text at a word boundary (SentencePiece legacy mode): "
+                        "steps are encoded after a newline whose ids are dropped, so no step gains a space")
+    return cached
+
+
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Give a tokenizer without a pad token (GPT-2, Llama, Mistral) one, and say which: its EOS
     (pad positions are never attended or trained, so any id works; EOS adds no new row)."""

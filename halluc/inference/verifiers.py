@@ -229,7 +229,9 @@ def process_bench(verifier, rows: list[dict], tokenizer, threshold: float | None
     if not rows:
         return {}
     prompt_ids = [r.get("prompt_ids") or tokenizer(r["prompt"])["input_ids"] for r in rows]
-    step_ids = [r.get("completion_ids") or [tokenizer(s, add_special_tokens=False)["input_ids"] for s in r["completions"]]
+    from halluc.core.tokens import continuation_ids
+
+    step_ids = [r.get("completion_ids") or continuation_ids(tokenizer, r["completions"])
                 for r in rows]
     scores = verifier.solution_scores(prompt_ids, step_ids)
     labels = [[bool(x) for x in r["labels"]] for r in rows]

@@ -34,7 +34,9 @@ def prm_example(row: dict, tokenizer=None) -> dict:
         prompt, steps = list(row["prompt_ids"]), [list(s) for s in row["completion_ids"]]
     elif tokenizer is not None:
         prompt = tokenizer(row["prompt"])["input_ids"]
-        steps = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in row["completions"]]
+        from halluc.core.tokens import continuation_ids
+
+        steps = continuation_ids(tokenizer, row["completions"])
     else:
         raise ValueError("a stepwise row without token ids needs a tokenizer")
     if len(steps) != len(row["labels"]):

@@ -40,11 +40,13 @@ def tokenize_problems(problems: list[Problem], tokenizer) -> list[tuple[list[int
     """(prompt ids, ids of each step) per problem, in two tokenizer calls for all of them: every
     piece is still tokenized on its own (a batch call gives each text the ids it gets alone), but
     the tokenizer's per-call overhead is paid twice, not once per piece."""
+    from halluc.core.tokens import continuation_ids
+
     if not problems:
         return []
     prompts = tokenizer([p.prompt for p in problems], add_special_tokens=True, return_attention_mask=False)["input_ids"]
     pieces = [s for p in problems for s in p.steps]
-    flat = tokenizer(pieces, add_special_tokens=False, return_attention_mask=False)["input_ids"] if pieces else []
+    flat = continuation_ids(tokenizer, pieces)  # each step on its own, with no word boundary added before it
     out, at = [], 0
     for p, prompt in zip(problems, prompts):
         out.append((list(prompt), [list(ids) for ids in flat[at:at + len(p.steps)]]))
@@ -70,9 +72,11 @@ def make_example(problem: Problem, tokenizer, errors: ErrorConfig, bt_id: int | 
 
         mode = {} if errors.step_kind == "any" else {"mode": errors.step_kind}
 
+        from halluc.core.tokens import continuation_ids
+
         def wrong_step(i: int):
             text = task.corrupt_step(problem, i, rng, **mode)
-            return None if text is None else tokenizer(text, add_special_tokens=False)["input_ids"]
+            return None if text is None else continuation_ids(tokenizer, [text])[0]
         ex = step_errors(prompt, steps, eos, bt_id, wrong_step, errors, rng)
     else:
         raise ValueError(f"errors.source must be none, random or step, not {errors.source!r}")

@@ -235,7 +235,9 @@ def corrections(model, tokenizer, task, problems: list[Problem], errors: list[Ow
         if rest is None:
             stats.no_correction += 1
             continue
-        ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in rest]
+        from halluc.core.tokens import continuation_ids
+
+        ids = continuation_ids(tokenizer, rest)
         found[e] = Correction(ids[0], [t for s in ids[1:] for t in s], "reference")
         stats.corrected_by_reference += 1
     return found

@@ -58,12 +58,14 @@ def rollout_labels(model, tokenizer, task, items: list[tuple[Problem, list[str]]
     each step prefix that does not hold the final answer yet, all items batched together."""
     from halluc.sources.own_errors import sample_from_ids
 
+    from halluc.core.tokens import continuation_ids
+
     prompts, where = [], []
     for j, (problem, steps) in enumerate(items):
         prompt = tokenizer(problem.prompt)["input_ids"]
         ids = list(prompt)
-        for i, step in enumerate(steps):
-            ids = ids + tokenizer(step, add_special_tokens=False)["input_ids"]
+        for i, step_ids in enumerate(continuation_ids(tokenizer, steps)):
+            ids = ids + step_ids
             if not _has_answer(task, steps[:i + 1]):
                 prompts += [list(ids)] * n
                 where += [(j, i)] * n
@@ -103,11 +105,13 @@ def agreement(verifier: list[list[bool] | None], hard: list[list[bool]]) -> dict
 
 def stepwise_row(tokenizer, problem: Problem, steps: list[str], labels: list) -> dict:
     """One labelled solution in TRL's stepwise format, with its token ids (module docstring)."""
+    from halluc.core.tokens import continuation_ids
+
     if len(labels) != len(steps):
         raise ValueError(f"{len(steps)} steps but {len(labels)} labels")
     return {"prompt": problem.prompt, "completions": list(steps), "labels": list(labels),
             "prompt_ids": tokenizer(problem.prompt)["input_ids"],
-            "completion_ids": [tokenizer(s, add_special_tokens=False)["input_ids"] for s in steps]}
+            "completion_ids": continuation_ids(tokenizer, steps)}
 
 
 def _has_answer(task, steps: list[str]) -> bool:

@@ -96,6 +96,9 @@ JSONL_FLAGS = {"prompt_field": "prompt", "response_field": "response", "answer_f
 def load_splits(args, record: dict) -> dict:
     trained_lab = record.get("lab") or {}
     task = args.task or trained_lab.get("task") or "arith"
+    if not args.task and not trained_lab.get("task"):
+        log.warning("%s records no task (not a halluc checkpoint): evaluating on the embedded arith lab; "
+                    "task=gsm8k data=FILE (or task=jsonl) evaluates on yours", args.model or args.prm)
     given = [f for f, default in JSONL_FLAGS.items() if getattr(args, f) != default]
     if given and task != "jsonl":
         raise SystemExit(f"{given[0]}= applies only to the jsonl task (this evaluates {task})")

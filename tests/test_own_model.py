@@ -130,8 +130,8 @@ def test_prepare_train_evaluate_on_arith_and_on_own_jsonl_fields(tmp_path, cache
     config = json.loads((tmp_path / "unrecorded" / "config.json").read_text())
     del config["halluc"]["lab"]
     (tmp_path / "unrecorded" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SystemExit, match="prepared from arith problems, but lab.task=gsm8k"):
-        recipe().main([f"data={tmp_path / 'data'}", f"model={tmp_path}/unrecorded", "lab.task=gsm8k",
+    with pytest.raises(SystemExit, match="prepared from arith problems, but lab.task=gsm8k"):  # at load: no base evaluated
+        recipe().load([f"data={tmp_path / 'data'}", f"model={tmp_path}/unrecorded", "lab.task=gsm8k",
                        f"lab.test_file={gsm}", f"output_dir={tmp_path}/gsm-out", *TINY])
 
     # a user's jsonl with its own field names: train on it and evaluate the checkpoint on it

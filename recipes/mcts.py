@@ -127,7 +127,7 @@ def train(cfg: Config) -> dict | None:
     sr = report["search"]
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     greedy = "" if sr["greedy_solved"] is None else (
-        f" (greedy solves {pct(sr['greedy_solved'])} so, its answer is right on {pct(sr['greedy_answer_right'])}; "
+        f" (greedy solves {pct(sr['greedy_solved'])} the same way and answers {pct(sr['greedy_answer_right'])} right; "
         f"of greedy's {sr['greedy_failed']} wrong answers search solves {pct(sr['greedy_failed_solved'])})")
     print(f"\nsearched {len(trees)} problems: {sr['nodes_per_s']:.1f} nodes/s, solved {100 * sr['solved']:.1f}% "
           f"(every step and the answer right)"

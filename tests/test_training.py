@@ -205,9 +205,9 @@ def test_the_lab_chain_trains_with_the_main_jobs_length_and_packing(tmp_path):
     from halluc.pipeline.sft import SFTConfig, lab_chain_config
 
     grpo = load_script("recipes/grpo.py")
-    cfg = load_config(grpo.Config, ["max_len=64", "layout.pack=512", "seed=3", f"cache_dir={tmp_path}/c"],
+    cfg = load_config(grpo.Config, ["max_len=64", "layout.pack=512", "seed=3", "ddp_timeout=7200", f"cache_dir={tmp_path}/c"],
                       default_file=str(Path(grpo.__file__).parent / "configs" / "grpo.yaml"))
     chain = lab_chain_config(cfg, str(tmp_path / "o"))
     assert (cfg.max_len, cfg.layout.pack) == (64, 512)
     assert (chain.max_len, chain.layout.pack) == (SFTConfig.max_len, SFTConfig().layout.pack)
-    assert chain.seed == 3 and chain.lab == cfg.lab and chain.cache_dir == cfg.cache_dir
+    assert chain.seed == 3 and chain.lab == cfg.lab and chain.cache_dir == cfg.cache_dir and chain.ddp_timeout == 7200

@@ -8,7 +8,7 @@ sweep's baseline arm, and backtracking's own effect (the same model decoded with
 wrong->right minus right->wrong), in and out of distribution, each with its 95% two-level bootstrap CI
 (seeds, then problems; halluc/core/stats.py). Bold: resolved (the CI excludes 0). Only sweeps whose
 outcomes file exists (docs/results/<sweep>.outcomes.jsonl.gz) appear; nothing is trained. Bootstrapping
-the committed outcomes takes about a minute on 2 CPU cores (a progress bar on stderr).
+the committed outcomes takes about 45 s on 2 CPU cores (a progress bar on stderr).
 """
 from __future__ import annotations
 

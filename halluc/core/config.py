@@ -146,7 +146,9 @@ def quiet_progress_bars_in_files() -> None:
     (TQDM_DISABLE=0 keeps the bars)."""
     import os
 
-    if not sys.stderr.isatty():
+    if os.environ.get("TQDM_DISABLE") == "0":  # tqdm reads any non-empty value as "disable"
+        os.environ["TQDM_DISABLE"] = ""
+    elif not sys.stderr.isatty():
         os.environ.setdefault("TQDM_DISABLE", "1")
 
 

@@ -42,27 +42,26 @@ def init_backtrack_embedding(model, tokenizer, bt_id: int, method: str = "semant
     semantic: mean of the rows of `words` that are single tokens in this vocabulary, else the
       mean of all the tokenizer's other rows (padding rows past len(tokenizer) left out) (Hewitt: the mean bounds how far the next-token distribution
       can move, whereas a random row can take near-all probability mass).
-    mean: the mean of all existing rows.
+    mean: the mean of the tokenizer's other rows.
     random: normal rows with std `random_scale` (an ablation, and the negative control).
     Returns the words used (empty for a fallback to the mean).
     """
     vocab = tokenizer.get_vocab()
     used = [w for w in words if w in vocab and vocab[w] != bt_id] if method == "semantic" else []
     for matrix in _bt_matrices(model):
-        # the tokenizer's rows only: a padded vocabulary (Qwen: 151,936 rows for 151,665 tokens) has
-        # rows no token uses, never trained, which would pull the mean off the trained ones
-        real = torch.arange(min(len(tokenizer), matrix.shape[0]), device=matrix.device)
-        others = matrix[real[real != bt_id]]
         if method == "random":
             matrix[bt_id] = torch.randn_like(matrix[bt_id]) * random_scale
         elif used:
             matrix[bt_id] = matrix[[vocab[w] for w in used]].mean(0)
         elif method in ("semantic", "mean"):
-            matrix[bt_id] = others.mean(0)
+            # the tokenizer's rows only: a padded vocabulary (Qwen: 151,936 rows for 151,665 tokens) has
+            # rows no token uses, never trained, which would pull the mean off the trained ones
+            real = torch.arange(min(len(tokenizer), matrix.shape[0]), device=matrix.device)
+            matrix[bt_id] = matrix[real[real != bt_id]].mean(0)
         else:
             raise ValueError(f"init method must be semantic, mean or random, not {method!r}")
     log.info("initialised the %s row (%s): %s", "BT", method,
-             f"mean of {used}" if used else ("random" if method == "random" else "mean of all rows"))
+             f"mean of {used}" if used else ("random" if method == "random" else "mean of the tokenizer's rows"))
     return used
 
 

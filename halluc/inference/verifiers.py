@@ -33,7 +33,9 @@ class PRMVerifier:
         if self.same_ids:
             return list(prompt) + list(visible)
         decode = lambda ids: self.policy_tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        return self.tokenizer(decode(prompt))["input_ids"] + self.tokenizer(decode(visible), add_special_tokens=False)["input_ids"]
+        from halluc.core.tokens import continuation_ids
+
+        return self.tokenizer(decode(prompt))["input_ids"] + continuation_ids(self.tokenizer, [decode(visible)])[0]
 
     def __call__(self, items: list[tuple[list[int], list[int]]], rows: list[int] | None = None) -> list[float]:
         from halluc.objectives.prm import step_scores

@@ -193,6 +193,7 @@ def lab_chain_config(cfg, output_dir: str, extra: dict | None = None) -> "SFTCon
         setattr(sft_cfg, name, getattr(cfg, name))
     sft_cfg.layout = dataclasses.replace(sft_cfg.layout, **{n: getattr(cfg.layout, n) for n in LAYOUT_SHARED})
     sft_cfg.base_retry = cfg.base_retry
+    sft_cfg.ddp_timeout = cfg.ddp_timeout  # how long ranks wait, not what is trained: no part of the cache key
     for name, value in (extra or {}).items():
         setattr(sft_cfg, name, value)
     return sft_cfg

@@ -71,7 +71,7 @@ def test_merge_never_overwrites_the_folder_it_reads(tmp_path):
     """--overwrite empties --out: an --out that holds the adapter (or the base) is refused first."""
     adapter = tmp_path / "run" / "adapter"
     adapter.mkdir(parents=True)
-    with pytest.raises(SystemExit, match="holds --adapter .* which the merge reads"):
+    with pytest.raises(SystemExit, match="holds --adapter .* which this run reads"):
         load_script("tools/merge_adapter.py").main(["--adapter", str(adapter), "--out", str(tmp_path / "run"),
                                                     "--overwrite"])
     assert adapter.exists()

@@ -16,7 +16,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from halluc.core.inputs import check_model_path, check_out_folder, replace_folder, run_cli
+from halluc.core.inputs import check_model_path, check_out_folder, check_reads_outside, replace_folder, run_cli
 
 log = logging.getLogger("merge_adapter")
 DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
@@ -30,10 +30,7 @@ def main(argv=None) -> Path:
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the saved weights")
     args = p.parse_args(argv)
-    for name in ("adapter", "base"):  # --overwrite empties --out: never a folder the merge reads
-        source = getattr(args, name)
-        if source and Path(source).resolve().is_relative_to(Path(args.out).resolve()):
-            raise SystemExit(f"--out {args.out} holds --{name} {source}, which the merge reads: choose another --out")
+    check_reads_outside(args.out, {"--adapter": args.adapter, "--base": args.base})
     # local paths first: a missing base would otherwise send HF to the hub, retrying for a minute
     if not Path(args.adapter).is_dir():
         raise SystemExit(f"--adapter {args.adapter}: no such folder" if not Path(args.adapter).exists()
@@ -56,8 +53,7 @@ def main(argv=None) -> Path:
         base = args.base or info.get("base_path")
         if not args.base:
             check_model_path(base, f"the base recorded in {args.adapter} (give --base)")
-            if Path(base).resolve().is_relative_to(Path(args.out).resolve()):
-                raise SystemExit(f"--out {args.out} holds the base recorded in the adapter, {base}: choose another --out")
+            check_reads_outside(args.out, {"the base recorded in the adapter,": base})
         log.info("merging %s into %s", args.adapter, base)
         # merge in float32 (LoRA's low-rank product added to bf16 weights would round twice)
         model, tokenizer = merge_adapter(args.adapter, args.base, dtype=torch.float32)

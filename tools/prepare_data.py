@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from halluc.core.config import load_config, unescape
-from halluc.core.inputs import check_input_file, check_out_folder, replace_folder, run_cli
+from halluc.core.inputs import check_input_file, check_out_folder, check_reads_outside, replace_folder, run_cli
 from halluc.sources.data import PREPARED_INFO, build_sft_dataset
 from halluc.sources.errors import ErrorConfig
 from halluc.pipeline.lab import LabConfig, lab_splits, lab_tokenizer
@@ -66,10 +66,7 @@ def parse_args(argv=None):
         a.size = 10000
     if a.task == "arith" and a.limit is not None:
         p.error("--limit reads at most N problems of --input (gsm8k, jsonl); arith makes --size problems")
-    for name in ("input", "tokenizer"):  # --overwrite empties --out: never a path this run reads
-        source = getattr(a, name)
-        if source and Path(source).resolve().is_relative_to(Path(a.out).resolve()):
-            p.error(f"--out {a.out} holds --{name} {source}, which this run reads: choose another --out")
+    check_reads_outside(a.out, {"--input": a.input, "--tokenizer": a.tokenizer})
     check_out_folder(a.out, a.overwrite)
     for name, low in (("size", 1), ("sites", 1), ("tokens_per_site", 1), ("max_error_tokens", 0), ("max_len", 1),
                       ("vocab_size", 260), ("limit", 1), ("num_proc", 1)):

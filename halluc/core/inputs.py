@@ -65,6 +65,17 @@ def check_out_folder(path: str, overwrite: bool, flag: str = "--out") -> None:
     check_writable_folder(path, flag)
 
 
+def check_reads_outside(out: str, reads: dict[str, str | None],
+                        refusal: str = "--out {out} holds {name} {source}, which this run reads: choose another --out"
+                        ) -> None:
+    """Replacing `out` (--overwrite, overwrite=true) deletes what it holds: refuse (`refusal`, formatted
+    with out, name, source) when something the run reads (`reads`: {its name: its path}) lies inside it."""
+    inside = Path(out).resolve()
+    for name, source in reads.items():
+        if source and Path(source).resolve().is_relative_to(inside):
+            raise SystemExit(refusal.format(out=out, name=name, source=source))
+
+
 def replace_folder(path: str) -> Path:
     """An empty folder at `path` (what was there is removed: check_out_folder allowed it)."""
     import shutil

@@ -68,12 +68,10 @@ def check_prepared_data(cfg) -> None:
     """data=DIR must be a folder tools/prepare_data.py wrote: checked at load, not after the base stage."""
     if getattr(cfg, "data", None) and not (Path(cfg.data) / "dataset_info.json").exists():
         raise ValueError(f"data={cfg.data}: not a dataset folder written by tools/prepare_data.py")
-    info = Path(cfg.data) / "halluc_data.json" if getattr(cfg, "data", None) else None  # sources.data.PREPARED_INFO
-    if info is not None and info.is_file():  # its task, before the base is evaluated on the wrong one
-        made = json.loads(info.read_text()).get("task")
-        if made not in (None, cfg.lab.task):
-            raise ValueError(f"data={cfg.data} was prepared from {made} problems, but lab.task={cfg.lab.task} "
-                             f"(evaluation would score another task): set lab.task={made}")
+    if getattr(cfg, "data", None):  # its task, before the base is evaluated on the wrong one
+        from halluc.sources.data import check_prepared_task
+
+        check_prepared_task(cfg.data, cfg.lab.task)
 
 
 def train_sft(cfg: SFTConfig, objective=None, recipe: str = "masked_sft") -> dict | None:

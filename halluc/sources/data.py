@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from halluc.core.inputs import InputError
@@ -159,23 +160,29 @@ def build_sft_dataset(problems: list[Problem], tokenizer, errors: ErrorConfig, b
 PREPARED_INFO = "halluc_data.json"  # what tools/prepare_data.py made the data from (task, errors, lengths)
 
 
+def check_prepared_task(folder, task: str | None) -> dict:
+    """A prepared folder's record ({} without one); refused when it was made from another task than
+    `task` (its evaluation would score another task). Torch-free: settings check it at load."""
+    info = Path(folder) / PREPARED_INFO
+    made = json.loads(info.read_text()) if info.is_file() else {}
+    if task is not None and made.get("task") not in (None, task):
+        raise InputError(f"data={folder} was prepared from {made['task']} problems, but lab.task={task} "
+                         f"(evaluation would score another task): set lab.task={made['task']}")
+    return made
+
+
 def load_prepared(folder, tokenizer, task: str | None = None) -> Dataset:
     """A dataset written by tools/prepare_data.py, checked against the model's tokenizer (after
     the BT token was added: its ids must mean the same tokens, or training would be garbage) and
     against the task it is evaluated on."""
-    from pathlib import Path
-
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
     folder = Path(folder)
     if not (folder / "dataset_info.json").exists():
         raise SystemExit(f"data={folder}: not a dataset folder written by tools/prepare_data.py (no dataset_info.json)")
-    if (folder / PREPARED_INFO).exists():
-        made = json.loads((folder / PREPARED_INFO).read_text())
-        if task is not None and made.get("task") not in (None, task):
-            raise SystemExit(f"data={folder} was prepared from {made['task']} problems, but lab.task={task} "
-                             f"(evaluation would score another task): set lab.task={made['task']}")
+    made = check_prepared_task(folder, task)
+    if made:
         log.info("data=%s: made by tools/prepare_data.py with %s; errors, masking and lengths are fixed there "
                  "(errors.*, masked, max_len and overlong do not apply)", folder, made)
     ds = load_from_disk(str(folder))

@@ -161,11 +161,11 @@ def claim_output_dir(cfg, delete: bool = True) -> None:
         return
     finished = (out / "eval.json").exists()
     if cfg.overwrite:
-        for name in ("model", "data"):
-            source = getattr(cfg, name, None)  # a path (MCTS's `data` is its trace settings)
-            if isinstance(source, str) and Path(source).resolve().is_relative_to(out.resolve()):
-                raise SystemExit(f"overwrite=true would delete {name}={source}, which this run reads: "
-                                 "choose another output_dir")
+        from halluc.core.inputs import check_reads_outside
+
+        reads = {name: getattr(cfg, name, None) for name in ("model", "data")}
+        check_reads_outside(str(out), {k: v for k, v in reads.items() if isinstance(v, str)},  # MCTS's data: settings
+                            "overwrite=true would delete {name}={source}, which this run reads: choose another output_dir")
         log.warning("overwrite=true: deleting the earlier run in %s (%s)", out, ", ".join(found))
         if delete:
             for name in found:

@@ -529,8 +529,7 @@ def test_copies_of_a_prompt_in_different_batches_draw_different_samples(lab_toke
     assert sum(texts[i] == texts[i + batch] for i in range(batch)) <= 1 and len(set(texts)) > batch
     again = [g.text for g in generate_text(model, tok, [arith_problems[0].prompt] * n, **kw)]
     assert again == texts  # still seeded
-    old = pytest.MonkeyPatch.context()
-    with old as m:
+    with pytest.MonkeyPatch.context() as m:
         m.setattr(gen_module, "batch_sampling", lambda sampling, start: sampling)
         repeated = [g.text for g in generate_text(model, tok, [arith_problems[0].prompt] * n, **kw)]
     assert repeated[:batch] == repeated[batch:]

@@ -59,11 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="the dataset folder (refused if it holds anything, unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     a = p.parse_args(argv)
-    in_lab = [kv.split("=", 1)[1] for kv in a.lab if kv.split("=", 1)[0].strip() == "sft_size"]
-    if in_lab and a.size is not None and str(a.size) != in_lab[-1].strip():
+    in_lab = [kv.split("=", 1)[1].strip() for kv in a.lab if kv.split("=", 1)[0].strip() == "sft_size"]
+    if in_lab and a.size is not None and not (in_lab[-1].isdigit() and int(in_lab[-1]) == a.size):
         p.error(f"--size {a.size} and --lab sft_size={in_lab[-1]} disagree: give one of them")
-    if a.size is None and not in_lab:
-        a.size = 10000
     if a.task == "arith" and a.limit is not None:
         p.error("--limit reads at most N problems of --input (gsm8k, jsonl); arith makes --size problems")
     check_reads_outside(a.out, {"--input": a.input, "--tokenizer": a.tokenizer})

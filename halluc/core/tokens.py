@@ -56,14 +56,16 @@ def continuation_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> li
     a newline whose ids are then dropped. Which kind a tokenizer is, is measured once and cached."""
     if not texts:
         return []
-    plain = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    def encode(pieces):
+        return tokenizer(list(pieces), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
     if not _adds_a_word_boundary(tokenizer):
-        return [list(ids) for ids in plain]
-    head = tokenizer(SENTINEL, add_special_tokens=False)["input_ids"]
-    after = tokenizer([SENTINEL + t for t in texts], add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    # where the newline merged into the piece's first token, the plain ids are all there is
-    return [list(ids[len(head):]) if list(ids[:len(head)]) == list(head) else list(alone)
-            for ids, alone in zip(after, plain)]
+        return [list(ids) for ids in encode(texts)]
+    head = list(encode([SENTINEL])[0])
+    out = [list(ids[len(head):]) if list(ids[:len(head)]) == head else None
+           for ids in encode([SENTINEL + t for t in texts])]
+    # where the newline merged into the piece's first token, the piece alone is all there is
+    return [ids if ids is not None else list(encode([t])[0]) for ids, t in zip(out, texts)]
 
 
 def _adds_a_word_boundary(tokenizer) -> bool:

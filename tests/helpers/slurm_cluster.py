@@ -151,8 +151,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def start(cpus: int | None = None, timeout: float = 20) -> Cluster:
-    """munged (own socket), slurmctld, slurmd; returns once the node is idle."""
+def start(cpus: int | None = None, timeout: float = 60, tries: int = 3) -> Cluster:
+    """munged (own socket), slurmctld, slurmd; returns once the node is idle. A daemon's port is free
+    when chosen but may be taken before it binds (another test's process, on a busy machine: "Address
+    already in use"): then it starts again in a new folder with new ports."""
+    for attempt in range(1, tries + 1):
+        try:
+            return _start_once(cpus, timeout)
+        except RuntimeError:
+            if attempt == tries:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_once(cpus: int | None, timeout: float) -> Cluster:
     root = Path(tempfile.mkdtemp(prefix="halluc-slurm-"))
     root.chmod(0o755)  # munged runs as the munge user and must reach its socket folder
     cluster = Cluster(root)

@@ -163,3 +163,64 @@ def kill_when_paused(args: list[str], pause_dir: Path, step: int, log_path: Path
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def run_processes(cmd: list[str], *, timeout: float, env: dict | None = None, cwd: Path = ROOT):
+    """`subprocess.run(cmd, capture_output=True, text=True)` for a command that starts processes (a launcher
+    and its ranks, a recipe): when it runs past `timeout`, every process under it prints its Python stack
+    (faulthandler, on SIGABRT) and is killed, and the test fails showing those stacks. subprocess.run's own
+    timeout kills the launcher alone: its hung ranks went on taking the CPU for the rest of the suite, and
+    nothing said where they hung (CI, stop 35)."""
+    import signal
+    import subprocess
+
+    import psutil
+
+    env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in tree:
+            try:
+                p.send_signal(signal.SIGABRT)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(tree, timeout=15)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"{' '.join(map(str, cmd))[:300]} did not end in {timeout:.0f} s; what its processes printed "
+                    f"last (with their Python stacks at the timeout):\n{out[-2000:]}\n{err[-10000:]}", pytrace=False)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def deepspeed_launcher(processes: int = 2) -> list[str]:
+    """`deepspeed --num_gpus N --master_port P` of this environment, P a free port (the last item)."""
+    import sys
+
+    from halluc.core.distributed import free_port
+
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(processes), "--master_port",
+            str(free_port())]
+
+
+def stale_build_lock(tmp_path: Path) -> dict:
+    """The environment of a machine where a process was killed while it JIT-built DeepSpeed's CPU
+    collective op: its lock file is left, and torch's build waits on such a lock forever (it hung CI,
+    stop 35). halluc keeps DeepSpeed off that op on CPU (`skip_shared_memory_collective`), so a run
+    with this environment must start all the same."""
+    extensions = tmp_path / "torch_extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").touch()
+    return {"TORCH_EXTENSIONS_DIR": str(extensions)}
+
+
+def shared_memory_left(launcher: list[str]) -> list[str]:
+    """The /dev/shm segments DeepSpeed's CPU collective made for the job on this launcher's port (69 MB per
+    rank, never removed: RAM lost until reboot). halluc's runs must leave none."""
+    return sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{launcher[-1]}_*"))

@@ -3,7 +3,6 @@ benchmarks/scale.py (its rows, its FLOP count against the dense mask and a hand 
 every CPU config, ZeRO-3 in a subprocess: DeepSpeed leaves launcher variables and a process group
 behind), and one step of benchmarks/dpo.py and benchmarks/grpo.py against TRL."""
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig
+
+from conftest import run_processes
 
 from halluc.core.example import IGNORE_INDEX
 from halluc.structure.attention import dense_mask
@@ -86,8 +87,8 @@ def test_every_cpu_config_runs_and_reports(capsys):
 
 @pytest.mark.slow
 def test_zero3_config_runs_in_one_process():
-    out = subprocess.run([sys.executable, "benchmarks/scale.py", "--lengths", "256", "--steps", "2", "--warmup", "1",
-                          "--configs", "block/varlen+zero3"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out = run_processes([sys.executable, "benchmarks/scale.py", "--lengths", "256", "--steps", "2", "--warmup", "1",
+                         "--configs", "block/varlen+zero3"], timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| 256 | block/varlen+zero3 | varlen |" in out.stdout and "failed" not in out.stdout, out.stdout[-2000:]
 

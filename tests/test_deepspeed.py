@@ -8,35 +8,27 @@ tests/test_resume.py.
 """
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, load_script
+from conftest import ROOT, deepspeed_launcher, load_script, run_processes, shared_memory_left
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 JOB = ROOT / "tests" / "helpers" / "ds_job.py"
 
 
-def launch(launcher: list[str], out: Path, *args: str, timeout: int = 1200) -> list[dict]:
+def launch(launcher: list[str], out: Path, *args: str, timeout: int = 900) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    r = subprocess.run([*launcher, str(JOB), "--out", str(out), *args], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=timeout)
+    r = run_processes([*launcher, str(JOB), "--out", str(out), *args], env=env, timeout=timeout)
     assert r.returncode == 0, f"{' '.join(launcher)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
 
 
 def torchrun() -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-
-
-def deepspeed_launcher() -> list[str]:
-    from halluc.core.distributed import free_port
-
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +75,9 @@ def test_zero3_two_processes_shard_train_like_one_and_save_a_checkpoint_that_rel
 
 @pytest.mark.slow
 def test_zero2_deepspeed_launcher_shards_optimizer_state_and_trains_like_one(tmp_path, reference):
-    ranks = launch(deepspeed_launcher(), tmp_path, "--deepspeed", "ds_configs/zero2.json")
+    launcher = deepspeed_launcher()
+    ranks = launch(launcher, tmp_path, "--deepspeed", "ds_configs/zero2.json")
+    assert shared_memory_left(launcher) == []  # DeepSpeed's CPU collective kept off (skip_shared_memory_collective)
     for r in ranks:
         assert all(p["held"] == p["full"] for p in r["params"].values())  # parameters stay whole
         opt = r["optimizer"]  # the fp32 master weights + Adam moments are split between ranks
@@ -121,8 +115,7 @@ def test_self_correction_rounds_go_on_under_two_processes(tmp_path):
             "sft.batch_size=8", "deepspeed=ds_configs/zero2.json", "eval_max_new_tokens=24", "rounds=2",
             "round_examples=48", "sampler.problems=16", "sampler.k=2", "sampler.max_new_tokens=32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    r = subprocess.run([*torchrun(), "recipes/self_correct.py", *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=1200)
+    r = run_processes([*torchrun(), "recipes/self_correct.py", *args], env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert [x["round"] for x in report["rounds"]] == [1, 2]
@@ -146,6 +139,12 @@ def test_launch_glue_without_a_launcher(monkeypatch, tmp_path):
     # issue 22, item 13: DeepSpeed's CPU op is built per environment, not in one folder every clone and
     # venv of the user shares (they rebuilt it for each other); a folder the user chose is kept
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")
+    if not torch.cuda.is_available():  # DeepSpeed's shared-memory collective off: no JIT build, no /dev/shm segments
+        import deepspeed.ops
+
+        monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)  # what its probe says here
+        prepare_deepspeed(str(ROOT / "ds_configs" / "zero3.json"))
+        assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
     os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "mine")
     prepare_deepspeed(str(ROOT / "ds_configs" / "zero3.json"))
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "mine")

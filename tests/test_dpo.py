@@ -522,10 +522,9 @@ def _more_pairs(n=8):
 @pytest.mark.slow
 def test_kill_9_mid_dpo_then_resume_continues_from_the_checkpoint(tmp_path, sft_dir):
     import os
-    import subprocess
     import sys
 
-    from conftest import ROOT, kill_when_paused
+    from conftest import kill_when_paused, run_processes
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _more_pairs(16)))
@@ -533,8 +532,8 @@ def test_kill_9_mid_dpo_then_resume_continues_from_the_checkpoint(tmp_path, sft_
     args = [f"model={sft_dir}", f"data={data}", "steps=8", "batch_size=4", "save_steps=2", "lab.test_size=4",
             "eval_max_new_tokens=8", f"output_dir={out}", "lr=1e-2"]
     kill_when_paused(args, out, 5, tmp_path / "killed.log", recipe="recipes/dpo.py")
-    resumed = subprocess.run([sys.executable, "recipes/dpo.py", *args, "resume=true"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    resumed = run_processes([sys.executable, "recipes/dpo.py", *args, "resume=true"], timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     assert f"resuming from {out / 'checkpoint-4'}" in resumed.stdout + resumed.stderr
     whole = tmp_path / "whole"  # the unbroken run, here on 1 thread like the subprocesses (the same float sums)
@@ -551,25 +550,22 @@ def test_kill_9_mid_dpo_then_resume_continues_from_the_checkpoint(tmp_path, sft_
 @pytest.mark.slow
 def test_zero3_with_two_processes_trains_like_one_process(tmp_path, sft_dir):
     """`deepspeed --num_gpus 2 recipes/dpo.py deepspeed=ds_configs/zero3.json batch_size=2` (CPU, gloo;
-    policy and reference sharded) logs the losses and rewards of one process with batch_size=4."""
+    policy and reference sharded) logs the losses and rewards of one process with batch_size=4. It starts
+    on a machine where a killed build left DeepSpeed's op lock behind (that hung CI) and leaves no shared
+    memory behind (a negative control: without `skip_shared_memory_collective` it hangs at the start)."""
     import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    from conftest import ROOT
-
-    from halluc.core.distributed import free_port
+    from conftest import deepspeed_launcher, run_processes, shared_memory_left, stale_build_lock
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _more_pairs(16)))
     common = [f"model={sft_dir}", f"data={data}", "steps=4", "lr=1e-2", "lab.test_size=4", "eval_max_new_tokens=8",
               "loss=tdpo2"]
     load_script("recipes/dpo.py").main([*common, "batch_size=4", f"output_dir={tmp_path}/one"])  # one process: this one
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
-    two = subprocess.run([*launcher, "recipes/dpo.py", *common, "batch_size=2", "deepspeed=ds_configs/zero3.json",
-                          f"output_dir={tmp_path}/two"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **stale_build_lock(tmp_path)}
+    launcher = deepspeed_launcher()
+    two = run_processes([*launcher, "recipes/dpo.py", *common, "batch_size=2", "deepspeed=ds_configs/zero3.json",
+                         f"output_dir={tmp_path}/two"], env=env, timeout=600)
     assert two.returncode == 0, (two.stdout + two.stderr)[-5000:]
     assert "reference model under DeepSpeed (ZeRO stage 3)" in two.stdout + two.stderr
     logs = {name: [h for h in json.loads((tmp_path / name / "train.json").read_text()) if "loss" in h]
@@ -580,6 +576,7 @@ def test_zero3_with_two_processes_trains_like_one_process(tmp_path, sft_dir):
             assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-4), key
     assert logs["two"][-1]["loss"] != pytest.approx(logs["two"][0]["loss"], abs=1e-3)  # it trained
     assert json.loads((tmp_path / "two" / "eval.json").read_text())["world_size"] == 2
+    assert shared_memory_left(launcher) == []
 
 
 def test_pairs_beyond_the_models_positions_are_dropped_not_indexed(tmp_path, bt_tokenizer, caplog):

@@ -208,10 +208,9 @@ def test_kill_9_mid_grpo_then_resume_continues_as_an_unbroken_run(lab_policy, tm
     checkpoint-2 samples and trains steps 3-4 exactly as the unbroken run does (losses and rewards equal)."""
     import json
     import os
-    import subprocess
     import sys
 
-    from conftest import ROOT, kill_when_paused, load_script
+    from conftest import kill_when_paused, load_script, run_processes
 
     folder, _, _, _ = lab_policy
     out = tmp_path / "out"
@@ -219,8 +218,8 @@ def test_kill_9_mid_grpo_then_resume_continues_as_an_unbroken_run(lab_policy, tm
             "steps=4", "batch_size=2", "rollout.group=3", "rollout.max_new_tokens=24", "save_steps=2",
             f"cache_dir={tmp_path}/cache", f"output_dir={out}", "lr=1e-3"]
     kill_when_paused(args, out, 3, tmp_path / "killed.log", recipe="recipes/grpo.py")
-    resumed = subprocess.run([sys.executable, "recipes/grpo.py", *args, "resume=true"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    resumed = run_processes([sys.executable, "recipes/grpo.py", *args, "resume=true"], timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     assert f"resuming from {out / 'checkpoint-2'}" in resumed.stdout + resumed.stderr
     whole = tmp_path / "whole"
@@ -341,28 +340,23 @@ def test_zero3_with_two_processes_samples_trains_and_saves(lab_policy, tmp_path)
     process samples its own prompts with its own batch, so the draws differ.)"""
     import json
     import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    from conftest import ROOT
-
-    from halluc.core.distributed import free_port
+    from conftest import deepspeed_launcher, run_processes, shared_memory_left
 
     folder, _, _, _ = lab_policy
-    launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
-    run = subprocess.run([*launcher, "recipes/grpo.py", f"model={folder}", "lab.train_size=2000", "lab.sft_size=200",
-                          "lab.test_size=2", "eval_max_new_tokens=8", "steps=2", "batch_size=2", "rollout.group=2",
-                          # long enough that the two processes' rows end at different steps: generation may run
-                          # no collective per token (a per-layer gather would hang there)
-                          "rollout.max_new_tokens=96", "deepspeed=ds_configs/zero3.json", f"cache_dir={tmp_path}/cache",
-                          f"output_dir={tmp_path}/out"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    launcher = deepspeed_launcher()
+    run = run_processes([*launcher, "recipes/grpo.py", f"model={folder}", "lab.train_size=2000", "lab.sft_size=200",
+                         "lab.test_size=2", "eval_max_new_tokens=8", "steps=2", "batch_size=2", "rollout.group=2",
+                         # long enough that the two processes' rows end at different steps: generation may run
+                         # no collective per token (a per-layer gather would hang there)
+                         "rollout.max_new_tokens=96", "deepspeed=ds_configs/zero3.json", f"cache_dir={tmp_path}/cache",
+                         f"output_dir={tmp_path}/out"], timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
     assert "reference model under DeepSpeed (ZeRO stage 3)" in run.stdout + run.stderr
     logged = [h for h in json.loads((tmp_path / "out" / "train.json").read_text()) if "loss" in h]
     assert len(logged) == 2 and all("reward" in h for h in logged)
     assert (tmp_path / "out" / "checkpoint" / "model.safetensors").exists()
+    assert shared_memory_left(launcher) == []
 
 
 def test_a_learned_process_reward_is_the_mean_step_score_of_the_verifier(bt_tokenizer, arith_problems):

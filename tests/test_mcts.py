@@ -126,7 +126,7 @@ def test_search_on_the_lab_policy(lab_policy, tmp_path):
     search resumes from saved trees."""
     from halluc.sources.mcts import step_values
     from halluc.tasks import arith
-    from halluc.core.tokens import backtrack_id, load_tokenizer
+    from halluc.core.tokens import backtrack_id
     from halluc.inference.verifiers import OracleVerifier
 
     folder, model, tok, problems = lab_policy

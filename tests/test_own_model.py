@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from conftest import ROOT, load_script
+from conftest import load_script
 from transformers import AutoModelForCausalLM
 
 from halluc.core.model import tiny_llama

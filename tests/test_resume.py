@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, kill_when_paused, load_script
+from conftest import ROOT, kill_when_paused, load_script, run_processes
 
 SETTINGS = ["base.steps=20", "sft.steps=20", "base.batch_size=16", "sft.batch_size=16", "save_steps=5",
             "lab.train_size=300", "lab.sft_size=160", "lab.test_size=8", "tiny.hidden=32",
@@ -50,9 +50,8 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_loss(tmp_path, cache, va
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-5", "checkpoint-10"}
     assert not (out / "eval.json").exists()
 
-    resumed = subprocess.run([sys.executable, "recipes/masked_sft.py", *args, "resume=true"], cwd=ROOT,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                             timeout=1200)
+    resumed = run_processes([sys.executable, "recipes/masked_sft.py", *args, "resume=true"], timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
     assert f"resuming from {out / 'checkpoint-10'}" in resumed.stderr + resumed.stdout
     after = json.loads((out / "eval.json").read_text())["sft_train"]
@@ -103,7 +102,7 @@ def test_a_second_run_into_a_live_runs_output_dir_is_refused_naming_its_pid(tmp_
         os.kill(live.pid, signal.SIGKILL)
         live.wait(timeout=30)
     assert not (out / "eval.json").exists()
-    resumed = subprocess.run([sys.executable, "recipes/masked_sft.py", *args, "resume=true"], cwd=ROOT,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1200)
+    resumed = run_processes([sys.executable, "recipes/masked_sft.py", *args, "resume=true"], timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (out / "eval.json").exists()

@@ -2,12 +2,11 @@
 and the curriculum (technique 3): phases that are what they say, the shuffled control, the probe."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, kill_when_paused, load_script
+from conftest import kill_when_paused, load_script, run_processes
 
 from halluc.core.example import Role, apply_backtrack
 from halluc.tasks import arith
@@ -69,8 +68,8 @@ def test_kill_9_in_round_2_then_resume_continues_at_round_2(tmp_path, cache):
     out = tmp_path / "out"
     kill_when_paused(args, out / "round-2", 5, tmp_path / "killed.log", recipe="recipes/self_correct.py")
     data_before = (out / "round-2" / "data" / "stats.json").read_text()
-    resumed = subprocess.run([sys.executable, "recipes/self_correct.py", *args, "resume=true"], cwd=ROOT,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1200)
+    resumed = run_processes([sys.executable, "recipes/self_correct.py", *args, "resume=true"], timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     text = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, text[-4000:]
     assert "round 1 finished already" in text and "round 2: reading its data back" in text

@@ -1,8 +1,6 @@
 """Technique 10: the verifier head's labels, its checkpoint round trip, and joint training."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import load_script

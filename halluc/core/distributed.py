@@ -5,7 +5,8 @@ run has none. Everything a recipe needs to run unchanged under each form lives h
 - `strip_launcher_args`: the deepspeed launcher appends `--local_rank=N` to the script's
   arguments (the same value is in LOCAL_RANK), which our `key=value` parser would reject.
 - `prepare_deepspeed`: checks the config file and, for a launcher-less single process, sets the
-  env vars DeepSpeed needs (without them it looks for mpi4py and fails).
+  env vars DeepSpeed needs (without them it looks for mpi4py and fails); on CPU it keeps DeepSpeed
+  off its shared-memory collective (a JIT build that can hang, and RAM it never frees).
 - rank helpers (`is_main`, `barrier`) for the steps only one process may do (writing files).
 - at exit, the process group is destroyed (nothing else does it): left to the interpreter's
   teardown, gloo's threads were seen to abort a finished run ("terminate called without an
@@ -135,6 +136,7 @@ def prepare_deepspeed(path: str | None) -> None:
         return
     read_deepspeed_config(path)
     use_environment_extensions_dir()
+    skip_shared_memory_collective()
     if launched():
         return
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
@@ -143,6 +145,28 @@ def prepare_deepspeed(path: str | None) -> None:
         os.environ.setdefault(key, value)
     log.info("deepspeed without a launcher: one process, %s",
              " ".join(f"{k}={os.environ[k]}" for k in LAUNCHER_ENV))
+
+
+def skip_shared_memory_collective() -> None:
+    """On CPU, tell DeepSpeed its shared-memory all-reduce op (`deepspeed_shm_comm`) is unusable, so the
+    process group uses gloo alone. That op serves only `inference_all_reduce` (AutoTP inference, which
+    halluc never runs), yet every DeepSpeed process on CPU built and set it up:
+    - it JIT-compiles the op at the first run in an environment (1-2 min) under a lock file that outlives a
+      process killed mid-build (OOM, Ctrl-C, a timeout), and torch's build then waits on that lock forever
+      in every later DeepSpeed process: a hang at start (seen in CI, and reproduced);
+    - under the deepspeed launcher each rank creates a 69 MB segment in /dev/shm that nothing removes:
+      RAM lost until reboot (19 GB of them had piled up on a lab machine, which then thrashed).
+    DeepSpeed caches its op-compatibility probe in one dict that later reads share (deepspeed/ops/
+    __init__.py); marking the op there is what its own probe does for an op that cannot build."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():  # the CUDA accelerator has no such op: nothing to skip
+            return
+        import deepspeed.ops
+    except ImportError:  # no DeepSpeed: TrainingArguments(deepspeed=...) says so itself
+        return
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def use_environment_extensions_dir() -> None:

@@ -2,11 +2,14 @@
 
     python recipes/generate.py model=runs/masked_sft/checkpoint prompt="a = 4 , b = a + 2 . b ?"
     python recipes/generate.py model=DIR prompts_file=prompts.txt temperature=0.7 json=out.jsonl
+    python recipes/generate.py model=runs/gsm8k/checkpoint prompts_file=test.jsonl   # GSM8K rows: "question"
 
 Settings are key=value as in every recipe (`--key value` reads too); `--help` lists them.
 For every prompt it prints the visible text (what a reader sees), the raw trace with each BT shown
 as ⌫, the semantics used (keep / rewind, from the checkpoint's config.halluc unless semantics=)
 and why generation stopped. json=FILE writes the same as one JSON object per line.
+Each prompt is put to the model as the checkpoint was trained (template=auto): a GSM8K model gets
+"Question: {prompt}\nAnswer:", a jsonl model its prompt_template; template=none sends it as given.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from halluc.core.config import NonNegativeFloat, NonNegativeInt, PositiveInt, Ra
 from halluc.inference.decoding import LoopGuards
 from halluc.core.inputs import check_input_file, check_model_path, check_writable_folder, run_cli
 
+log = logging.getLogger("generate")
 SHOWN_BT = "⌫"
 
 
@@ -28,7 +32,8 @@ class Config:
     model: str | None = None              # a checkpoint or adapter folder saved by halluc (or any HF model)
     base: str | None = None               # an adapter's base folder, if not where it was at training
     prompt: Texts = field(default_factory=list)  # one prompt (commas and all), or a YAML list of quoted ones: prompt='["a = 1 , a ?", "b = 2 , b ?"]'
-    prompts_file: str | None = None       # a text file, one prompt per line
+    prompts_file: str | None = None       # a text file, one prompt per line; or .jsonl, a "prompt" or "question" per row
+    template: str = "auto"                # auto: as the checkpoint was trained (see `prompt_template`); none; or a text with {prompt}
     max_new_tokens: PositiveInt = 192
     semantics: Literal["keep", "rewind"] | None = None  # default: from the checkpoint
     temperature: NonNegativeFloat = 0.0   # 0: greedy
@@ -42,6 +47,9 @@ class Config:
             raise ValueError("give model=DIR: a checkpoint or adapter folder")
         if not self.prompt and not self.prompts_file:
             raise ValueError("give prompt=TEXT (one or a list) or prompts_file=FILE")
+        if self.template not in ("auto", "none") and template_fields(self.template) != {"prompt"}:
+            raise ValueError(f"template={self.template!r}: give auto, none, or a text whose one field is {{prompt}} "
+                             "(literal braces doubled, as in str.format)")
         for name in ("model", "base"):
             if getattr(self, name):
                 try:
@@ -59,27 +67,79 @@ def parse_args(argv=None) -> Config:
     before any ML library loads; the prompts of prompts_file join `prompt`."""
     cfg = load_config(Config, argv)
     if cfg.prompts_file:
-        cfg.prompt += [line.rstrip("\n") for line in Path(cfg.prompts_file).read_text(encoding="utf-8").splitlines()
-                       if line.strip()]
+        cfg.prompt += read_prompts(cfg.prompts_file)
     return cfg
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a file: a .jsonl file's "prompt" (else "question": GSM8K rows) of each row, which may
+    span lines; any other file's non-blank lines, one prompt each. Errors name the file and line."""
+    from halluc.tasks.jsonl import get_text, iter_jsonl_rows
+
+    if Path(path).suffix != ".jsonl":
+        return [line.rstrip("\n") for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [get_text(row, "prompt" if "prompt" in row or "question" not in row else "question", path, n)
+            for n, row in iter_jsonl_rows(path)]
+
+
+def prompt_template(template: str, record: dict) -> str:
+    """The text a prompt goes into, `{prompt}` where it goes: template=auto gives the one the checkpoint was
+    trained with (its config.halluc record): GSM8K's "Question: {prompt}\nAnswer:", a jsonl task's
+    prompt_template when it uses no other field, else the prompt as given (the arith lab has no template)."""
+    from halluc.tasks import gsm8k
+
+    if template != "auto":
+        return "{prompt}" if template == "none" else template
+    lab = record.get("lab") or {}
+    if lab.get("task") == "gsm8k":
+        return gsm8k.PROMPT_TEMPLATE.replace("{question}", "{prompt}")
+    trained = lab.get("prompt_template", "{prompt}") if lab.get("task") == "jsonl" else "{prompt}"
+    if template_fields(trained) != {"prompt"}:
+        log.warning("the checkpoint's prompt_template %r uses other fields of its rows: prompts go as given "
+                    "(template=TEXT with {prompt} sets one)", trained)
+        return "{prompt}"
+    return trained
+
+
+def template_fields(template: str) -> set[str] | None:
+    """The fields a str.format template names (None: its braces do not parse)."""
+    from string import Formatter
+
+    try:
+        return {name for _, name, _, _ in Formatter().parse(template) if name is not None}
+    except ValueError:
+        return None
+
+
+def put_in_template(prompt: str, template: str) -> str:
+    """`template` with `prompt` in it (str.format, as a jsonl task's prompt_template: the prompt verbatim); a
+    prompt that already starts as the template does is left as it is (a GSM8K prompt written out whole,
+    "Question: ...\nAnswer:", is not wrapped twice)."""
+    head = template.split("{prompt}")[0].format()
+    return prompt if head and prompt.startswith(head) else template.format(prompt=prompt)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # The ML libraries load here, after the arguments were checked.
-    from halluc.training.checkpoint import load_trained
+    from halluc.training.checkpoint import load_trained, training_record
     from halluc.inference.generate import Sampling, generate_text
     from halluc.core.tokens import BACKTRACK_TOKEN
 
     model, tokenizer = load_trained(args.model, base=args.base)
-    gens = generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, semantics=args.semantics,
+    template = prompt_template(args.template, training_record(model))
+    if template != "{prompt}":
+        log.info("each prompt goes in the template %r (template=%s; template=none sends it as given)", template,
+                 args.template)
+    texts = [put_in_template(p, template) for p in args.prompt]
+    gens = generate_text(model, tokenizer, texts, max_new_tokens=args.max_new_tokens, semantics=args.semantics,
                          sampling=Sampling(args.temperature, args.top_p, args.seed),
                          guards=LoopGuards(max_backtracks=args.max_backtracks))
     results = []
-    for prompt, g in zip(args.prompt, gens):
+    for prompt, text, g in zip(args.prompt, texts, gens):
         trace = tokenizer.decode(g.trace, skip_special_tokens=False).replace(BACKTRACK_TOKEN, SHOWN_BT)
-        results.append({"prompt": prompt, "visible": g.text, "trace": trace, "backtracks": g.n_backtracks,
+        results.append({"prompt": prompt, "input": text, "visible": g.text, "trace": trace, "backtracks": g.n_backtracks,
                         "erased": g.n_erased, "semantics": g.semantics, "stop": g.stop})
         print(f"\nprompt:    {prompt}\nvisible:   {g.text}\ntrace:     {trace}\n"
               f"           {g.n_backtracks} BT, {g.n_erased} erased, semantics {g.semantics}, stop {g.stop}")

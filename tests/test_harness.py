@@ -79,3 +79,63 @@ def test_lm_eval_command_line_runs_offline_on_a_local_gsm8k_file(lab_tokenizer, 
     scores = json.loads(saved[0].read_text())["results"]["halluc_gsm8k"]
     assert 0.0 <= scores["exact_match,strict-match"] <= 1.0
     assert json.loads(saved[0].read_text())["n-samples"]["halluc_gsm8k"]["effective"] == 5
+
+
+# what a model may write after `Answer:` (BTs applied), and the number halluc's evaluation reads from it
+ANSWER_TEXTS = [
+    ("He has 7 apples.\n#### 7", "7"),
+    ("#### 4\nno: 2 more.\n#### 6", "6"),  # the last `####` (lm_eval's gsm8k took the first: 4)
+    ("#### 3/4", None), ("#### 10 - 2 = 8", None),  # not an answer of 3 or 10
+    ("####5", "5"), ("#### $1,000", "1000"), ("#### -2.5.", "-2.5"), ("#### 12 apples", None),
+    ("#### 5\n#### 3/4", None),  # the last `####` holds no number: no answer, not the earlier 5
+    ("He has 7 apples.", None),
+]
+
+
+def harness_answer(text: str, pattern: str) -> str | None:
+    """What the halluc_gsm8k task's filter and metric make of `text`: lm_eval's own RegexFilter with the YAML's
+    settings, then exact_match's regexes_to_ignore (None: the filter's fallback)."""
+    import re
+
+    import yaml
+    from lm_eval.filters.extraction import RegexFilter
+
+    task = yaml.safe_load((ROOT / "halluc/inference/harness_tasks/halluc_gsm8k.yaml").read_text())
+    regex = task["filter_list"][0]["filter"][0]
+    kept = RegexFilter(regex_pattern=pattern, group_select=regex.get("group_select", 0))
+    [[out]] = kept.apply([[text]], [{}])
+    for ignore in task["metric_list"][0]["regexes_to_ignore"]:
+        out = re.sub(ignore, "", out)
+    return None if out == "[invalid]" else out
+
+
+def test_the_harness_reads_the_answer_halluc_reads():
+    """The lm_eval task and halluc's evaluation (gsm8k.extract_answer) read the same number from the same
+    text: a model's score must not depend on which of the two counted it. Negative control: lm_eval's gsm8k
+    pattern (first `####`, any digits after it) reads other numbers from these texts."""
+    import yaml
+
+    from halluc.tasks import gsm8k
+
+    task = yaml.safe_load((ROOT / "halluc/inference/harness_tasks/halluc_gsm8k.yaml").read_text())
+    pattern = task["filter_list"][0]["filter"][0]["regex_pattern"]
+    for text, expected in ANSWER_TEXTS:
+        assert gsm8k.extract_answer(text) == expected, text
+        assert harness_answer(text, pattern) == expected, text
+    lm_eval_gsm8k = r"#### (\-?[0-9\.\,]+)"
+    differ = [text for text, expected in ANSWER_TEXTS if harness_answer(text, lm_eval_gsm8k) != expected]
+    assert len(differ) >= 4, differ
+
+
+def test_the_harness_reads_every_gsm8k_reference_answer(gsm8k_test_file):
+    """Every reference solution of the real GSM8K test split reads as its `####` answer in both."""
+    import yaml
+
+    from halluc.tasks import gsm8k
+
+    task = yaml.safe_load((ROOT / "halluc/inference/harness_tasks/halluc_gsm8k.yaml").read_text())
+    pattern = task["filter_list"][0]["filter"][0]["regex_pattern"]
+    rows = [json.loads(line) for line in Path(gsm8k_test_file).read_text().splitlines() if line.strip()]
+    read = [(gsm8k.extract_answer(r["answer"]), harness_answer(r["answer"], pattern)) for r in rows]
+    assert all(ours is not None and ours == theirs for ours, theirs in read), \
+        [(r["answer"][-40:], x) for r, x in zip(rows, read) if x[0] is None or x[0] != x[1]][:5]

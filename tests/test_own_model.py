@@ -384,3 +384,40 @@ def test_steps_gain_no_space_under_a_tokenizer_that_starts_every_text_at_a_word_
     assert tok.decode(prompt + [t for s in alone for t in s], skip_special_tokens=True) != problems[0].prompt + "".join(problems[0].steps)
     steps = problems[0].steps
     assert continuation_ids(lab_tokenizer, steps) == [lab_tokenizer(s, add_special_tokens=False)["input_ids"] for s in steps]
+
+
+# --------------------------------------------------------------------------------------------
+def test_generate_puts_prompts_as_the_checkpoint_was_trained(bt_tokenizer, tmp_path):
+    """A GSM8K checkpoint is asked "Question: ...\\nAnswer:" as in training, a jsonl one its prompt_template;
+    a prompts_file .jsonl keeps a two-line question whole (a .txt splits lines); a prompt already in the
+    template's form, or template=none, goes as given. (It used to send the bare text: a GSM8K model never
+    saw its question form, and a two-line question became two prompts.)"""
+    generate = load_script("recipes/generate.py")
+    tok = copy.deepcopy(bt_tokenizer)
+    torch.manual_seed(0)
+    model = tiny_llama(len(tok), hidden=32, layers=1, heads=2, pad_token_id=tok.pad_token_id,
+                       eos_token_id=tok.eos_token_id)
+    model.config.halluc = {"attention": "causal", "positions": "original", "lab": {"task": "gsm8k"}}
+    model.save_pretrained(tmp_path / "gsm8k")
+    tok.save_pretrained(tmp_path / "gsm8k")
+    question = "Tom has 3 apples.\nHe buys 4 more. How many?"
+    rows = tmp_path / "questions.jsonl"
+    rows.write_text(json.dumps({"question": question, "answer": "#### 7"}) + "\n"
+                    + json.dumps({"question": "Question: 1 + 1 ?\nAnswer:"}) + "\n")
+    out = generate.main([f"model={tmp_path}/gsm8k", f"prompts_file={rows}", "max_new_tokens=4"])
+    assert [r["input"] for r in out] == [gsm8k.PROMPT_TEMPLATE.format(question=question), "Question: 1 + 1 ?\nAnswer:"]
+    assert [r["prompt"] for r in out] == [question, "Question: 1 + 1 ?\nAnswer:"]
+    assert all(r["stop"] in ("eos", "length") for r in out)
+    lines = tmp_path / "questions.txt"
+    lines.write_text(question + "\n")
+    out = generate.main([f"model={tmp_path}/gsm8k", f"prompts_file={lines}", "template=none", "max_new_tokens=4"])
+    assert [r["input"] for r in out] == question.split("\n")
+
+    assert generate.prompt_template("auto", {"lab": {"task": "jsonl", "prompt_template": "Solve {{x}}: {prompt}\n"}}) \
+        == "Solve {{x}}: {prompt}\n"
+    assert generate.put_in_template("a = 1", "Solve {{x}}: {prompt}\n") == "Solve {x}: a = 1\n"  # str.format, as jsonl
+    assert generate.prompt_template("auto", {"lab": {"task": "jsonl", "prompt_template": "{title}: {prompt}"}}) \
+        == "{prompt}"  # a field of the rows a bare prompt does not have: as given (warned)
+    assert generate.prompt_template("auto", {"lab": {"task": "arith"}}) == generate.prompt_template("auto", {}) \
+        == "{prompt}"
+    assert generate.prompt_template("Q: {prompt} A:", {"lab": {"task": "gsm8k"}}) == "Q: {prompt} A:"

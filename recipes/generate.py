@@ -47,7 +47,7 @@ class Config:
             raise ValueError("give model=DIR: a checkpoint or adapter folder")
         if not self.prompt and not self.prompts_file:
             raise ValueError("give prompt=TEXT (one or a list) or prompts_file=FILE")
-        if self.template not in ("auto", "none") and template_fields(self.template) != {"prompt"}:
+        if self.template not in ("auto", "none") and template_parts(self.template) is None:
             raise ValueError(f"template={self.template!r}: give auto, none, or a text whose one field is {{prompt}} "
                              "(literal braces doubled, as in str.format)")
         for name in ("model", "base"):
@@ -78,8 +78,9 @@ def read_prompts(path: str) -> list[str]:
 
     if Path(path).suffix != ".jsonl":
         return [line.rstrip("\n") for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [get_text(row, "prompt" if "prompt" in row or "question" not in row else "question", path, n)
-            for n, row in iter_jsonl_rows(path)]
+    # "prompt" unless only "question" has a value (`datasets` writes a missing key as null)
+    return [get_text(row, "question" if row.get("prompt") is None and row.get("question") is not None else "prompt",
+                     path, n) for n, row in iter_jsonl_rows(path)]
 
 
 def prompt_template(template: str, record: dict) -> str:
@@ -94,29 +95,36 @@ def prompt_template(template: str, record: dict) -> str:
     if lab.get("task") == "gsm8k":
         return gsm8k.PROMPT_TEMPLATE.replace("{question}", "{prompt}")
     trained = lab.get("prompt_template", "{prompt}") if lab.get("task") == "jsonl" else "{prompt}"
-    if template_fields(trained) != {"prompt"}:
+    if template_parts(trained) is None:
         log.warning("the checkpoint's prompt_template %r uses other fields of its rows: prompts go as given "
                     "(template=TEXT with {prompt} sets one)", trained)
         return "{prompt}"
     return trained
 
 
-def template_fields(template: str) -> set[str] | None:
-    """The fields a str.format template names (None: its braces do not parse)."""
+def template_parts(template: str) -> tuple[str, str] | None:
+    """(the text before, the text after) the one `{prompt}` of a str.format template, literal braces
+    undoubled; None for any other template (no field, other fields, a conversion or format spec, bad braces)."""
     from string import Formatter
 
     try:
-        return {name for _, name, _, _ in Formatter().parse(template) if name is not None}
+        parsed = list(Formatter().parse(template))
     except ValueError:
         return None
+    fields = [(i, name, spec, conversion) for i, (_, name, spec, conversion) in enumerate(parsed) if name is not None]
+    if [(name, spec, conversion) for _, name, spec, conversion in fields] != [("prompt", "", None)]:
+        return None
+    at = fields[0][0]
+    return "".join(text for text, *_ in parsed[:at + 1]), "".join(text for text, *_ in parsed[at + 1:])
 
 
 def put_in_template(prompt: str, template: str) -> str:
-    """`template` with `prompt` in it (str.format, as a jsonl task's prompt_template: the prompt verbatim); a
-    prompt that already starts as the template does is left as it is (a GSM8K prompt written out whole,
-    "Question: ...\nAnswer:", is not wrapped twice)."""
-    head = template.split("{prompt}")[0].format()
-    return prompt if head and prompt.startswith(head) else template.format(prompt=prompt)
+    """`template` with `prompt` in it, verbatim (as a jsonl task's prompt_template puts its field); a prompt
+    already in the template's form, starting with the text before {prompt} and ending with the text after it,
+    is left as it is (a GSM8K prompt written out whole, "Question: ...\nAnswer:", is not wrapped twice)."""
+    head, tail = template_parts(template)
+    whole = (head or tail.strip()) and prompt.startswith(head) and prompt.rstrip().endswith(tail.rstrip())
+    return prompt if whole else head + prompt + tail
 
 
 def main(argv=None) -> list[dict]:

@@ -167,33 +167,45 @@ def kill_when_paused(args: list[str], pause_dir: Path, step: int, log_path: Path
 
 def run_processes(cmd: list[str], *, timeout: float, env: dict | None = None, cwd: Path = ROOT):
     """`subprocess.run(cmd, capture_output=True, text=True)` for a command that starts processes (a launcher
-    and its ranks, a recipe): when it runs past `timeout`, every process under it prints its Python stack
-    (faulthandler, on SIGABRT) and is killed, and the test fails showing those stacks. subprocess.run's own
-    timeout kills the launcher alone: its hung ranks went on taking the CPU for the rest of the suite, and
-    nothing said where they hung (CI, stop 35)."""
+    and its ranks, a recipe): when it runs past `timeout`, every process it started prints its Python stack
+    (faulthandler, on SIGABRT; no core file) and is killed, and the test fails showing those stacks.
+    subprocess.run's own timeout kills the launcher alone: its hung ranks went on taking the CPU for the
+    rest of the suite, and nothing said where they hung (CI, stop 35). Its processes are found by a mark
+    in their environment too, so one whose parent is gone (a rank after its launcher) is not missed."""
+    import resource
     import signal
     import subprocess
+    import uuid
 
     import psutil
 
-    env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mark = uuid.uuid4().hex
+    env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1", "HALLUC_TEST_PROCESSES": mark}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        for p in tree:
+        def marked(p):
             try:
-                p.send_signal(signal.SIGABRT)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(tree, timeout=15)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        out, err = proc.communicate(timeout=60)
+                return p.environ().get("HALLUC_TEST_PROCESSES") == mark
+            except (psutil.Error, OSError):
+                return False
+
+        for sig in (signal.SIGABRT, signal.SIGKILL):  # first the stacks, then an end
+            tree = [p for p in psutil.process_iter() if p.pid != os.getpid() and marked(p)]
+            for p in tree:
+                try:
+                    p.send_signal(sig)
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(tree, timeout=15)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired as e:  # a pipe still held open: what came so far
+            proc.kill()
+            out, err = (x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
         pytest.fail(f"{' '.join(map(str, cmd))[:300]} did not end in {timeout:.0f} s; what its processes printed "
                     f"last (with their Python stacks at the timeout):\n{out[-2000:]}\n{err[-10000:]}", pytrace=False)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -139,12 +139,11 @@ def test_launch_glue_without_a_launcher(monkeypatch, tmp_path):
     # issue 22, item 13: DeepSpeed's CPU op is built per environment, not in one folder every clone and
     # venv of the user shares (they rebuilt it for each other); a folder the user chose is kept
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")
-    if not torch.cuda.is_available():  # DeepSpeed's shared-memory collective off: no JIT build, no /dev/shm segments
-        import deepspeed.ops
+    import deepspeed.ops  # DeepSpeed's CPU shared-memory collective off: no JIT build, no /dev/shm segments
 
-        monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)  # what its probe says here
-        prepare_deepspeed(str(ROOT / "ds_configs" / "zero3.json"))
-        assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)  # what its probe says on CPU
+    prepare_deepspeed(str(ROOT / "ds_configs" / "zero3.json"))
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
     os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "mine")
     prepare_deepspeed(str(ROOT / "ds_configs" / "zero3.json"))
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "mine")
@@ -159,3 +158,20 @@ def test_launch_glue_without_a_launcher(monkeypatch, tmp_path):
         assert config["train_micro_batch_size_per_gpu"] == "auto"
         if name != "zero2":
             assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_a_hung_process_tree_fails_the_test_with_its_stacks_and_ends(tmp_path):
+    """tests/conftest.py run_processes, which every launcher test uses: past its timeout, a process whose
+    parent has already exited (as a rank after its launcher) and holds the output pipes still prints
+    where it hung and is ended; the test fails instead of waiting (CI waited 20 min, stop 35)."""
+    import psutil
+
+    pid_file = tmp_path / "pid"
+    orphan = (f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+              "def hung_here():\n    time.sleep(600)\nhung_here()\n")
+    parent = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {orphan!r}])\ntime.sleep(1)\n"
+    with pytest.raises(pytest.fail.Exception, match="did not end in 3 s") as failed:
+        run_processes([sys.executable, "-c", parent], timeout=3)
+    assert "hung_here" in str(failed.value)  # the orphan's Python stack
+    pid = int(pid_file.read_text())
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

@@ -421,3 +421,13 @@ def test_generate_puts_prompts_as_the_checkpoint_was_trained(bt_tokenizer, tmp_p
     assert generate.prompt_template("auto", {"lab": {"task": "arith"}}) == generate.prompt_template("auto", {}) \
         == "{prompt}"
     assert generate.prompt_template("Q: {prompt} A:", {"lab": {"task": "gsm8k"}}) == "Q: {prompt} A:"
+    # the form is the text before AND after {prompt}; templates are read as str.format reads them
+    assert generate.put_in_template("x\nAnswer:", "{prompt}\nAnswer:") == "x\nAnswer:"  # not wrapped twice
+    assert generate.put_in_template("Question: x", gsm8k.PROMPT_TEMPLATE.replace("{question}", "{prompt}")) \
+        == "Question: Question: x\nAnswer:"  # not the whole form: wrapped
+    assert generate.put_in_template("hi", "Say {{prompt}}: {prompt}") == "Say {prompt}: hi"
+    assert [generate.template_parts(t) for t in ("Q: {prompt!s}", "Q: {prompt:>5}", "{prompt}{prompt}", "{", "{}")] \
+        == [None] * 5
+    nulls = tmp_path / "nulls.jsonl"  # `datasets` writes a missing key as null
+    nulls.write_text(json.dumps({"prompt": None, "question": "q?"}) + "\n" + json.dumps({"prompt": "p", "question": None}))
+    assert generate.read_prompts(str(nulls)) == ["q?", "p"]

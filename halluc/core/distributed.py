@@ -148,7 +148,7 @@ def prepare_deepspeed(path: str | None) -> None:
 
 
 def skip_shared_memory_collective() -> None:
-    """On CPU, tell DeepSpeed its shared-memory all-reduce op (`deepspeed_shm_comm`) is unusable, so the
+    """Tell DeepSpeed its shared-memory all-reduce op (`deepspeed_shm_comm`) is unusable, so the
     process group uses gloo alone. That op serves only `inference_all_reduce` (AutoTP inference, which
     halluc never runs), yet every DeepSpeed process on CPU built and set it up:
     - it JIT-compiles the op at the first run in an environment (1-2 min) under a lock file that outlives a
@@ -157,12 +157,10 @@ def skip_shared_memory_collective() -> None:
     - under the deepspeed launcher each rank creates a 69 MB segment in /dev/shm that nothing removes:
       RAM lost until reboot (19 GB of them had piled up on a lab machine, which then thrashed).
     DeepSpeed caches its op-compatibility probe in one dict that later reads share (deepspeed/ops/
-    __init__.py); marking the op there is what its own probe does for an op that cannot build."""
+    __init__.py); marking the op there is what its own probe does for an op that cannot build. It is
+    marked whatever the machine: the CUDA accelerator has no such op (nothing changes there), and
+    DS_ACCELERATOR=cpu on a GPU machine is DeepSpeed's CPU mode all the same."""
     try:
-        import torch
-
-        if torch.cuda.is_available():  # the CUDA accelerator has no such op: nothing to skip
-            return
         import deepspeed.ops
     except ImportError:  # no DeepSpeed: TrainingArguments(deepspeed=...) says so itself
         return

@@ -17,9 +17,9 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
-from halluc.core.config import NonNegativeFloat, NonNegativeInt, PositiveInt, Range, Texts, load_config
+from halluc.core.config import NonNegativeFloat, NonNegativeInt, PositiveInt, Texts, TopP, load_config
 from halluc.inference.decoding import LoopGuards
 from halluc.core.inputs import check_input_file, check_model_path, check_writable_folder, run_cli
 
@@ -37,7 +37,7 @@ class Config:
     max_new_tokens: PositiveInt = 192
     semantics: Literal["keep", "rewind"] | None = None  # default: from the checkpoint
     temperature: NonNegativeFloat = 0.0   # 0: greedy
-    top_p: Annotated[float, Range(1e-6, 1)] = 1.0  # (0, 1]
+    top_p: TopP = 1.0
     seed: int = 0
     max_backtracks: NonNegativeInt = LoopGuards.max_backtracks
     json: str | None = None               # also write the results here (jsonl)

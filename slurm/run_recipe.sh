@@ -36,26 +36,33 @@ cd "$ROOT"
 RECIPE=${RECIPE:-${1:-recipes/masked_sft.py}}
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+[ "$NPROC_PER_NODE" -ge 1 ] || NPROC_PER_NODE=1  # a node without GPUs (SLURM_GPUS_ON_NODE=0): one process
 OUTPUT_DIR=${OUTPUT_DIR:-runs/${SLURM_JOB_NAME:-halluc}-${SLURM_JOB_ID:-local}}
 SAVE_STEPS=${SAVE_STEPS:-200}
 # One agent per srun task (normally one per node); the first node hosts the rendezvous.
 AGENTS=${SLURM_NTASKS:-1}
-MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
-MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+HOSTS=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}")  # whole: `| head` can die of SIGPIPE under pipefail
+MASTER_ADDR=${HOSTS%%$'\n'*}
+# 10000-29999: below Linux's ephemeral ports (32768+), where an outgoing connection may hold it
+MASTER_PORT=${MASTER_PORT:-$((10000 + ${SLURM_JOB_ID:-0} % 20000))}
 # CPU threads per worker: the task's CPUs shared by its workers (2 cores / 2 workers -> 1).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-1} / NPROC_PER_NODE > 0 ? ${SLURM_CPUS_PER_TASK:-1} / NPROC_PER_NODE : 1 ))}
 
 ARGS=("output_dir=$OUTPUT_DIR" "save_steps=$SAVE_STEPS" "resume=true")
 [ -n "${DEEPSPEED_CONFIG:-}" ] && ARGS+=("deepspeed=$DEEPSPEED_CONFIG")
-# shellcheck disable=SC2206  # word splitting of RECIPE_ARGS is the interface
+# shellcheck disable=SC2206  # word splitting of RECIPE_ARGS is the interface; no globbing (lora.targets=[q,v])
+set -f
 [ -n "${RECIPE_ARGS:-}" ] && ARGS+=($RECIPE_ARGS)
+set +f
 
 echo "[$(date -Is)] job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}: $AGENTS agent(s) x $NPROC_PER_NODE" \
      "process(es), rendezvous $MASTER_ADDR:$MASTER_PORT, $RECIPE ${ARGS[*]}"
 
 # Static rendezvous: agent i (SLURM_PROCID, evaluated inside each task) is node_rank i.
 status=0
+# --cpus-per-task again: srun no longer inherits sbatch's (Slurm >= 22.05), and each agent would get one CPU
 srun --kill-on-bad-exit=1 --ntasks="$AGENTS" --ntasks-per-node="${SLURM_NTASKS_PER_NODE:-1}" \
+    --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
     bash -c 'exec "$0" -m torch.distributed.run --nnodes "$1" --nproc_per_node "$2" \
              --node_rank "$SLURM_PROCID" --master_addr "$3" --master_port "$4" "${@:5}"' \
     "$PYTHON" "$AGENTS" "$NPROC_PER_NODE" "$MASTER_ADDR" "$MASTER_PORT" "$RECIPE" "${ARGS[@]}" || status=$?

@@ -111,6 +111,8 @@ BAD_SETTINGS = [
     ("recipes/evaluate.py", ["model=m", "limit=0"], "limit=0: must be in [1, inf]"),
     ("recipes/generate.py", ["--model", "m"], "give prompt=TEXT (one or a list) or prompts_file=FILE"),
     ("recipes/generate.py", ["model=m", "prompt=a", "top_p=0"], "top_p=0: must be in [1e-06, 1]"),
+    ("recipes/grpo.py", ["rollout.top_p=0"], "rollout.top_p=0: must be in [1e-06, 1]"),  # it kept no token
+    ("recipes/self_correct.py", ["sampler.top_p=0"], "sampler.top_p=0: must be in [1e-06, 1]"),
     ("recipes/generate.py", ["model=m", "prompt=a", "template=Q: {{question}}"], "template='Q: {{question}}': give auto, none"),
     ("tools/prepare_data.py", ["--out", "o", "--errors", "bad"], "argument --errors: invalid choice: 'bad'"),
     ("tools/prepare_data.py", ["--out", "o", "--lab", "prime=x"], "prime='x': expected an integer"),

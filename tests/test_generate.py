@@ -292,6 +292,16 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy(model):
     nucleus = generate(model, prompts, sampling=Sampling(temperature=1.0, top_p=1e-6, seed=5), **kw)
     assert [g.trace for g in a] == [g.trace for g in b] != [g.trace for g in c]
     assert [g.trace for g in nucleus] == [g.trace for g in greedy]
+    # the top token always stays however small top_p is; top_p = 0 (it kept nothing: token 0 at every step) is refused
+    import torch
+
+    from halluc.inference.token_choice import choose
+
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 5.0]])
+    assert choose(logits, Sampling(1.0, 1e-300, 0), torch.Generator().manual_seed(0)).tolist() == [1, 2]
+    for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0)):
+        with pytest.raises(ValueError, match="must be"):
+            Sampling(**bad)
 
 
 @pytest.mark.parametrize("semantics", ["keep", "rewind"])

@@ -58,6 +58,7 @@ NonNegativeInt = Annotated[int, Range(0)]
 PositiveInt = Annotated[int, Range(1)]
 NonNegativeFloat = Annotated[float, Range(0)]
 Fraction = Annotated[float, Range(0, 1)]
+TopP = Annotated[float, Range(1e-6, 1)]  # nucleus sampling: 0 would keep no token
 
 
 def load_config(cls, argv: list[str] | None = None, default_file: str | None = None):
@@ -426,7 +427,7 @@ class Sampler:
     problems: PositiveInt = 4000       # SFT problems sampled per round (a new draw each round)
     k: PositiveInt = 4                 # samples per problem
     temperature: NonNegativeFloat = 0.8
-    top_p: Fraction = 0.95
+    top_p: TopP = 0.95
     max_new_tokens: PositiveInt = 192
     correction_tries: NonNegativeInt = 4  # own resamples tried per error before the reference
     per_problem: PositiveInt = 1       # examples kept per problem and round

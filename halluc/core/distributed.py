@@ -179,8 +179,9 @@ def use_environment_extensions_dir() -> None:
     folder = Path(sys.prefix) / "torch_extensions"
     try:  # a probe, not os.access: root passes os.access on a read-only mount
         folder.mkdir(exist_ok=True)
-        (folder / ".probe").touch()
-        (folder / ".probe").unlink()
+        probe = folder / f".probe-{os.getpid()}"  # one per process: the ranks of a job probe at once
+        probe.touch()
+        probe.unlink()
     except OSError:
         return
     os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)

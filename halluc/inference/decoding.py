@@ -10,8 +10,14 @@ SEMANTICS = ("keep", "rewind")
 @dataclass
 class Sampling:
     temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
+    top_p: float = 1.0        # (0, 1]: 0 would keep no token
     seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be 0 (greedy) or more")
 
 
 @dataclass

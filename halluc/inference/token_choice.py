@@ -47,6 +47,7 @@ def choose(logits: torch.Tensor, sampling: Sampling, rng: torch.Generator,
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass before it already reaches top_p (the top token always stays)
         drop = probs.cumsum(-1) - probs >= sampling.top_p
+        drop[..., 0] = False  # (top_p near 0 would drop it too, and an all -inf row samples token 0)
         sorted_logits[drop] = float("-inf")
         scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
     probs = scaled.softmax(-1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from halluc.core.config import Fraction, NonNegativeFloat, PositiveInt
+from halluc.core.config import NonNegativeFloat, PositiveInt, TopP
 
 LossType = Literal["grpo", "dapo", "dr_grpo"]
 RewardScale = Literal["group", "batch", "none"]
@@ -47,6 +47,6 @@ class GroupSampling:
     group: PositiveInt = 8               # completions per prompt (G)
     iterations: PositiveInt = 1          # optimisation steps on one generation batch (mu; old log-probs after the first)
     temperature: NonNegativeFloat = 1.0
-    top_p: Fraction = 1.0
+    top_p: TopP = 1.0
     max_new_tokens: PositiveInt = 192
     scale_rewards: RewardScale = "group"

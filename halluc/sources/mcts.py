@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from halluc.core.config import Fraction, NonNegativeFloat, NonNegativeInt, PositiveInt
+from halluc.core.config import NonNegativeFloat, NonNegativeInt, PositiveInt, TopP
 from halluc.core.example import Example, Role, common_prefix_len
 from halluc.tasks import Problem
 
@@ -310,7 +310,7 @@ class SearchConfig:
     rule: Literal["puct", "uct"] = "puct"
     c: NonNegativeFloat = 1.5               # exploration constant (AlphaMath's c_puct)
     temperature: NonNegativeFloat = 1.0
-    top_p: Fraction = 1.0
+    top_p: TopP = 1.0
     max_step_tokens: PositiveInt = 32       # a step still open after this many tokens is a dead end
     max_depth: PositiveInt = 12             # steps per solution; an open node this deep is a dead end
     rollouts: NonNegativeInt = 0            # >0: an open step's value is the mean reward of this many continuations

@@ -5,8 +5,9 @@
 
 For each technique (an arm of a sweep) and lab setting: the paired difference in answer accuracy to the
 sweep's baseline arm, and backtracking's own effect (the same model decoded with BT allowed vs banned:
-wrong->right minus right->wrong), in and out of distribution, each with its 95% two-level bootstrap CI
-(seeds, then problems; halluc/core/stats.py). Bold: resolved (the CI excludes 0). Only sweeps whose
+wrong->right minus right->wrong), in and out of distribution, each with its 95% CI: the two-level bootstrap
+(seeds, then problems) widened to the t interval over the seeds' own values (halluc/core/stats.py). Bold:
+resolved (the CI excludes 0, over 3 or more seeds). Only sweeps whose
 outcomes file exists (docs/results/<sweep>.outcomes.jsonl.gz) appear; nothing is trained. Bootstrapping
 the committed outcomes takes about 45 s on 2 CPU cores (a progress bar on stderr).
 """

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from halluc.core.stats import (Estimate, mean_estimate, paired_mean_difference, paired_ratio_difference,
-                          ratio_estimate, unpaired_resolution)
+from halluc.core.stats import (Estimate, mean_estimate, mean_of_differences, paired_mean_difference,
+                               paired_ratio_difference, ratio_estimate, unpaired_resolution)
 
 # metric -> ("mean", per-problem field) or ("ratio", numerator field, denominator field)
 METRICS = {
@@ -30,6 +30,9 @@ METRICS = {
     "right_to_wrong": ("mean", "right_to_wrong"),
     "tokens_per_problem": ("mean", "tokens"),  # generated tokens, BTs included (all N samples of best-of-N)
 }
+# metrics that are themselves a paired difference (BT allowed minus banned, per problem): their interval
+# is widened as a difference's is, since "resolved" is said of them (halluc/core/stats.py)
+DIFFERENCES = {"bt_gain"}
 PERCENT = {"answer_acc", "full_solution_acc", "bt_precision", "bt_recall", "answer_acc_bt_banned", "bt_gain",
            "wrong_to_right", "right_to_wrong"}
 TITLES = {"answer_acc": "answer acc", "full_solution_acc": "full solution", "bt_precision": "BT precision",
@@ -130,6 +133,8 @@ def estimate(by_seed: dict, split: str, seeds: list[int], metric: str) -> Estima
         return None
     unit_seed = np.concatenate([[s] * len(by_seed[s][split][keys[0]]) for s in seeds])
     arrays = [_units(by_seed, split, seeds, k) for k in keys]
+    if metric in DIFFERENCES:
+        return mean_of_differences(arrays[0], unit_seed)
     return (mean_estimate if kind == "mean" else ratio_estimate)(*arrays, unit_seed)
 
 
@@ -227,9 +232,10 @@ def markdown(sweep, results: dict, wall: list[dict]) -> str:
               f" ({len(wall)} invocation(s), {total / 60:.1f} min wall in all).", "",
               "Cells: value [95% CI]. Accuracies, precision and recall in %, wasted tokens per problem as counts. "
               "A unit is one test problem of one seed; CIs are a paired two-level percentile bootstrap: seeds "
-              "(training runs) with replacement, then the problems within each (halluc/core/stats.py; with one "
+              "(training runs) with replacement, then the problems within each, widened to Student's t interval over "
+              "the seeds' own values, since 3 runs make the bootstrap too narrow (halluc/core/stats.py; with one "
               "seed, problems only). Differences are `arm - baseline` on the same problems, followed by each seed's "
-              "own difference; **resolved** = the two-level CI excludes 0 (never with one seed). BT precision = first "
+              "own difference; **resolved** = the CI excludes 0, over 3 or more seeds. BT precision = first "
               "BT runs that erase an error / problems with a run; recall = errors in the text written before the "
               "first BT run that this run erases / problems with such an error (errors made after backtracking "
               "began are not detection skill) "

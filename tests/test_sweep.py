@@ -88,6 +88,14 @@ def test_tiny_sweep_runs_reports_and_resumes(tmp_path):
     runner.check_settings(edited, runs)
     assert sorted(r.name for r in runs if not r.finished) == sorted(
         f"{setting}/masked/seed-{seed}" for setting in ("default", "swapped") for seed in (0, 1))
+    # a run saved before a setting existed is finished unless this sweep sets that setting itself
+    done = next(r for r in runs if r.finished)
+    report = json.loads((done.out / "eval.json").read_text())
+    del report["config"]["sft"]["lr"]
+    (done.out / "eval.json").write_text(json.dumps(report))
+    assert done.finished  # sft.lr is no override of this run: the default it had then
+    done.args = [*done.args, f"sft.lr={done.settings['sft.lr']}"]
+    assert not done.finished  # set here, and the saved run cannot say it had it
 
 
 def test_a_bad_arm_fails_before_anything_runs(tmp_path):

@@ -88,7 +88,11 @@ class Run:
         if self.settings is None:
             return True
         saved = flat_dict(report.get("config", {}))
-        return all(saved[k] == v for k, v in self.settings.items() if k in saved and k not in NOT_SETTINGS)
+        # a setting the saved run lacks (made before it existed) counts only when this run sets it itself:
+        # that run could not have had it
+        explicit = {arg.split("=", 1)[0] for arg in self.args if "=" in arg}
+        return all(saved[k] == v if k in saved else k not in explicit
+                   for k, v in self.settings.items() if k not in NOT_SETTINGS)
 
 
 def read_sweep(path: str) -> Sweep:

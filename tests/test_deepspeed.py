@@ -167,11 +167,13 @@ def test_a_hung_process_tree_fails_the_test_with_its_stacks_and_ends(tmp_path):
     import psutil
 
     pid_file = tmp_path / "pid"
-    orphan = (f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
-              "def hung_here():\n    time.sleep(600)\nhung_here()\n")
-    parent = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {orphan!r}])\ntime.sleep(1)\n"
-    with pytest.raises(pytest.fail.Exception, match="did not end in 3 s") as failed:
-        run_processes([sys.executable, "-c", parent], timeout=3)
+    orphan = ("import os, time\ndef hung_here():\n"
+              f"    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n    time.sleep(600)\nhung_here()\n")
+    # the parent exits once the orphan is inside hung_here (however slowly Python starts on this machine)
+    parent = (f"import os, subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {orphan!r}])\n"
+              f"while not os.path.exists({str(pid_file)!r}):\n    time.sleep(0.05)\n")
+    with pytest.raises(pytest.fail.Exception, match="did not end in 10 s") as failed:
+        run_processes([sys.executable, "-c", parent], timeout=10)
     assert "hung_here" in str(failed.value)  # the orphan's Python stack
     pid = int(pid_file.read_text())
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

@@ -25,16 +25,16 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
-from halluc.core.config import Escaped, Fraction, NonNegativeFloat, NonNegativeInt, PositiveInt, Range, as_dict, load_config
+from halluc.core.config import (Escaped, Fraction, NonNegativeFloat, NonNegativeInt, PositiveInt, TopP, as_dict,
+                                load_config)
 from halluc.inference.decoding import LoopGuards
 from halluc.pipeline.lab import LabConfig, lab_splits
 from halluc.tasks import get_task, gsm8k, jsonl
 from halluc.core.inputs import check_input_file, check_model_path, check_writable_folder, run_cli
 
 DEFAULT_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
-TopP = Annotated[float, Range(1e-6, 1)]  # (0, 1]
 log = logging.getLogger("evaluate")
 
 

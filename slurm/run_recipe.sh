@@ -60,9 +60,11 @@ echo "[$(date -Is)] job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}: $A
 
 # Static rendezvous: agent i (SLURM_PROCID, evaluated inside each task) is node_rank i.
 status=0
-# --cpus-per-task again: srun no longer inherits sbatch's (Slurm >= 22.05), and each agent would get one CPU
+# --cpus-per-task again: srun no longer inherits sbatch's (Slurm >= 22.05), and each agent would get one CPU;
+# only when the job has one (inside `salloc` without -c, forcing 1 would pin every agent to one core)
+# shellcheck disable=SC2086  # empty when unset: no argument
 srun --kill-on-bad-exit=1 --ntasks="$AGENTS" --ntasks-per-node="${SLURM_NTASKS_PER_NODE:-1}" \
-    --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+    ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
     bash -c 'exec "$0" -m torch.distributed.run --nnodes "$1" --nproc_per_node "$2" \
              --node_rank "$SLURM_PROCID" --master_addr "$3" --master_port "$4" "${@:5}"' \
     "$PYTHON" "$AGENTS" "$NPROC_PER_NODE" "$MASTER_ADDR" "$MASTER_PORT" "$RECIPE" "${ARGS[@]}" || status=$?

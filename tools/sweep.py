@@ -90,7 +90,7 @@ class Run:
         saved = flat_dict(report.get("config", {}))
         # a setting the saved run lacks (made before it existed) counts only when this run sets it itself:
         # that run could not have had it
-        explicit = {arg.split("=", 1)[0] for arg in self.args if "=" in arg}
+        explicit = {arg.split("=", 1)[0].lstrip("-").replace("-", "_") for arg in self.args if "=" in arg}
         return all(saved[k] == v if k in saved else k not in explicit
                    for k, v in self.settings.items() if k not in NOT_SETTINGS)
 

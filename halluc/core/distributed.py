@@ -179,7 +179,7 @@ def use_environment_extensions_dir() -> None:
     folder = Path(sys.prefix) / "torch_extensions"
     try:  # a probe, not os.access: root passes os.access on a read-only mount
         folder.mkdir(exist_ok=True)
-        probe = folder / f".probe-{os.getpid()}"  # one per process: the ranks of a job probe at once
+        probe = folder / f".probe-{socket.gethostname()}-{os.getpid()}"  # one per process: ranks (and nodes) probe at once
         probe.touch()
         probe.unlink()
     except OSError:

@@ -13,7 +13,7 @@ such an estimate says nothing about run-to-run variance. Each seed's own value i
 
 With few seeds the two-level percentile bootstrap is too narrow: its seed draws come from 3 runs, so
 the interval is about the spread of 3 values. On null effects with a real run-to-run spread (3 seeds x
-1,000 problems, tests/test_stats.py) it excluded 0 in ~19% of draws instead of 5%. The interval of a
+400 problems, tests/test_stats.py; 1,000 gave the same) it excluded 0 in ~19% of draws instead of 5%. The interval of a
 paired difference (what "resolved" is said of) is therefore the union of the bootstrap interval and
 Student's t interval over the per-seed values (k seeds, k - 1 degrees of freedom: a run is one draw of
 training, and each seed's value carries its own problems' noise). A difference is resolved when that

@@ -232,8 +232,9 @@ def markdown(sweep, results: dict, wall: list[dict]) -> str:
               f" ({len(wall)} invocation(s), {total / 60:.1f} min wall in all).", "",
               "Cells: value [95% CI]. Accuracies, precision and recall in %, wasted tokens per problem as counts. "
               "A unit is one test problem of one seed; CIs are a paired two-level percentile bootstrap: seeds "
-              "(training runs) with replacement, then the problems within each, widened to Student's t interval over "
-              "the seeds' own values, since 3 runs make the bootstrap too narrow (halluc/core/stats.py; with one "
+              "(training runs) with replacement, then the problems within each; a difference's CI is also widened to "
+              "Student's t interval over the seeds' own differences, since 3 runs make the bootstrap too narrow "
+              "(halluc/core/stats.py; with one "
               "seed, problems only). Differences are `arm - baseline` on the same problems, followed by each seed's "
               "own difference; **resolved** = the CI excludes 0, over 3 or more seeds. BT precision = first "
               "BT runs that erase an error / problems with a run; recall = errors in the text written before the "
@@ -296,7 +297,7 @@ def plots(results: dict, baseline: str, out: Path) -> list[Path]:
     settings = list(results)
     splits = sorted({split for entry in results.values() for split in entry["n_units"]})
     key = [Patch(color="tab:gray", label=f"{baseline} / {BASE}"), Patch(color="tab:blue", label="other arms"),
-           Line2D([], [], color="black", label="95% CI (seeds, then problems)"),
+           Line2D([], [], color="black", label="95% CI (seeds, then problems; differences: and the seeds' t)"),
            Line2D([], [], marker="o", ls="", ms=4, color="tab:orange", label="each seed")]
     for metric_group, name, what in ((("answer_acc", "full_solution_acc"), "accuracy.png", "accuracy"),
                                      (("bt_precision", "bt_recall"), "backtracking.png", "BT precision and recall")):

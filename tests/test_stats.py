@@ -162,6 +162,38 @@ def test_null_effects_are_resolved_about_5_percent_of_the_time_with_3_seeds():
     assert rates["reported"] <= 0.09 and rates["bootstrap alone"] >= 0.12, rates
 
 
+def _record(arm, seed, before, after):
+    split = lambda acc: {"test_id": {"per_problem": {"id": [f"p{i}" for i in range(len(acc))], "answer_correct": acc},  # noqa: E731
+                                     "first_error_kinds": {}}}
+    return {"setting": "default", "arm": arm, "seed": seed, "before": split(before), "after": split(after)}
+
+
+def test_an_arm_that_trains_its_own_base_reports_it_beside_the_shared_one():
+    """Retry pretraining arms (base_retry.*) start from a base of their own: it is reported as ARM/base and
+    compared with the base the other arms share; an arm that changes its base without saying so is refused."""
+    from types import SimpleNamespace
+
+    from halluc.pipeline.report import BASE, analyse, collect, own_base_arms
+
+    rng = np.random.default_rng(0)
+    shared, retry_base = [list(rng.integers(0, 2, 200)) for _ in range(3)], [[1] * 200 for _ in range(3)]
+    records = [r for s in range(3) for r in (_record("clean", s, shared[s], shared[s]),
+                                              _record("retry", s, retry_base[s], retry_base[s]))]
+    sweep = SimpleNamespace(arms={"clean": [], "retry": ["base_retry.rate=0.2"]}, baseline="clean", settings={})
+    assert own_base_arms(sweep.arms) == {"retry"}
+    results = analyse(sweep, records)["default"]
+    assert list(results["arms"]) == [BASE, "clean", "retry", "retry/base"]
+    gain = results["vs_baseline"]["retry/base"]["test_id"]["answer_acc"]  # against the shared base
+    assert gain["value"] == pytest.approx(1 - np.mean(shared)) and gain["resolved"]
+    with pytest.raises(ValueError, match="started from another base"):
+        collect(records, ["clean", "retry"])  # not declared: a mixed-up base is an error
+    # an arm that starts from another policy (a recipe's starting model, not base.*) is declared in the sweep
+    other = [dict(r, arm="other") if r["arm"] == "retry" else r for r in records]
+    declared = SimpleNamespace(arms={"clean": [], "other": ["errors.source=none"]}, baseline="clean", settings={},
+                               own_base=["other"])
+    assert list(analyse(declared, other)["default"]["arms"]) == [BASE, "clean", "other", "other/base"]
+
+
 def test_backtrackings_own_effect_is_widened_as_a_difference():
     """BT's own effect (allowed minus banned, per problem) is one array of differences: its interval is a
     difference's (bootstrap and per-seed t), not a level's (halluc/pipeline/report.py DIFFERENCES)."""

@@ -208,6 +208,10 @@ def run_processes(cmd: list[str], *, timeout: float, env: dict | None = None, cw
             out, err = (x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
         pytest.fail(f"{' '.join(map(str, cmd))[:300]} did not end in {timeout:.0f} s; what its processes printed "
                     f"last (with their Python stacks at the timeout):\n{out[-2000:]}\n{err[-10000:]}", pytrace=False)
+    if proc.returncode and "Fatal Python error" in err:  # a crash (rare: gloo at teardown, distributed.py):
+        # repeat faulthandler's stacks at the end, where the tests' failure messages show stderr's tail
+        at = err.index("Fatal Python error")
+        err += "\n[run_processes: the fatal error above, again]\n" + err[at:at + 6000]
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 

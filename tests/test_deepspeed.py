@@ -177,3 +177,8 @@ def test_a_hung_process_tree_fails_the_test_with_its_stacks_and_ends(tmp_path):
     assert "hung_here" in str(failed.value)  # the orphan's Python stack
     pid = int(pid_file.read_text())
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    # a process that crashes (as gloo's threads at teardown, rarely) shows its stack where failure
+    # messages look: at the end of stderr
+    crash = "import os\ndef crashing_here():\n    os.abort()\ncrashing_here()\n"
+    crashed = run_processes([sys.executable, "-c", crash], timeout=60)
+    assert crashed.returncode == -6 and "crashing_here" in crashed.stderr[-1000:]
